@@ -1,0 +1,35 @@
+# make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
+# make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
+# make bench  : speed / memory benchmarks, JSON in out/bench/
+# make data   : the built-in world into data/toy/
+PY ?= python
+OUT ?= out
+DATA = data/toy
+
+.PHONY: install test test-all demo bench data clean
+
+# idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
+.deps: requirements.txt requirements-test.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch .deps
+
+install: .deps
+
+test: .deps
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: .deps
+	$(PY) -m pytest -q tests
+
+data: .deps
+	$(PY) data/toyworld.py --seed 0 --out $(DATA)
+
+demo: data
+	bash scripts/demo.sh $(OUT)
+
+bench: .deps data
+	$(PY) -m pytest -q -m slow tests -k bench -s
+
+clean:
+	rm -rf $(OUT) $(DATA) .deps

@@ -1,0 +1,1199 @@
+"""
+model.py: the one transformer every technique in this project trains, and the plumbing they share.
+
+What lives here, in reading order:
+  1. Config and presets: one dataclass covers both families we implement by hand,
+     GPT-2 (LayerNorm, learned positions, GELU MLP, biases, tied embeddings) and
+     Llama / Qwen2 (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional qkv bias).
+  2. The transformer: Norm, Attention (scaled_dot_product_attention, KV cache, packed and padded masks),
+     MLP, Block, Transformer. `head="lm"` gives next-token logits, `head="scalar"` one value per position
+     (reward models and PPO critics read it at the last real token).
+  3. Tokenizer and chat template: tiktoken Encodings (`byte`, `gpt2`, any `.tiktoken` ranks file), the
+     ChatML special tokens declared once, `render_chat -> (ids, mask)`.
+  4. Log-probs and sampling: `token_logprobs`, `filter_logits`, `generate` (batched, left padded, KV cache),
+     which returns the sampled tokens *and* their log-probs under the sampling distribution.
+  5. LoRA: `apply_lora`, merge / unmerge, `lora_disabled` (the reference model for free).
+  6. Checkpoints: atomic `save_checkpoint`, `load_model` of our `ckpt.pt`, `.safetensors` + JSON, or a
+     Hugging Face GPT-2 / Llama / Qwen2 directory; `export_hf` writes one back.
+  7. Data: JSONL loading that validates every line and reports `file:line: what is wrong`, truncation,
+     padding and packing.
+  8. Training plumbing: device / dtype, DDP, the dataclass CLI, LR schedule, optimiser, JSONL log.
+
+    python model.py                  # presets and parameter counts
+    python model.py --show-chat      # render a chat and colour the tokens the loss is on
+"""
+
+import argparse
+import ast
+import base64
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import asdict, dataclass, fields
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # target id that F.cross_entropy skips; the one masking convention in the project
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag). `run()` prints it on one line and exits with 2."""
+
+
+# -----------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class Config:
+    arch: str = "llama"  # "gpt2" (LayerNorm, learned positions, GELU, biases) or "llama" (RMSNorm, RoPE, SwiGLU)
+    vocab_size: int = 260  # number of token ids, special tokens included
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (< n_head is grouped-query attention; gpt2 needs n_kv_head == n_head)
+    d_model: int = 128  # residual stream width
+    d_ff: int = 512  # MLP hidden width
+    max_seq_len: int = 512  # longest sequence (size of the learned position table for gpt2)
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # RoPE base (llama family)
+    qkv_bias: bool = False  # bias on q, k, v projections (Qwen2 has it; gpt2 always has biases)
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    dropout: float = 0.0  # dropout on attention and residual branches (training only)
+    head: str = "lm"  # "lm": next-token logits; "scalar": one value per position (reward model, critic)
+
+    def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise UserError(f"unknown architecture {self.arch!r}: expected 'gpt2' or 'llama'")
+        if self.head not in ("lm", "scalar"):
+            raise UserError(f"unknown head {self.head!r}: expected 'lm' or 'scalar'")
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+            raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head} do not divide")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise UserError("gpt2 has no grouped-query attention: set n_kv_head == n_head")
+
+
+PRESETS = {
+    # the built-in world trains these on two CPU cores in minutes (vocab set from the tokenizer)
+    "tiny": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
+    "tiny-gpt2": dict(arch="gpt2", n_layer=4, n_head=4, n_kv_head=4, d_model=128, d_ff=512, max_seq_len=256),
+    "small": dict(arch="llama", n_layer=6, n_head=8, n_kv_head=4, d_model=256, d_ff=768, max_seq_len=512),
+    # real shapes, for reference and for loading pretrained weights
+    "gpt2": dict(arch="gpt2", vocab_size=50257, n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=3072,
+                 max_seq_len=1024),
+    "llama-like": dict(arch="llama", vocab_size=32000, n_layer=16, n_head=16, n_kv_head=4, d_model=1024,
+                       d_ff=2816, max_seq_len=2048, tie_embeddings=False),
+    "qwen2-0.5b": dict(arch="llama", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2, d_model=896,
+                       d_ff=4864, max_seq_len=32768, rope_theta=1e6, qkv_bias=True, norm_eps=1e-6),
+}
+
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 as Llama does: bf16 sums of squares lose too much
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg):
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32, the rotate-half layout of HF Llama."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every layer for B rows up to max_len positions.
+
+    `pos` is how many positions are filled; `valid` marks real (non-pad) keys; `seen` counts real tokens per
+    row, which gives the position id of the next token under left padding."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        super().__init__()
+        hd = cfg.d_model // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, hd)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("valid", torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+                             persistent=False)
+        self.register_buffer("seen", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+        qkv_bias = cfg.arch == "gpt2" or cfg.qkv_bias
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=cfg.arch == "gpt2")
+
+    def forward(self, x, rope, mask, cache):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, pos+T, hd)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        drop = self.cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
+        return self.o(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.arch = cfg.arch
+        bias = cfg.arch == "gpt2"
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+        if cfg.arch == "llama":
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+
+    def forward(self, x):
+        if self.arch == "gpt2":
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def positions_from_docs(doc_ids):
+    """Per-example positions for a packed row: (B, T) document ids -> (B, T) offsets from each doc's start."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def build_attn_mask(T, offset, key_valid=None, doc_ids=None):
+    """Boolean (B or 1, 1, T, offset+T) mask, True where a query may attend to a key.
+
+    Causal always; pads (key_valid False) are never attended to; with doc_ids (packed rows) a token sees only
+    its own document. Every query may see itself, so pad rows never get an all-masked (NaN) softmax."""
+    device = key_valid.device if key_valid is not None else doc_ids.device
+    q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(offset + T, device=device)[None, :]  # (1, Tk)
+    mask = (k_idx <= q_idx)[None]  # (1, T, Tk)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]  # (B, T, Tk)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T), packed rows have no cache
+    mask = mask | (k_idx == q_idx)[None]
+    return mask[:, None]  # (B, 1, T, Tk)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.arch == "gpt2":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
+        else:
+            self.score = nn.Linear(cfg.d_model, 1)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.head == "scalar":
+            nn.init.zeros_(self.score.weight)  # a fresh value head starts neutral
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def new_cache(self, batch_size, max_len):
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch_size, max_len, p.device, p.dtype)
+
+    def forward(self, idx, positions=None, attention_mask=None, doc_ids=None, cache=None, return_hidden=False):
+        """idx (B, T) -> logits (B, T, vocab) for head="lm", values (B, T) for head="scalar".
+
+        attention_mask (B, T): 1 real, 0 pad (left or right padding); positions then count real tokens only.
+        doc_ids (B, T): packed rows, block-diagonal causal attention and per-document positions.
+        cache: a KVCache from new_cache(); the call appends this chunk and attends to everything before it.
+        return_hidden: also return the final hidden states (B, T, C), after the last norm."""
+        B, T = idx.shape
+        offset = cache.pos if cache is not None else 0
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            cache.valid[:, offset:offset + T] = True if valid is None else valid
+        if positions is None:
+            if doc_ids is not None:
+                positions = positions_from_docs(doc_ids)
+            elif valid is not None or cache is not None:
+                real = valid.long() if valid is not None else torch.ones_like(idx)
+                base = cache.seen[:, None] if cache is not None else 0
+                positions = (base + real.cumsum(1) - 1).clamp(min=0)  # (B, T)
+            else:
+                positions = torch.arange(T, device=idx.device).expand(B, T)
+        if cache is not None:
+            mask = build_attn_mask(T, offset, cache.valid[:, :offset + T])
+        elif valid is not None or doc_ids is not None:
+            mask = build_attn_mask(T, 0, valid, doc_ids)
+        else:
+            mask = None  # plain causal: the fast is_causal kernel
+
+        x = self.embed(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embed(positions)
+        else:
+            rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        h = self.norm(x)
+        if cache is not None:
+            cache.pos += T
+            cache.seen += torch.ones_like(idx).sum(1) if valid is None else valid.sum(1)
+        out = self.lm_head(h) if self.cfg.head == "lm" else self.score(h).squeeze(-1)
+        return (out, h) if return_hidden else out
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat template
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # document separator in raw-text training (GPT-2's own id 50256 under the gpt2 encoding)
+    "<|im_start|>",  # ChatML: opens a turn, followed by the role and a newline
+    "<|im_end|>",  # ChatML: closes a turn; the model learns to emit it to stop
+    "<|pad|>",  # fills batches; always masked out, never trained on
+]
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the cl100k / Llama-3 split pattern, the default for other ranks files
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def read_ranks(path):
+    """A `.tiktoken` ranks file: one `base64(token) rank` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise UserError(f"{path}:{lineno}: expected 'base64-token rank'")
+            ranks[base64.b64decode(parts[0])] = int(parts[1])
+    return ranks
+
+
+def get_tokenizer(spec="byte"):
+    """'byte' (256 byte tokens, fully offline), 'gpt2' (GPT-2's BPE from data/gpt2.tiktoken), or a path to a
+    `.tiktoken` ranks file. The ChatML special tokens follow the last ordinary id. The Encoding's name is the
+    spec, so `get_tokenizer(enc.name)` rebuilds it (checkpoints store that name)."""
+    if spec == "byte":
+        ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,256}"
+    elif spec == "gpt2":
+        ranks, pattern = read_ranks(os.path.join(HERE, "data", "gpt2.tiktoken")), GPT2_PATTERN
+    elif os.path.isfile(spec):
+        ranks, pattern = read_ranks(spec), CL100K_PATTERN
+    else:
+        raise UserError(f"unknown tokenizer {spec!r}: use 'byte', 'gpt2' or a path to a .tiktoken ranks file")
+    first = max(ranks.values()) + 1
+    specials = {tok: first + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    if spec == "gpt2":  # keep GPT-2's own <|endoftext|> id
+        specials = {"<|endoftext|>": 50256, **{t: 50257 + i for i, t in enumerate(SPECIAL_TOKENS[1:])}}
+    return tiktoken.Encoding(name=spec, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def special_id(enc, token):
+    return enc.encode_single_token(token)
+
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+    Returns (ids, mask) as lists: mask is 1 on assistant content and its `<|im_end|>` (so the model learns to
+    stop), 0 elsewhere. Content is encoded with encode_ordinary, so text that spells a special token stays
+    text. add_generation_prompt appends `<|im_start|>assistant\\n` for sampling a reply."""
+    start, end = special_id(enc, "<|im_start|>"), special_id(enc, "<|im_end|>")
+    newline = enc.encode_ordinary("\n")
+    ids, mask = [], []
+    for m in messages:
+        head = [start] + enc.encode_ordinary(m["role"] + "\n")
+        body = enc.encode_ordinary(m["content"])
+        on = int(m["role"] == "assistant")
+        ids += head + body + [end] + newline
+        mask += [0] * len(head) + [on] * (len(body) + 1) + [0] * len(newline)
+    if add_generation_prompt:
+        head = [start] + enc.encode_ordinary("assistant\n")
+        ids += head
+        mask += [0] * len(head)
+    return ids, mask
+
+
+def show_mask(enc, ids, mask, color=None):
+    """The chat as text with supervised tokens highlighted (green on a terminal, [[...]] otherwise)."""
+    color = sys.stdout.isatty() if color is None else color
+    on, off = ("\033[42m", "\033[0m") if color else ("[[", "]]")
+    out, prev = [], 0
+    for t, m in zip(ids, mask):
+        if m != prev:
+            out.append(on if m else off)
+            prev = m
+        out.append(enc.decode_single_token_bytes(t).decode("utf-8", errors="replace"))
+    if prev:
+        out.append(off)
+    return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs and sampling
+
+
+def token_logprobs(logits, ids, mask=None):
+    """log p(ids[t] | ids[<t]) aligned with ids: logits (B, T, V) from a forward over ids (B, T) -> (B, T).
+
+    Position 0 has no prediction and gets 0. Computed in fp32. If mask (B, T) is given the result is zero where
+    mask is 0, so `.sum(-1)` is the log-probability of the supervised tokens."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    out = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    out = F.pad(out, (1, 0))  # (B, T)
+    return out if mask is None else out * mask
+
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The logits a sampler draws from: divided by temperature, then top-k, then top-p (nucleus) filtered
+    with -inf. log_softmax of this is the sampling distribution; temperature 0 means greedy (no scaling)."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def pad_left(seqs, pad_id):
+    """Lists of ids -> (ids, mask) (B, T) with padding on the left, as batched generation needs."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def pad_right(seqs, pad_value, length=None):
+    """Lists -> (B, T) tensor padded on the right with pad_value."""
+    T = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s[:T], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
+             generator=None):
+    """Batched sampling with the KV cache. prompts: list of id lists (any lengths; left padded here).
+
+    Returns (tokens, logprobs, mask), each (B, N) with N <= max_new_tokens: the sampled tokens (pad_id after a
+    row stopped), their log-probs under the distribution they were drawn from (`filter_logits`), and 1 on
+    generated tokens (the stop token included). temperature=0 is greedy; its log-probs are the model's."""
+    device = next(model.parameters()).device
+    ids, mask = pad_left(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B, P = ids.shape
+    cache = model.new_cache(B, P + max_new_tokens)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps, masks = [], [], []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+        if temperature > 0:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            tok = logp.argmax(-1)
+        tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        tokens.append(torch.where(done, pad_id, tok))
+        logps.append(torch.where(done, 0.0, tok_logp))
+        masks.append((~done).long())
+        done = done | torch.isin(tok, stop)
+        if done.all():
+            break
+        logits = model(tokens[-1][:, None], cache=cache)[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1)
+
+
+def last_token_index(mask):
+    """(B, T) 0/1 mask -> (B,) index of the last 1 in each row: where a reward model reads its score."""
+    T = mask.shape[1]
+    return T - 1 - mask.flip(1).long().argmax(1)
+
+
+@torch.no_grad()
+def score_responses(rm, enc, prompts, responses, batch_size=32):
+    """Reward-model scores, (N,) fp32: each prompt (message list) + response rendered as a chat, the value read
+    at the response's closing `<|im_end|>` (the last real token, never a pad). Used by ppo.py and evaluate.py."""
+    device = next(rm.parameters()).device
+    pad = special_id(enc, "<|pad|>")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [render_chat(enc, p + [{"role": "assistant", "content": r}])[0][:-len(enc.encode_ordinary("\n"))]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [s[-rm.cfg.max_seq_len:] for s in seqs]  # keep the end: the score is read there
+        ids, mask = pad_left(seqs, pad)
+        values = rm(ids.to(device), attention_mask=mask.to(device))  # (B, T)
+        out.append(values[:, -1].float().cpu())  # left padding: the last column is every row's last token
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) B A x, with A (r, in) random and B (out, r) zero at the start
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base  # an nn.Linear, or any module with in/out_features (a quantised linear for QLoRA)
+        self.base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT does
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled, self.merged = True, False
+
+    def delta(self):
+        return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
+
+    def merge(self):
+        if not self.merged:
+            self.base.weight.data += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            self.base.weight.data -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled and not self.merged:
+            y = y + (self.dropout(x) @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
+        return y
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def apply_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze the model and wrap every linear whose name ends in one of `targets` with a LoRA adapter."""
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha or 2 * rank, dropout))
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run the base model: with LoRA the frozen base is the reference policy, no second copy needed."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def plain_state_dict(model):
+    """The state dict of the model as a plain Transformer: LoRA deltas merged in, adapter tensors dropped."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    sd = {}
+    for name, t in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        sd[name.replace(".base.", ".")] = t.detach().clone()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.enabled and not m.merged:
+            sd[name + ".weight"] += m.delta().detach().to(sd[name + ".weight"].dtype)
+    return sd
+
+
+def lora_state_dict(model):
+    model = getattr(model, "module", model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_write(path, write):
+    """write(file) into a temp file beside `path`, fsync, rename: a crash leaves the old file intact."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(), train_state=None):
+    """Our checkpoint schema, plain tensors and values only (loadable with weights_only=True).
+
+    train_state (optimiser, RNG, data position, LoRA tensors) is what --resume needs; it is optional."""
+    raw = getattr(model, "module", model)
+    sd = plain_state_dict(raw)
+    dtype = next(iter(sd.values())).dtype
+    ckpt = {
+        "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name, "step": int(step),
+        "args": dict(args or {}), "metrics": dict(metrics or {}),
+        "format": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype)),
+        "lineage": list(lineage),
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def config_from_dict(d, where):
+    names = {f.name for f in fields(Config)}
+    unknown = set(d) - names
+    if unknown:
+        raise UserError(f"{where}: unknown config fields {sorted(unknown)} (not a checkpoint of this project?)")
+    return Config(**d)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint into our dict schema without building the model. Every failure is a UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        return load_hf_dir(path)
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise UserError(f"{path}: refusing to load: the file holds Python objects, not just tensors ({first[:120]})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {str(e)[:120]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'config')")
+    return ckpt
+
+
+def load_model(path, device="cpu", head=None):
+    """Checkpoint (ckpt.pt, .safetensors + .json, or HF directory) -> (model, tokenizer, ckpt dict).
+
+    head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: 'config' is not a dict")
+    cfg = config_from_dict(ckpt["config"], path)
+    sd = ckpt["model"]
+    if head is not None and head != cfg.head:
+        cfg = dataclasses.replace(cfg, head=head)
+        sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "score."))}
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    allowed = {"score.weight", "score.bias", "lm_head.weight"} if head is not None else set()
+    missing = [k for k in missing if k not in allowed]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    enc = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    if enc.n_vocab > cfg.vocab_size:
+        raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
+    return model.to(device), enc, ckpt
+
+
+def save_safetensors(path, model, enc):
+    """`path` (.safetensors) plus `path` with .json: the config and tokenizer name."""
+    from safetensors.torch import save_file
+    raw = getattr(model, "module", model)
+    sd = plain_state_dict(raw)
+    if raw.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; tying restores it
+    atomic_write(path, lambda f: f.write(_safetensors_bytes(sd)))
+    meta = json.dumps({"config": asdict(raw.cfg), "tokenizer": enc.name}, indent=1).encode()
+    atomic_write(path[: -len(".safetensors")] + ".json", lambda f: f.write(meta))
+
+
+def _safetensors_bytes(sd):
+    from safetensors.torch import save
+    return save({k: v.contiguous() for k, v in sd.items()})
+
+
+def _read_safetensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e)[:120]})")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (needed beside the weights)")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+
+
+def load_safetensors(path):
+    meta = _read_json(path[: -len(".safetensors")] + ".json")
+    return {"model": _read_safetensors(path), "config": meta.get("config"), "tokenizer": meta.get("tokenizer", "byte"),
+            "step": 0, "args": {}, "metrics": {}, "format": "fp32", "lineage": ["safetensors"]}
+
+
+# HF names per layer: (our name, HF llama name); GPT-2 is handled by hand because its Conv1D stores W^T and
+# fuses q, k, v.
+LLAMA_NAMES = [("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+               ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
+               ("mlp.down", "mlp.down_proj"), ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
+
+
+def hf_to_ours(hf, model_type, cfg):
+    sd = {}
+    if model_type == "gpt2":
+        hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+        sd["embed.weight"], sd["pos_embed.weight"] = hf["wte.weight"], hf["wpe.weight"]
+        sd["norm.weight"], sd["norm.bias"] = hf["ln_f.weight"], hf["ln_f.bias"]
+        for i in range(cfg.n_layer):
+            p, q = f"h.{i}.", f"blocks.{i}."
+            w, b = hf[p + "attn.c_attn.weight"].t(), hf[p + "attn.c_attn.bias"]  # Conv1D: (in, 3C) -> (3C, in)
+            for j, name in enumerate("qkv"):
+                C = cfg.d_model
+                sd[q + f"attn.{name}.weight"], sd[q + f"attn.{name}.bias"] = w[j * C:(j + 1) * C], b[j * C:(j + 1) * C]
+            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+                sd[q + ours + ".weight"], sd[q + ours + ".bias"] = hf[p + theirs + ".weight"].t(), hf[p + theirs + ".bias"]
+            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
+                sd[q + ours + ".weight"], sd[q + ours + ".bias"] = hf[p + theirs + ".weight"], hf[p + theirs + ".bias"]
+        sd["lm_head.weight"] = hf.get("lm_head.weight", sd["embed.weight"])
+        return {k: v.contiguous() for k, v in sd.items()}
+    hf = {k.removeprefix("model."): v for k, v in hf.items()}
+    sd["embed.weight"], sd["norm.weight"] = hf["embed_tokens.weight"], hf["norm.weight"]
+    sd["lm_head.weight"] = hf.get("lm_head.weight", sd["embed.weight"])
+    for i in range(cfg.n_layer):
+        for ours, theirs in LLAMA_NAMES:
+            for suffix in ("weight", "bias"):
+                key = f"layers.{i}.{theirs}.{suffix}"
+                if key in hf:
+                    sd[f"blocks.{i}.{ours}.{suffix}"] = hf[key]
+    return sd
+
+
+def ours_to_hf(sd, cfg):
+    hf = {}
+    if cfg.arch == "gpt2":
+        hf["transformer.wte.weight"], hf["transformer.wpe.weight"] = sd["embed.weight"], sd["pos_embed.weight"]
+        hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+        for i in range(cfg.n_layer):
+            p, q = f"transformer.h.{i}.", f"blocks.{i}."
+            hf[p + "attn.c_attn.weight"] = torch.cat([sd[q + f"attn.{n}.weight"] for n in "qkv"]).t()
+            hf[p + "attn.c_attn.bias"] = torch.cat([sd[q + f"attn.{n}.bias"] for n in "qkv"])
+            for ours, theirs in [("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]:
+                hf[p + theirs + ".weight"], hf[p + theirs + ".bias"] = sd[q + ours + ".weight"].t(), sd[q + ours + ".bias"]
+            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
+                hf[p + theirs + ".weight"], hf[p + theirs + ".bias"] = sd[q + ours + ".weight"], sd[q + ours + ".bias"]
+        return {k: v.contiguous() for k, v in hf.items()}
+    hf["model.embed_tokens.weight"], hf["model.norm.weight"] = sd["embed.weight"], sd["norm.weight"]
+    if not cfg.tie_embeddings:
+        hf["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        for ours, theirs in LLAMA_NAMES:
+            for suffix in ("weight", "bias"):
+                key = f"blocks.{i}.{ours}.{suffix}"
+                if key in sd:
+                    hf[f"model.layers.{i}.{theirs}.{suffix}"] = sd[key]
+    return {k: v.contiguous() for k, v in hf.items()}
+
+
+def load_hf_dir(path):
+    """A Hugging Face model directory of the GPT-2, Llama or Qwen2 family -> our checkpoint dict."""
+    hc = _read_json(os.path.join(path, "config.json"))
+    mt = hc.get("model_type")
+    if mt == "gpt2":
+        if hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{path}: unsupported GPT-2 activation {hc['activation_function']!r}")
+        d = hc["n_embd"]
+        cfg = Config(arch="gpt2", vocab_size=hc["vocab_size"], n_layer=hc["n_layer"], n_head=hc["n_head"],
+                     n_kv_head=hc["n_head"], d_model=d, d_ff=hc.get("n_inner") or 4 * d,
+                     max_seq_len=hc["n_positions"], norm_eps=hc.get("layer_norm_epsilon", 1e-5),
+                     tie_embeddings=True)
+    elif mt in ("llama", "qwen2"):
+        rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise UserError(f"{path}: RoPE scaling {rope.get('rope_type')!r} is not implemented")
+        if hc.get("mlp_bias") or (mt == "llama" and hc.get("attention_bias")):
+            raise UserError(f"{path}: Llama with attention/MLP biases is not implemented")
+        d, nh = hc["hidden_size"], hc["num_attention_heads"]
+        if hc.get("head_dim") not in (None, d // nh):
+            raise UserError(f"{path}: head_dim {hc['head_dim']} != hidden_size / heads is not implemented")
+        cfg = Config(arch="llama", vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_head=nh,
+                     n_kv_head=hc.get("num_key_value_heads") or nh, d_model=d, d_ff=hc["intermediate_size"],
+                     max_seq_len=hc.get("max_position_embeddings", 2048), norm_eps=hc.get("rms_norm_eps", 1e-6),
+                     rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))),
+                     qkv_bias=mt == "qwen2", tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+    else:
+        raise UserError(f"{path}: unknown architecture {mt!r} (supported: gpt2, llama, qwen2)")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weights found")
+    hf = {}
+    for f in files:
+        hf.update(_read_safetensors(os.path.join(path, f)))
+    try:
+        sd = hf_to_ours(hf, mt, cfg)
+    except KeyError as e:
+        raise UserError(f"{path}: weight {e} missing for a {mt} model")
+    tok_file = os.path.join(path, "tokenizer.json.posttrain")
+    tokenizer = _read_json(tok_file)["tokenizer"] if os.path.exists(tok_file) else ("gpt2" if mt == "gpt2" else None)
+    if tokenizer is None:
+        tiktoken_files = [f for f in os.listdir(path) if f.endswith((".tiktoken", "tokenizer.model"))]
+        if not tiktoken_files:
+            raise UserError(f"{path}: no tokenizer we can read (need a .tiktoken ranks file in the directory)")
+        tokenizer = os.path.join(path, tiktoken_files[0])
+    return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "step": 0, "args": {}, "metrics": {},
+            "format": "fp32", "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
+
+
+def export_hf(model, enc, out_dir):
+    """Write a Hugging Face directory (config.json + model.safetensors) that transformers'
+    AutoModelForCausalLM loads: GPT2LMHeadModel for arch gpt2, Qwen2 if qkv_bias, else Llama."""
+    raw = getattr(model, "module", model)
+    cfg = raw.cfg
+    if cfg.head != "lm":
+        raise UserError("export_hf writes language models only (this model has a scalar head)")
+    hf = ours_to_hf(plain_state_dict(raw), cfg)
+    if cfg.arch == "gpt2":
+        hc = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+                  n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_inner=cfg.d_ff, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    else:
+        mt = "qwen2" if cfg.qkv_bias else "llama"
+        hc = dict(model_type=mt, architectures=["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+                  vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
+                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, torch_dtype="float32")
+    hc.update(bos_token_id=special_id(enc, "<|endoftext|>"), eos_token_id=special_id(enc, "<|im_end|>"),
+              pad_token_id=special_id(enc, "<|pad|>"))
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(_safetensors_bytes(hf)))
+    for name, obj in [("config.json", hc), ("tokenizer.json.posttrain", {"tokenizer": enc.name})]:
+        atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, indent=1).encode()))
+
+
+# -----------------------------------------------------------------------------
+# Data: validated JSONL, truncation, padding, packing
+
+
+def as_messages(prompt, where):
+    """A prompt is a string (one user turn) or a list of {"role", "content"} messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+    for m in prompt:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: each message needs a string 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: message role must be system, user or assistant, got {m.get('role')!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _check_record(obj, kind, where):
+    """Validate one JSONL record of a given kind; raise UserError naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+
+    def need(field, types):
+        if field not in obj:
+            raise UserError(f"{where}: missing field '{field}'")
+        if not isinstance(obj[field], types):
+            raise UserError(f"{where}: field '{field}' has the wrong type ({type(obj[field]).__name__})")
+        return obj[field]
+
+    if kind == "chat":
+        msgs = as_messages(need("messages", list), where)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: a chat needs at least one assistant message")
+        return {**obj, "messages": msgs}
+    if kind == "text":
+        need("text", str)
+        return obj
+    if kind == "mc":
+        obj = {**obj, "prompt": obj.get("prompt", obj.get("context"))}
+        need("prompt", str)
+        choices = need("choices", list)
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise UserError(f"{where}: 'choices' must be a list of at least two strings")
+        gold = need("gold", int)
+        if not 0 <= gold < len(choices):
+            raise UserError(f"{where}: 'gold' {gold} is out of range for {len(choices)} choices")
+        return obj
+    obj = {**obj, "prompt": as_messages(need("prompt", (str, list)), where)}
+    if kind == "pref":
+        need("chosen", str), need("rejected", str)
+    elif kind == "kto":
+        need("completion", str), need("label", bool)
+    elif kind == "prompt":
+        if obj.get("answer") is not None and not isinstance(obj["answer"], str):
+            raise UserError(f"{where}: 'answer' must be a string or null")
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return obj
+
+
+def read_jsonl(path, kind, skip_bad_lines=False):
+    """Load and validate a JSONL file. kind: chat | text | pref | kto | prompt | mc.
+
+    A bad line raises UserError("path:line: what is wrong"); with skip_bad_lines it is counted instead and the
+    count reported on stderr. Returns the list of records (prompts normalised to message lists)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+    out, bad = [], 0
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            out.append(_check_record(obj, kind, where))
+        except UserError:
+            if not skip_bad_lines:
+                raise
+            bad += 1
+    if bad:
+        print(f"{path}: skipped {bad} bad lines (--skip-bad-lines)", file=sys.stderr)
+    if not out:
+        raise UserError(f"{path}: no usable records")
+    return out
+
+
+def read_text(path):
+    """Raw text for language-model training: a .txt file is one document per blank-line-separated paragraph
+    block... kept simple: the whole file is one stream; a .jsonl file is one document per {"text"} line."""
+    if path.endswith(".jsonl"):
+        return [r["text"] for r in read_jsonl(path, "text")]
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+    with open(path, encoding="utf-8") as f:
+        return [f.read()]
+
+
+def truncate(prompt_ids, response_ids, max_len):
+    """Fit prompt + response into max_len: the prompt loses tokens from the left (its end, nearest the reply,
+    is kept), the response from the right (its start is kept). The prompt keeps at least half of max_len if it
+    is that long. Returns (prompt, response, truncated)."""
+    if len(prompt_ids) + len(response_ids) <= max_len:
+        return prompt_ids, response_ids, False
+    keep_prompt = min(len(prompt_ids), max(max_len // 2, max_len - len(response_ids)))
+    keep_response = max_len - keep_prompt
+    return prompt_ids[len(prompt_ids) - keep_prompt:], response_ids[:keep_response], True
+
+
+def pack(examples, seq_len, pad_id):
+    """Greedily pack (ids, mask) examples into rows of seq_len with no cross-example attention.
+
+    Returns ids, mask, doc_ids, each (N, seq_len). An example longer than seq_len is cut to seq_len. The first
+    token of each document is never a target (it has no prediction inside its document), and pads form their
+    own document with mask 0."""
+    rows, row = [], []
+    for ids, mask in examples:
+        ids, mask = ids[:seq_len], mask[:seq_len]
+        if len(row) + len(ids) > seq_len:
+            rows.append(row)
+            row = []
+        row.append((ids, mask))
+    if row:
+        rows.append(row)
+    out_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    out_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    out_doc = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for r, docs in enumerate(rows):
+        t = 0
+        for d, (ids, mask) in enumerate(docs):
+            out_ids[r, t:t + len(ids)] = torch.tensor(ids)
+            out_mask[r, t:t + len(ids)] = torch.tensor(mask)
+            out_mask[r, t] = 0
+            out_doc[r, t:t + len(ids)] = d
+            t += len(ids)
+        out_doc[r, t:] = len(docs)  # the padding tail is a document of its own
+    return out_ids, out_mask, out_doc
+
+
+# -----------------------------------------------------------------------------
+# Training plumbing: device, DDP, CLI, schedule, optimiser, logging, RNG
+
+
+def pick_device(spec="auto"):
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device, dtype="auto"):
+    """bf16 autocast on GPU by default; fp32 on CPU unless --dtype bf16 asks for it."""
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def setup_ddp(device_spec="auto"):
+    """Under torchrun (RANK in the environment) join the process group: NCCL on GPU, gloo on CPU.
+    Returns (rank, world_size, device). Without torchrun: (0, 1, pick_device(device_spec))."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_spec)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over DDP ranks (no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def cleanup_ddp():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def field_docs(cls):
+    """The trailing `# comment` of each dataclass field, read from the source: these become --help."""
+    docs = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return docs
+    for node in ast.parse("\n".join(lines).lstrip()).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            if "#" in line:
+                docs[node.target.id] = line.split("#", 1)[1].strip()
+    return docs
+
+
+def parse_config(cls, argv=None, description=None):
+    """A dataclass -> argparse CLI: `--field-name value` per field, bools as --flag / --no-flag,
+    `none` for optional values, and each field's comment as its help."""
+    docs = field_docs(cls)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = docs.get(f.name, " ")
+        types = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)]
+        base = types[0] if types else str
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            def convert(s, base=base):
+                return None if s.lower() == "none" else base(s)
+            parser.add_argument(flag, dest=f.name, type=convert, default=default, help=help_, metavar=base.__name__.upper())
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def run(main):
+    """Call main(); a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_ddp()
+
+
+def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
+    """Linear warmup for `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+    """AdamW over the trainable parameters; weight decay on matrices only, never on norms, biases, heads' bias."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+
+
+def log_jsonl(path, record):
+    """Append one metrics record as a JSON line (rank 0 only calls this)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def build_model(preset, enc, **overrides):
+    """A fresh Transformer from a preset name, its vocabulary sized to the tokenizer."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    return Transformer(Config(**{**PRESETS[preset], "vocab_size": enc.n_vocab, **overrides}))
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    if "--show-chat" in sys.argv:
+        enc = get_tokenizer("byte")
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "The answer is 5."}]
+        print(show_mask(enc, *render_chat(enc, chat)))
+        return
+    print(f"{'preset':<12} {'arch':<6} {'layers':>6} {'d_model':>7} {'heads':>6} {'kv':>3} {'vocab':>7} {'params':>12}")
+    for name, p in PRESETS.items():
+        cfg = Config(**{"vocab_size": 260, **p})
+        with torch.device("meta"):
+            n = Transformer(cfg).num_params()
+        print(f"{name:<12} {cfg.arch:<6} {cfg.n_layer:>6} {cfg.d_model:>7} {cfg.n_head:>6} {cfg.n_kv_head:>3} "
+              f"{cfg.vocab_size:>7} {n:>12,}")
+
+
+if __name__ == "__main__":
+    run(main)
