@@ -41,6 +41,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE = -100  # target id that F.cross_entropy skips; the one masking convention in the project
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,6 +245,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = False  # trade compute for memory in training (--grad-checkpointing)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -313,7 +315,10 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
+            if self.grad_checkpointing and self.training and cache is None:  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         h = self.norm(x)
         if cache is not None:
             cache.pos += T
@@ -391,6 +396,22 @@ def render_chat(enc, messages, add_generation_prompt=False):
         mask += [0] * len(head) + [on] * (len(body) + 1) + [0] * len(newline)
     if add_generation_prompt:
         head = [start] + enc.encode_ordinary("assistant\n")
+        ids += head
+        mask += [0] * len(head)
+    return ids, mask
+
+
+def render_plain(enc, messages, add_generation_prompt=False):
+    """The no-template ablation: `User: ...\nAssistant: ...\n` as plain text, no special tokens, same
+    (ids, mask) contract as render_chat; the assistant's closing newline is its stop signal and is supervised."""
+    ids, mask = [], []
+    for m in messages:
+        head = enc.encode_ordinary(m["role"].capitalize() + ": ")
+        body = enc.encode_ordinary(m["content"] + "\n")
+        ids += head + body
+        mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    if add_generation_prompt:
+        head = enc.encode_ordinary("Assistant: ")
         ids += head
         mask += [0] * len(head)
     return ids, mask
@@ -659,6 +680,7 @@ def config_from_dict(d, where):
 
 def load_checkpoint(path):
     """Read a checkpoint into our dict schema without building the model. Every failure is a UserError."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint")
     if os.path.isdir(path):
@@ -1010,13 +1032,14 @@ def pack(examples, seq_len, pad_id):
     Returns ids, mask, doc_ids, each (N, seq_len). An example longer than seq_len is cut to seq_len. The first
     token of each document is never a target (it has no prediction inside its document), and pads form their
     own document with mask 0."""
-    rows, row = [], []
+    rows, row, used = [], [], 0
     for ids, mask in examples:
         ids, mask = ids[:seq_len], mask[:seq_len]
-        if len(row) + len(ids) > seq_len:
+        if used + len(ids) > seq_len:
             rows.append(row)
-            row = []
+            row, used = [], 0
         row.append((ids, mask))
+        used += len(ids)
     if row:
         rows.append(row)
     out_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)

@@ -1,0 +1,293 @@
+"""
+sft.py: supervised fine-tuning on chats, and plain language-model training on raw text.
+
+Two formats, one loop:
+  --format chat  `{"messages": [...]}` JSONL rendered with the ChatML template; the loss is on the assistant's
+                 tokens only (content and its `<|im_end|>`, the mask from model.render_chat), multi-turn included.
+                 `--template plain` is the no-template ablation (model.render_plain).
+  --format text  a `.txt` file (one stream) or `{"text": ...}` JSONL: every token is a target. With
+                 `--init tiny` it pre-trains a fresh model from a preset; with `--model` it is continued
+                 pre-training / domain adaptation.
+
+The objective is next-token cross-entropy (Radford et al. 2018; for chats, InstructGPT's SFT stage, Ouyang et
+al. 2022, with the prompt tokens masked out):
+    L = - sum_{t in S} log p(x_t | x_<t) / |S|,   S = supervised tokens of every micro-batch on every rank
+Normalising by |S| over the whole optimiser step (not per micro-batch, not per rank) makes k micro-batches of
+B/k exactly one batch of B, and DDP exactly one process on the concatenated batch.
+
+Speed: examples are packed into --seq-len rows with a block-diagonal causal mask and per-document positions
+(model.pack), so no compute is spent on padding and no example attends to another. `--no-packing` pads each
+example to its own row instead (same loss; the benchmark compares the two). AdamW, linear warmup + cosine
+decay, gradient clipping, bf16 autocast on GPU, optional torch.compile, LoRA (`--lora-rank`), gradient
+checkpointing.
+
+Truncation: an example longer than --seq-len keeps its first --seq-len tokens (counted and reported);
+raw text is cut into --seq-len windows.
+
+    python sft.py --format text --init tiny --data data/toy/pretrain.txt --out out/base.pt       # CPU
+    python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt                 # CPU
+    python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt --device cuda   # one GPU, bf16
+    torchrun --nproc_per_node=2 sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt  # DDP
+    python sft.py --resume out/sft.pt --steps 600 ...                                            # continue
+"""
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: str = ""  # checkpoint to start from (ckpt.pt, .safetensors or HF directory); empty with --init
+    init: str = ""  # preset for a fresh model (tiny, tiny-gpt2, small, ...) instead of --model
+    tokenizer: str = "byte"  # tokenizer of a fresh --init model: byte, gpt2 or a .tiktoken path
+    data: str = "data/toy/sft.jsonl"  # training data: chats JSONL, or .txt / {"text"} JSONL with --format text
+    format: str = "chat"  # chat (assistant-only loss) or text (every token)
+    template: str = "chatml"  # chat rendering: chatml, or plain (the no-template ablation)
+    out: str = "out/sft.pt"  # output checkpoint
+    steps: int = 400  # optimiser steps
+    batch_size: int = 16  # rows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-3  # peak learning rate (use ~1e-4 for full fine-tuning of real models)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 20  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    seq_len: int = 256  # tokens per row
+    packing: bool = True  # pack examples into rows (else one padded example per row)
+    eval_frac: float = 0.05  # fraction of examples held out for the eval loss
+    eval_every: int = 100  # steps between eval losses (0 = only at the end)
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    seed: int = 0  # seeds the data order, the split and the init
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    lora_rank: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    resume: str = ""  # checkpoint written by this script to continue from (model, optimiser, RNG, data position)
+    stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
+    skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
+    log: str = ""  # JSONL metrics file (one line per step)
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def lm_loss_sum(logits, ids, mask):
+    """Summed next-token NLL over supervised tokens and their count.
+
+    logits (B, T, V), ids (B, T), mask (B, T) aligned with ids (1 = ids[t] is a target) -> (sum, count)."""
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, M.IGNORE)  # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                          ignore_index=M.IGNORE, reduction="sum")
+    return nll, (targets != M.IGNORE).sum()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def tokenize(cfg, enc):
+    """Examples as (ids, mask) lists, and how many were truncated."""
+    if cfg.format == "text":
+        eot = M.special_id(enc, "<|endoftext|>")
+        stream = []
+        for doc in M.read_text(cfg.data):
+            stream += enc.encode_ordinary(doc) + [eot]
+        windows = [stream[i:i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)]
+        return [(w, [1] * len(w)) for w in windows if len(w) > 1], 0
+    render = {"chatml": M.render_chat, "plain": M.render_plain}[cfg.template]
+    examples, truncated = [], 0
+    for rec in M.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
+        ids, mask = render(enc, rec["messages"])
+        truncated += len(ids) > cfg.seq_len
+        examples.append((ids[:cfg.seq_len], mask[:cfg.seq_len]))
+    return examples, truncated
+
+
+def make_rows(examples, cfg, pad_id):
+    """(ids, mask, doc_ids) rows of seq_len: packed, or one right-padded example per row (doc_ids None)."""
+    if cfg.packing:
+        return M.pack(examples, cfg.seq_len, pad_id)
+    ids = M.pad_right([e[0] for e in examples], pad_id, cfg.seq_len)
+    mask = M.pad_right([e[1] for e in examples], 0, cfg.seq_len)
+    return ids, mask, None
+
+
+def split(examples, frac, seed):
+    """Hold out a deterministic fraction of examples for the eval loss."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = int(len(examples) * frac) if frac > 0 else 0
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_rows, seed, epoch):
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def row_indices(step, n_rows, rows_per_step, rank_slice, seed):
+    """The rows an optimiser step reads. The order is a fresh permutation each epoch, a pure function of
+    (seed, epoch), so the data position is just the step number and resuming continues the same stream."""
+    start = step * rows_per_step
+    return [epoch_order(n_rows, seed, pos // n_rows)[pos % n_rows]
+            for pos in range(start + rank_slice.start, start + rank_slice.stop)]
+
+
+@torch.no_grad()
+def eval_loss(model, rows, cfg, device):
+    if rows is None:
+        return float("nan")
+    model.eval()
+    ids, mask, doc = rows
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in range(0, len(ids), cfg.batch_size):
+        b_doc = doc[i:i + cfg.batch_size].to(device) if doc is not None else None
+        with M.autocast(device, cfg.dtype):
+            logits = model(ids[i:i + cfg.batch_size].to(device), doc_ids=b_doc)
+        s, n = lm_loss_sum(logits, ids[i:i + cfg.batch_size].to(device), mask[i:i + cfg.batch_size].to(device))
+        total += s
+        count += n
+    M.all_reduce_sum(total), M.all_reduce_sum(count)
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+# -----------------------------------------------------------------------------
+
+
+def load_start(cfg, device):
+    """The model to train (and its tokenizer, lineage, start step, saved train state)."""
+    if bool(cfg.model) == bool(cfg.init):
+        raise M.UserError("give exactly one of --model (a checkpoint) or --init (a preset for a fresh model); "
+                          "--resume goes with the same flags as the run it continues")
+    if cfg.init:
+        if cfg.format != "text":
+            raise M.UserError("--init trains a fresh model: use it with --format text (pre-training)")
+        torch.manual_seed(cfg.seed)
+        enc = M.get_tokenizer(cfg.tokenizer)
+        model, lineage = M.build_model(cfg.init, enc, max_seq_len=max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))), [f"init:{cfg.init}"]
+    else:
+        model, enc, ckpt = M.load_model(cfg.model)
+        lineage = ckpt.get("lineage", [])
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    state, step = None, 0
+    if cfg.resume:
+        ckpt = M.load_checkpoint(cfg.resume)
+        if "train_state" not in ckpt:
+            raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
+        state, step = ckpt["train_state"], ckpt["step"]
+        if not cfg.lora_rank:  # full fine-tuning: the saved weights are the state; LoRA resumes its adapters
+            model.load_state_dict(ckpt["model"])
+    if cfg.lora_rank:
+        M.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout)
+        if state is not None:
+            model.load_state_dict(state["lora"], strict=False)
+    return model.to(device), enc, lineage, step, state
+
+
+def main(argv=None):
+    cfg = M.parse_config(Config, argv, description=__doc__)
+    if cfg.format not in ("chat", "text") or cfg.template not in ("chatml", "plain"):
+        raise M.UserError("--format must be chat or text, --template chatml or plain")
+    rank, world, device = M.setup_ddp(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, enc, lineage, start_step, state = load_start(cfg, device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    pad_id = M.special_id(enc, "<|pad|>")
+
+    examples, n_truncated = tokenize(cfg, enc)
+    train, held_out = split(examples, cfg.eval_frac, cfg.seed)
+    if not train:
+        raise M.UserError(f"{cfg.data}: no training examples left after holding out --eval-frac")
+    rows = make_rows(train, cfg, pad_id)
+    eval_rows = make_rows(held_out, cfg, pad_id) if held_out else None
+    n_rows = len(rows[0])
+    if rank == 0:
+        n_tok = sum(int(m.sum()) for m in rows[1])
+        print(f"{len(train)} train / {len(held_out)} eval examples -> {n_rows} rows of {cfg.seq_len} "
+              f"({n_tok / rows[1].numel():.0%} supervised), {n_truncated} truncated; "
+              f"{model.num_params():,} params, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable")
+
+    optimizer = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    mine = slice(rank * cfg.batch_size * cfg.grad_accum, (rank + 1) * cfg.batch_size * cfg.grad_accum)
+    metrics = {}
+    model.train()
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc="sft",
+               mininterval=1.0)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = row_indices(step, n_rows, rows_per_step, mine, cfg.seed)
+        micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        # the step's total number of supervised tokens, over micro-batches and ranks: the loss denominator
+        n_sup = sum(rows[1][b, 1:].sum() for b in micro).to(device).float()
+        n_sup = M.all_reduce_sum(n_sup).clamp(min=1)
+        total = torch.zeros((), device=device)
+        for j, b in enumerate(micro):
+            ids, mask = rows[0][b].to(device), rows[1][b].to(device)
+            doc = rows[2][b].to(device) if rows[2] is not None else None
+            sync = j == len(micro) - 1 or world == 1
+            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with M.autocast(device, cfg.dtype):
+                    logits = model(ids, doc_ids=doc)
+                nll, _ = lm_loss_sum(logits, ids, mask)
+                (nll / n_sup * world).backward()  # DDP averages gradients over ranks; * world undoes that
+            total += nll.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = (M.all_reduce_sum(total) / n_sup).item()
+        tok_s = n_sup.item() / (time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tok_s": tok_s}
+        last = step + 1 == end
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
+            record["eval_loss"] = eval_loss(model, eval_rows, cfg, device)
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
+            M.log_jsonl(cfg.log, record)
+        metrics = {**metrics, **record}
+        if rank == 0 and (last or cfg.save_every and (step + 1) % cfg.save_every == 0):
+            train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+            if cfg.lora_rank:
+                train_state["lora"] = M.lora_state_dict(raw)
+            stage = "pretrain" if cfg.format == "text" else "sft"
+            M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                              lineage=lineage + [stage], train_state=train_state)
+    if rank == 0 and metrics:
+        eval_part = f", eval loss {metrics['eval_loss']:.4f}" if not math.isnan(metrics.get("eval_loss", float("nan"))) else ""
+        print(f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}{eval_part}")
+
+
+if __name__ == "__main__":
+    M.run(main)

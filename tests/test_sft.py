@@ -1,0 +1,218 @@
+"""sft.py: the loss, packing, gradient accumulation, resume, DDP and bad input.
+
+    python -m pytest tests/test_sft.py -q
+"""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import model as M
+import sft
+from conftest import ROOT, run_script
+
+
+def write_chats(path, n=40, seed=0):
+    import random
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = r.randint(0, 99), r.randint(0, 99)
+            msgs = [{"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"The answer is {a + b}."}]
+            if r.random() < 0.3:
+                msgs = [{"role": "system", "content": "Be brief."}] + msgs + [
+                    {"role": "user", "content": "And add 5 to that?"},
+                    {"role": "assistant", "content": f"That makes {a + b + 5}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, enc):
+    torch.manual_seed(0)
+    m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
+    path = str(tmp_path / "init.pt")
+    M.save_checkpoint(path, m, enc)
+    return path
+
+
+def final_weights(path):
+    return M.load_checkpoint(path)["model"]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_lm_loss_sum_matches_naive_loop(enc):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, enc.n_vocab)
+    ids = torch.randint(0, 256, (2, 7))
+    mask = torch.randint(0, 2, (2, 7))
+    total, count = sft.lm_loss_sum(logits, ids, mask)
+    naive, n = 0.0, 0
+    for b in range(2):
+        for t in range(1, 7):
+            if mask[b, t]:
+                naive -= torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]].item()
+                n += 1
+    assert count.item() == n
+    assert total.item() == pytest.approx(naive, rel=1e-5, abs=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_packed_loss_equals_padded_loss(lengths, seed):
+    """Packing (block-diagonal mask, per-document positions) gives the same summed loss and token count as
+    one padded example per row."""
+    enc = M.get_tokenizer("byte")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64, max_seq_len=64).eval()
+    examples = [(torch.randint(0, 256, (n,), generator=g).tolist(), torch.randint(0, 2, (n,), generator=g).tolist())
+                for n in lengths]
+    pad = M.special_id(enc, "<|pad|>")
+    results = []
+    for packing in (True, False):
+        cfg = sft.Config(seq_len=48, packing=packing)
+        ids, mask, doc = sft.make_rows(examples, cfg, pad)
+        with torch.no_grad():
+            logits = model(ids, doc_ids=doc)
+        results.append(sft.lm_loss_sum(logits, ids, mask))
+    (s1, n1), (s2, n2) = results
+    assert n1 == n2
+    assert s1.item() == pytest.approx(s2.item(), rel=1e-5, abs=1e-5)
+
+
+def test_chat_mask_never_covers_user_tokens_and_covers_each_im_end(enc, tmp_path):
+    cfg = sft.Config(data=write_chats(tmp_path / "c.jsonl"), seq_len=256)
+    examples, _ = sft.tokenize(cfg, enc)
+    end = M.special_id(enc, "<|im_end|>")
+    for ids, mask in examples:
+        text = enc.decode(ids)
+        n_assistant_turns = text.count("<|im_start|>assistant\n")
+        assert sum(1 for t, m in zip(ids, mask) if t == end and m) == n_assistant_turns
+        supervised = enc.decode([t for t, m in zip(ids, mask) if m])
+        assert "What is" not in supervised and "Be brief" not in supervised and "user" not in supervised
+
+
+def test_row_indices_cover_every_row_each_epoch():
+    seen = []
+    for step in range(5):
+        seen += sft.row_indices(step, 10, 4, slice(0, 4), seed=3)
+    assert sorted(seen[:10]) == list(range(10))  # first epoch is a permutation
+    assert sft.row_indices(7, 10, 4, slice(0, 4), 3) == sft.row_indices(7, 10, 4, slice(0, 4), 3)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, tiny_ckpt):
+    data = write_chats(tmp_path / "c.jsonl")
+    common = ["--model", tiny_ckpt, "--data", data, "--steps", "3", "--seq-len", "64", "--eval-frac", "0",
+              "--warmup", "0", "--eval-every", "0", "--lr", "1e-3"]
+    sft.main(common + ["--out", str(tmp_path / "a.pt"), "--batch-size", "8", "--grad-accum", "1"])
+    sft.main(common + ["--out", str(tmp_path / "b.pt"), "--batch-size", "2", "--grad-accum", "4"])
+    a, b = final_weights(tmp_path / "a.pt"), final_weights(tmp_path / "b.pt")
+    init = final_weights(tiny_ckpt)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_equals_straight_run(tmp_path, tiny_ckpt, lora):
+    data = write_chats(tmp_path / "c.jsonl")
+    common = ["--model", tiny_ckpt, "--data", data, "--steps", "4", "--seq-len", "64", "--batch-size", "4",
+              "--eval-every", "0", "--warmup", "1"] + (["--lora-rank", "4", "--lora-dropout", "0.1"] if lora else [])
+    sft.main(common + ["--out", str(tmp_path / "straight.pt")])
+    sft.main(common + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
+    assert M.load_checkpoint(str(tmp_path / "part.pt"))["step"] == 2
+    sft.main(common + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
+    a, b = final_weights(tmp_path / "straight.pt"), final_weights(tmp_path / "resumed.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-exact on CPU
+
+
+def test_text_pretraining_smoke_and_log(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"Q: What is {i} + {i}? A: {2 * i}.\n" for i in range(200)))
+    log = tmp_path / "log.jsonl"
+    proc = run_script("sft.py", "--format", "text", "--init", "tiny", "--data", str(text), "--out",
+                      str(tmp_path / "base.pt"), "--steps", "4", "--batch-size", "2", "--seq-len", "64",
+                      "--eval-every", "2", "--log", str(log))
+    assert "saved" in proc.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "eval_loss" in records[1] and all(r["loss"] > 0 for r in records)
+    ckpt = M.load_checkpoint(str(tmp_path / "base.pt"))
+    assert ckpt["lineage"] == ["init:tiny", "pretrain"] and ckpt["step"] == 4
+
+
+def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt):
+    """torchrun --nproc_per_node=2 (gloo, CPU) with batch 4 per rank == one process with batch 8."""
+    data = write_chats(tmp_path / "c.jsonl")
+    common = ["--model", tiny_ckpt, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-frac", "0",
+              "--eval-every", "0", "--warmup", "0", "--device", "cpu"]
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py", *common,
+               "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", env={"OMP_NUM_THREADS": "1"})
+    sft.main(common + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8"])
+    a, b = final_weights(tmp_path / "ddp.pt"), final_weights(tmp_path / "one.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "invalid JSON"),
+    ('{"text": "no messages"}', "missing field 'messages'"),
+    ('{"messages": "oops"}', "wrong type"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "role"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "assistant"),
+])
+def test_malformed_jsonl_gives_file_and_line(tmp_path, tiny_ckpt, line, message):
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + good + "\n" + line + "\n")
+    proc = run_script("sft.py", "--model", tiny_ckpt, "--data", str(path), "--out", str(tmp_path / "o.pt"),
+                      "--steps", "1", "--seq-len", "64", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{path}:3:" in err[0] and message in err[0], proc.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_skip_bad_lines_counts(tmp_path, tiny_ckpt):
+    path = tmp_path / "bad.jsonl"
+    write_chats(path, n=10)
+    with open(path, "a") as f:
+        f.write("{broken\n")
+    proc = run_script("sft.py", "--model", tiny_ckpt, "--data", str(path), "--out", str(tmp_path / "o.pt"),
+                      "--steps", "1", "--seq-len", "64", "--skip-bad-lines")
+    assert "skipped 1 bad lines" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init", "tiny"], "--format text"),
+    ([], "exactly one of --model"),
+    (["--init", "huge", "--format", "text"], "unknown preset"),
+    (["--init", "tiny", "--format", "text", "--template", "fancy"], "--template"),
+    (["--model", "missing.pt"], "no such checkpoint"),
+])
+def test_impossible_flags_exit_2(tmp_path, args, message):
+    proc = run_script("sft.py", *args, "--data", os.path.join(ROOT, "README.md"), "--out",
+                      str(tmp_path / "o.pt"), "--steps", "1", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_help_lists_every_field():
+    proc = run_script("sft.py", "--help")
+    for f in sft.Config.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in proc.stdout
+    assert "assistant-only loss" in proc.stdout or "supervised" in proc.stdout
