@@ -34,7 +34,6 @@ import math
 import os
 import pickle
 import sys
-import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import tiktoken
@@ -350,9 +349,12 @@ def read_ranks(path):
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) != 2:
-                raise UserError(f"{path}:{lineno}: expected 'base64-token rank'")
-            ranks[base64.b64decode(parts[0])] = int(parts[1])
+            try:  # binascii.Error is a ValueError too (e.g. a SentencePiece tokenizer.model is not a ranks file)
+                if len(parts) != 2:
+                    raise ValueError("wrong number of fields")
+                ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+            except ValueError:
+                raise UserError(f"{path}:{lineno}: expected 'base64-token rank' (not a .tiktoken ranks file?)")
     return ranks
 
 
@@ -459,7 +461,9 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p: drop a token once the ones before it reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # the most likely token always stays (top_p=0 is greedy)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -599,6 +603,9 @@ def lora_layers(model):
 def lora_disabled(model):
     """Run the base model: with LoRA the frozen base is the reference policy, no second copy needed."""
     layers = lora_layers(model)
+    merged = [m for m in layers if m.merged]
+    for m in merged:  # a merged delta lives inside the base weight: take it out while the base runs
+        m.unmerge()
     for m in layers:
         m.enabled = False
     try:
@@ -606,6 +613,8 @@ def lora_disabled(model):
     finally:
         for m in layers:
             m.enabled = True
+        for m in merged:
+            m.merge()
 
 
 def plain_state_dict(model):
@@ -692,7 +701,9 @@ def load_checkpoint(path):
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
         raise UserError(f"{path}: refusing to load: the file holds Python objects, not just tensors ({first[:120]})")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    # random or bit-flipped bytes fail in any way inside the unpickler (RuntimeError, EOFError, IndexError,
+    # KeyError, TypeError, struct.error...): all of them mean "not a readable checkpoint", with the cause shown
+    except Exception as e:
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {str(e)[:120]})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'config')")
@@ -712,7 +723,10 @@ def load_model(path, device="cpu", head=None):
         cfg = dataclasses.replace(cfg, head=head)
         sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "score."))}
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise UserError(f"{path}: weights do not match the config ({str(e).splitlines()[-1].strip()[:160]})")
     if cfg.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     allowed = {"score.weight", "score.bias", "lm_head.weight"} if head is not None else set()
@@ -818,6 +832,8 @@ def ours_to_hf(sd, cfg):
                 hf[p + theirs + ".weight"], hf[p + theirs + ".bias"] = sd[q + ours + ".weight"].t(), sd[q + ours + ".bias"]
             for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
                 hf[p + theirs + ".weight"], hf[p + theirs + ".bias"] = sd[q + ours + ".weight"], sd[q + ours + ".bias"]
+        if not cfg.tie_embeddings:
+            hf["lm_head.weight"] = sd["lm_head.weight"]
         return {k: v.contiguous() for k, v in hf.items()}
     hf["model.embed_tokens.weight"], hf["model.norm.weight"] = sd["embed.weight"], sd["norm.weight"]
     if not cfg.tie_embeddings:
@@ -842,7 +858,7 @@ def load_hf_dir(path):
         cfg = Config(arch="gpt2", vocab_size=hc["vocab_size"], n_layer=hc["n_layer"], n_head=hc["n_head"],
                      n_kv_head=hc["n_head"], d_model=d, d_ff=hc.get("n_inner") or 4 * d,
                      max_seq_len=hc["n_positions"], norm_eps=hc.get("layer_norm_epsilon", 1e-5),
-                     tie_embeddings=True)
+                     tie_embeddings=bool(hc.get("tie_word_embeddings", True)))
     elif mt in ("llama", "qwen2"):
         rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -876,6 +892,11 @@ def load_hf_dir(path):
         if not tiktoken_files:
             raise UserError(f"{path}: no tokenizer we can read (need a .tiktoken ranks file in the directory)")
         tokenizer = os.path.join(path, tiktoken_files[0])
+    extra = get_tokenizer(tokenizer).n_vocab - cfg.vocab_size
+    if 0 < extra <= len(SPECIAL_TOKENS):  # e.g. GPT-2's 50257 ids lack our ChatML rows: add them (mean embedding)
+        for k in ("embed.weight", "lm_head.weight"):
+            sd[k] = torch.cat([sd[k], sd[k].mean(0, keepdim=True).expand(extra, -1)])  # (vocab + extra, C)
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + extra)
     return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "step": 0, "args": {}, "metrics": {},
             "format": "fp32", "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
 
@@ -892,7 +913,7 @@ def export_hf(model, enc, out_dir):
         hc = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
                   n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
                   n_inner=cfg.d_ff, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings)
     else:
         mt = "qwen2" if cfg.qkv_bias else "llama"
         hc = dict(model_type=mt, architectures=["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
@@ -1035,6 +1056,8 @@ def pack(examples, seq_len, pad_id):
     rows, row, used = [], [], 0
     for ids, mask in examples:
         ids, mask = ids[:seq_len], mask[:seq_len]
+        if len(ids) == 0:  # nothing to place (and no first token to unmask past the row's end)
+            continue
         if used + len(ids) > seq_len:
             rows.append(row)
             row, used = [], 0
@@ -1132,7 +1155,7 @@ def parse_config(cls, argv=None, description=None):
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = docs.get(f.name, " ")
+        help_ = docs.get(f.name, " ").replace("%", "%%")  # argparse %-formats help ("10% of steps" would crash)
         types = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)]
         base = types[0] if types else str
         if base is bool:
