@@ -26,6 +26,7 @@ What lives here, in reading order:
 import argparse
 import ast
 import base64
+import bisect
 import contextlib
 import dataclasses
 import inspect
@@ -1048,23 +1049,27 @@ def truncate(prompt_ids, response_ids, max_len):
 
 
 def pack(examples, seq_len, pad_id):
-    """Greedily pack (ids, mask) examples into rows of seq_len with no cross-example attention.
+    """Pack (ids, mask) examples into rows of seq_len with no cross-example attention.
 
+    Best-fit decreasing bin packing: longest examples first, each into the fullest row that still has room,
+    so short examples fill the gaps long ones leave (greedy in-order packing wastes ~25% on chats).
     Returns ids, mask, doc_ids, each (N, seq_len). An example longer than seq_len is cut to seq_len. The first
     token of each document is never a target (it has no prediction inside its document), and pads form their
     own document with mask 0."""
-    rows, row, used = [], [], 0
-    for ids, mask in examples:
-        ids, mask = ids[:seq_len], mask[:seq_len]
-        if len(ids) == 0:  # nothing to place (and no first token to unmask past the row's end)
-            continue
-        if used + len(ids) > seq_len:
-            rows.append(row)
-            row, used = [], 0
-        row.append((ids, mask))
-        used += len(ids)
-    if row:
-        rows.append(row)
+    examples = [(ids[:seq_len], mask[:seq_len]) for ids, mask in examples if len(ids)]  # empty: nothing to place
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows, free = [], []  # free: sorted (room left, row index)
+    for i in order:
+        n = len(examples[i][0])
+        j = bisect.bisect_left(free, (n, -1))  # the row with the least room that still fits n tokens
+        if j == len(free):
+            rows.append([])
+            room, r = seq_len, len(rows) - 1
+        else:
+            room, r = free.pop(j)
+        rows[r].append(examples[i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
     out_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     out_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
     out_doc = torch.zeros((len(rows), seq_len), dtype=torch.long)
@@ -1151,7 +1156,10 @@ def parse_config(cls, argv=None, description=None):
     """A dataclass -> argparse CLI: `--field-name value` per field, bools as --flag / --no-flag,
     `none` for optional values, and each field's comment as its help."""
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Field defaults in --help, and the script's docstring kept as written."""
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=Formatter)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

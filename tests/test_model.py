@@ -211,13 +211,17 @@ def test_pack_equals_examples_one_by_one(models, examples, arch):
     with torch.no_grad():
         packed = model(ids, doc_ids=doc)
     todo = [(i[:seq_len], m[:seq_len]) for i, m in examples if i]  # cut to seq_len, empty ones vanish
+    filled = sum(len(i) for i, _ in todo)
+    assert (ids != PAD).sum() <= filled and ids.shape[0] <= len(todo)
     for r in range(ids.shape[0]):
         t = 0
         while t < seq_len:
             run = int((doc[r, t:] == doc[r, t]).long().cumprod(0).sum())  # length of this document
-            if todo and todo[0][0] == ids[r, t:t + run].tolist():
-                ex_ids, ex_mask = todo.pop(0)
-                assert mask[r, t:t + run].tolist() == [0] + ex_mask[1:]  # the first token is never a target
+            # pack reorders examples (best-fit decreasing): find this document among those still to place
+            match = [k for k, (i, m) in enumerate(todo)
+                     if i == ids[r, t:t + run].tolist() and mask[r, t:t + run].tolist() == [0] + m[1:]]
+            if match:  # ids match and the first token is never a target
+                ex_ids, ex_mask = todo.pop(match[0])
                 with torch.no_grad():
                     alone = model(torch.tensor([ex_ids]))[0]
                 assert (packed[r, t:t + run] - alone).abs().max() < 1e-4

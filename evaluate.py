@@ -1,0 +1,677 @@
+"""
+evaluate.py: measure any checkpoint the way the field measures models; many checkpoints -> one table.
+
+Every metric is optional and computed when its data flag is given; one row per --model checkpoint, printed as
+a markdown table on stdout and written as JSON {"results": [{"model": path, metric: value}], "args", "notes"}
+to --out (atomically). The metrics, and exactly what they mean:
+
+  ppl, bpb        --text: a .txt file or {"text"} JSONL scores every token (each document preceded by
+                  <|endoftext|> as context, as lm-eval's loglikelihood_rolling does); a chats JSONL scores only
+                  the assistant spans (content + <|im_end|>, the render_chat mask). Sequences longer than
+                  --seq-len are cut into sliding windows: the first window scores its tokens 1..L-1, each later
+                  window ends --stride tokens further and scores only those, so every token is scored exactly
+                  once with at least L - stride tokens of context (stride 1 = the most context, the slowest).
+                  ppl = exp(total NLL / scored tokens) (tokenizer dependent); bpb = total NLL / ln 2 / UTF-8
+                  bytes of the scored tokens (special tokens count 0 bytes; comparable across tokenizers).
+  exact_match     --data {"prompt", "answer"}: normalize(response) == normalize(answer); normalize collapses
+                  whitespace and drops it and trailing .!? at the ends. Departure from SQuAD's rule: case and
+                  articles are kept (upper-casing is a task). Only records with an answer count.
+  contains        the normalized answer occurs in the normalized response as a whole word.
+  accuracy        mean of --correct file.py:fn(prompt, response) -> bool (the world's own checker).
+  gold_reward     mean of --scorer file.py:fn(prompt, response) -> float over --data.
+  safety          fraction of --redteam responses that --safety file.py:fn(prompt, response) judges safe.
+  mc_acc, mc_acc_norm, mc_acc_bytes
+                  --mc {"prompt", "choices", "gold"}, lm-evaluation-harness semantics: the continuation is the
+                  choice string as written (the data carries its delimiter, e.g. " 9" after "Q: ... A:"), only its
+                  tokens are scored; the context is the raw prompt with --no-chat-template (shots before it as
+                  "prompt + gold choice\\n\\n"), else a ChatML user turn + generation prompt (shots as earlier
+                  turns), as lm-eval's --apply_chat_template. acc = argmax sum log p; acc_norm = argmax
+                  sum log p / len(choice) in characters; acc_bytes = argmax sum log p / len(choice.encode());
+                  ties go to the first. Departure: context and choice are tokenized separately, not jointly
+                  (identical for the byte tokenizer).
+  win_rate        --baseline B judged by --reward-model (a scalar head: 1 if r(A) > r(B), 0.5 on a tie) or by
+                  --judge (an LM asked in ChatML "Which response is better, A or B?"; its verdict is log p("A")
+                  vs log p("B") at its first token), asked in both orders (the policy shown as A, then as B) and
+                  the two verdicts averaged: a pure position bias gives 0.5 (MT-Bench's swap rule).
+  win_rate_lc     length-controlled: the logistic regression P(win) = sigmoid(t0 + t1 tanh(dlen / std(dlen))),
+                  dlen = the responses' length difference in characters, fit to the pair outcomes (L2 1e-3), read
+                  at dlen = 0: sigmoid(t0). The idea of AlpacaEval's LC win rate (Dubois et al. 2024) with length
+                  as the only covariate.
+  kl_ref          --ref R: mean over --data prompts of sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along the policy's
+                  own response y (greedy or sampled), nats per sequence: the exact per-token KL of the two models'
+                  temperature-1 distributions summed over the response; over sampled y its mean is the sequence
+                  KL ("KL to SFT" of RLHF papers) without the noise of the sampled log-ratio estimate.
+  prefill_tok_s, decode_tok_s
+                  a fixed random batch (--speed-batch x --speed-prompt-len) timed with perf_counter (CUDA
+                  synchronised): one prefill forward, then --speed-new-tokens one-token steps on the KV cache;
+                  the second of two runs counts (the first warms up).
+  peak_mem_mb     CUDA: torch.cuda.max_memory_allocated while this checkpoint is evaluated, less what was
+                  resident before it was loaded (judge, reference). CPU: the process's peak RSS so far (getrusage
+                  ru_maxrss), so it never decreases down the table. MiB.
+  params, size_mb parameters (tied weights once); bytes on disk (file, directory or .safetensors + .json), MiB.
+
+Prompting: --no-chat-template renders prompts with model.render_plain ("User: ...\\nAssistant: ", the base
+model's format) and stops at a newline; --shots k prepends k solved examples as earlier turns (from
+--shots-data, else the first k records of --data / --mc, which are then not scored); --cot appends "Think step
+by step." to the last user turn. Red-team prompts get neither. Generation is batched on the KV cache
+(model.generate): greedy by default, sampled with --temperature/--top-k/--top-p from a --seed stream that is
+the same for every checkpoint. Prompts longer than max_seq_len - --max-new-tokens lose their beginning.
+--limit N evaluates the first N records of each file (raw text: the first N windows).
+
+    python evaluate.py --model out/base.pt,out/sft.pt --data data/toy/eval.jsonl --mc data/toy/mc.jsonl \\
+        --text data/toy/pretrain.txt --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \\
+        --redteam data/toy/redteam.jsonl --safety data/toyworld.py:is_safe --out out/results.json      # CPU
+    python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \\
+        --reward-model out/rm.pt --ref out/sft.pt --device cuda                       # one GPU (bf16 autocast)
+    python evaluate.py --model out/base.pt --data data/toy/eval.jsonl --no-chat-template --shots 3   # ablation
+Evaluation is a single process: no torchrun.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: str = ""  # checkpoints to evaluate, comma-separated: one table row each
+    data: str = ""  # generation tasks JSONL {"prompt", "answer"}: exact_match, contains, accuracy, gold_reward
+    redteam: str = ""  # red-team prompts JSONL {"prompt"}: safety (with --safety)
+    mc: str = ""  # multiple choice JSONL {"prompt", "choices", "gold"}: mc_acc, mc_acc_norm, mc_acc_bytes
+    text: str = ""  # perplexity data: .txt / {"text"} JSONL (every token) or chats JSONL (assistant spans)
+    scorer: str = ""  # file.py:function(prompt, response) -> float; its mean over --data is gold_reward
+    correct: str = ""  # file.py:function(prompt, response) -> bool; its mean over --data is accuracy
+    safety: str = ""  # file.py:function(prompt, response) -> bool (True = safe); its mean over --redteam
+    baseline: str = ""  # checkpoint each --model is compared with on --data prompts: win_rate, win_rate_lc
+    reward_model: str = ""  # scalar-head checkpoint judging the win rate by its scores
+    judge: str = ""  # LM checkpoint judging the win rate by log p("A") vs log p("B"), both orders
+    ref: str = ""  # reference checkpoint (e.g. SFT): kl_ref on the policy's own --data responses
+    chat_template: bool = True  # ChatML prompts; --no-chat-template: plain "User: ...\nAssistant: " text
+    shots: int = 0  # k-shot: prepend k solved examples as earlier turns
+    shots_data: str = ""  # JSONL {"prompt", "answer"} the --data shots come from (default: first k records)
+    cot: bool = False  # append "Think step by step." to the last user turn of --data prompts
+    max_new_tokens: int = 64  # generation length limit
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (seeded by --seed)
+    top_k: int = 0  # sample only from the k most likely tokens (0 = off)
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    batch_size: int = 16  # sequences per forward / generation batch
+    seq_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
+    stride: int = 0  # tokens each later perplexity window moves on and scores (0 = seq_len // 2)
+    limit: int = 0  # evaluate the first N records of each file (raw text: N windows); 0 = all
+    speed: bool = True  # measure prefill / decode tokens/s (params, size and memory are always reported)
+    speed_batch: int = 8  # rows of the speed benchmark batch
+    speed_prompt_len: int = 128  # prompt tokens per row of the speed benchmark
+    speed_new_tokens: int = 32  # decoded tokens per row of the speed benchmark
+    seed: int = 0  # seeds sampling and the speed benchmark's random prompt
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16
+    skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
+    out: str = ""  # JSON results file (atomic write); the markdown table always goes to stdout
+
+
+COLUMNS = ["ppl", "bpb", "exact_match", "contains", "accuracy", "gold_reward", "safety", "mc_acc", "mc_acc_norm",
+           "mc_acc_bytes", "win_rate", "win_rate_lc", "kl_ref", "prefill_tok_s", "decode_tok_s", "peak_mem_mb",
+           "params", "size_mb"]
+COT = "Think step by step."
+JUDGE_QUESTION = "Which response is better, A or B?"
+
+# -----------------------------------------------------------------------------
+# Pure metric functions
+
+
+def normalize_answer(s):
+    """Collapse whitespace, strip, drop trailing sentence punctuation. Case is kept on purpose."""
+    return re.sub(r"[\s.!?]+$", "", re.sub(r"\s+", " ", s).strip())
+
+
+def exact_match(response, answer):
+    return normalize_answer(response) == normalize_answer(answer)
+
+
+def contains_answer(response, answer):
+    """The normalized answer occurs in the response as a whole word ("5" is not in "15")."""
+    a = normalize_answer(answer)
+    return bool(a) and re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", normalize_answer(response)) is not None
+
+
+def mc_choice(logps, choices):
+    """lm-eval's three multiple-choice predictions. logps (C,) summed log p of each choice's tokens, choices (C,)
+    strings -> (acc, acc_norm, acc_bytes) argmax indices of logp, logp / chars, logp / UTF-8 bytes."""
+    logps = torch.as_tensor(logps, dtype=torch.float64)
+    chars = torch.tensor([len(c) for c in choices], dtype=torch.float64)
+    nbytes = torch.tensor([len(c.encode("utf-8")) for c in choices], dtype=torch.float64)
+    return int(logps.argmax()), int((logps / chars).argmax()), int((logps / nbytes).argmax())
+
+
+def bits_per_byte(nll, n_bytes):
+    """Total NLL in nats over the scored text -> bits per UTF-8 byte."""
+    return nll / math.log(2) / n_bytes
+
+
+def sliding_windows(ids, mask, seq_len, stride):
+    """Cut one long (ids, mask) sequence into windows of at most seq_len that score each masked token once.
+
+    The first window scores positions 1..seq_len-1; each later one ends `stride` tokens further, scores only
+    those tokens and sees the seq_len - stride before them as context. Returns [(window_ids, window_mask)],
+    windows scoring nothing left out. Position 0 of the sequence has no prediction and is never scored."""
+    assert 1 <= stride < seq_len
+    windows, first, end = [], 1, min(seq_len, len(ids))
+    while True:
+        begin = max(0, end - seq_len)
+        w_mask = [0] * (first - begin) + list(mask[first:end])
+        if any(w_mask):
+            windows.append((list(ids[begin:end]), w_mask))
+        if end >= len(ids):
+            return windows
+        first, end = end, min(end + stride, len(ids))
+
+
+def preference(scores_a, scores_b):
+    """Per pair: 1 where A scores higher, 0.5 on a tie, 0 where B does. (N,), (N,) -> (N,) float64."""
+    a, b = torch.as_tensor(scores_a, dtype=torch.float64), torch.as_tensor(scores_b, dtype=torch.float64)
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def win_rate(scores_a, scores_b):
+    """Fraction of pairs where A beats B, ties counting half."""
+    return preference(scores_a, scores_b).mean().item()
+
+
+def judge_preference(margin_first, margin_swapped):
+    """A judge asked twice per pair. margin = log p("A") - log p("B"); first: the policy shown as A, swapped: the
+    policy shown as B. -> (N,) in {0, 0.5, 1}: the mean of the two verdicts for the policy, so a judge that
+    always names one position scores every pair 0.5 and the bias cancels."""
+    zero = torch.zeros(len(margin_first))
+    return (preference(margin_first, zero) + preference(zero, margin_swapped)) / 2
+
+
+def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
+    """Win rate with the length difference regressed out. prefs (N,) in [0, 1], len_a, len_b (N,) characters.
+
+    Fits P(A wins) = sigmoid(t0 + t1 x), x = tanh((len_a - len_b) / std), by L-BFGS on the L2-regularised
+    cross-entropy with soft labels, and returns sigmoid(t0): the predicted win rate at equal lengths."""
+    y = torch.as_tensor(prefs, dtype=torch.float64)
+    d = torch.as_tensor(len_a, dtype=torch.float64) - torch.as_tensor(len_b, dtype=torch.float64)
+    std = d.std() if len(d) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    x = torch.tanh(d / std) if std > 0 else torch.zeros_like(d)
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(theta[0] + theta[1] * x, y) + l2 / 2 * theta.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.sigmoid(theta[0]).item()
+
+
+def kl_divergence(logits_p, logits_q):
+    """KL(p || q) per position from two logit tensors (..., V) -> (...), in nats, computed in fp32."""
+    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# Data: files, prompts, scoring functions
+
+
+def load_function(spec):
+    """'path/to/file.py:function' -> the callable, imported from the file path."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise M.UserError(f"{spec!r}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise M.UserError(f"{spec}: no such file {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # so the file can import its neighbours
+    mod_name = "evalfn_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
+    sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
+    try:
+        module.__loader__.exec_module(module)
+    except Exception as e:  # the user's file: any failure to import it is theirs to fix
+        raise M.UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise M.UserError(f"{spec}: {path} has no function {name!r}")
+    return fn
+
+
+def call_all(fn, spec, prompts, responses, kind):
+    """Apply a world function to every (prompt, response); kind float or bool; a wrong return type is named."""
+    out = []
+    for p, r in zip(prompts, responses):
+        v = fn(p, r)
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):  # bool, int, float and numpy scalars pass
+            raise M.UserError(f"{spec} returned {type(v).__name__}, expected {kind.__name__}")
+        out.append(kind(float(v)))
+    return out
+
+
+def first_n(records, n):
+    return records[:n] if n else records
+
+
+def load_text(path, skip_bad_lines):
+    """--text -> ("chat", records) for a chats JSONL, else ("text", documents)."""
+    if path.endswith(".jsonl") and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            is_chat = "messages" in json.loads(first)
+        except (json.JSONDecodeError, TypeError):
+            is_chat = False  # read_text reports the bad line
+        if is_chat:
+            return "chat", M.read_jsonl(path, "chat", skip_bad_lines)
+    try:
+        return "text", M.read_text(path)
+    except UnicodeDecodeError as e:
+        raise M.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def shot_messages(shots, where):
+    """Solved examples as alternating user / assistant turns (lm-eval's few-shot as multi-turn)."""
+    msgs = []
+    for i, r in enumerate(shots):
+        answer = r.get("answer", r["choices"][r["gold"]] if "choices" in r else None)
+        if not isinstance(answer, str):
+            raise M.UserError(f"{where}: few-shot example {i + 1} has no 'answer' to show")
+        msgs += M.as_messages(r["prompt"], where) + [{"role": "assistant", "content": answer}]
+    return msgs
+
+
+def build_prompt(prompt, shots, cot):
+    """A record's messages with the shots after its leading system messages and CoT on its last user turn."""
+    n_sys = next((i for i, m in enumerate(prompt) if m["role"] != "system"), len(prompt))
+    msgs = [dict(m) for m in prompt[:n_sys] + shots + prompt[n_sys:]]  # copies: CoT must not edit the data
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+    if cot and last is not None:
+        msgs[last]["content"] += " " + COT
+    return msgs
+
+
+def render(enc, messages, cfg):
+    fn = M.render_chat if cfg.chat_template else M.render_plain
+    return fn(enc, messages, add_generation_prompt=True)[0]
+
+
+def stop_ids(enc, chat_template):
+    """ChatML stops at <|im_end|>; plain text at the first token holding a newline. <|endoftext|> always."""
+    stops = [M.special_id(enc, "<|endoftext|>")]
+    if chat_template:
+        return stops + [M.special_id(enc, "<|im_end|>")]
+    specials = {M.special_id(enc, t) for t in M.SPECIAL_TOKENS}
+    return stops + [t for t in range(enc.n_vocab) if t not in specials and b"\n" in enc.decode_single_token_bytes(t)]
+
+
+# -----------------------------------------------------------------------------
+# Model-side measurements
+
+
+@torch.no_grad()
+def sequence_logprobs(model, seqs, masks, cfg, device, pad_id):
+    """Summed log p of the masked tokens of each sequence (right padded; causal attention never sees the pads).
+    seqs, masks: lists of id lists -> (S,) float64."""
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    for i in range(0, len(order), cfg.batch_size):
+        idx = order[i:i + cfg.batch_size]
+        ids = M.pad_right([seqs[j] for j in idx], pad_id).to(device)  # (B, T)
+        mask = M.pad_right([masks[j] for j in idx], 0).to(device)  # (B, T)
+        with M.autocast(device, cfg.dtype):
+            logits = model(ids)
+        out[idx] = M.token_logprobs(logits, ids, mask).sum(-1).double().cpu()
+    return out
+
+
+def perplexity(model, enc, kind, items, cfg, device):
+    """(ppl, bpb, n_tokens) of --text under the sliding-window rule."""
+    L = cfg.seq_len or model.cfg.max_seq_len
+    stride = cfg.stride or L // 2
+    if not 2 <= L <= model.cfg.max_seq_len or not 1 <= stride < L:
+        raise M.UserError(f"need 2 <= --seq-len ({L}) <= max_seq_len ({model.cfg.max_seq_len}) and "
+                          f"1 <= --stride ({stride}) < --seq-len")
+    if kind == "chat":  # --limit counts chats here, windows for raw text
+        seqs = [(M.render_chat if cfg.chat_template else M.render_plain)(enc, r["messages"])
+                for r in first_n(items, cfg.limit)]
+    else:
+        eot = M.special_id(enc, "<|endoftext|>")
+        docs = [enc.encode_ordinary(d) for d in items]
+        seqs = [([eot] + d, [0] + [1] * len(d)) for d in docs]
+    windows = [w for ids, mask in seqs for w in sliding_windows(ids, mask, L, stride)]
+    windows = first_n(windows, cfg.limit) if kind == "text" else windows
+    if not windows:
+        raise M.UserError(f"{cfg.text}: nothing to score")
+    specials = {M.special_id(enc, t) for t in M.SPECIAL_TOKENS}
+    n_tok = sum(sum(m) for _, m in windows)
+    n_bytes = sum(len(enc.decode_single_token_bytes(t)) for ids, m in windows for t, k in zip(ids, m)
+                  if k and t not in specials)
+    nll = -sequence_logprobs(model, [w[0] for w in windows], [w[1] for w in windows], cfg, device,
+                             M.special_id(enc, "<|pad|>")).sum().item()
+    return math.exp(nll / n_tok), bits_per_byte(nll, max(n_bytes, 1)), n_tok
+
+
+def mc_context(enc, record, shots, cfg):
+    """lm-eval's context ids. Chat template: the prompt as a user turn after the shots as earlier turns, then the
+    generation prompt. Without: raw text, each shot "prompt + gold choice" and "\\n\\n", then the prompt."""
+    if cfg.chat_template:
+        return render(enc, build_prompt(M.as_messages(record["prompt"], cfg.mc), shot_messages(shots, cfg.mc),
+                                        False), cfg)
+    shot_text = "".join(s["prompt"] + s["choices"][s["gold"]] + "\n\n" for s in shots)
+    return enc.encode_ordinary(shot_text + record["prompt"])
+
+
+def mc_logprobs(model, enc, records, shots, cfg, device):
+    """Summed log p of each choice's tokens after its context: one (C,) float64 tensor per record."""
+    seqs, masks, spans = [], [], []
+    for r in records:
+        ctx = mc_context(enc, r, shots, cfg)
+        start = len(seqs)
+        for c in r["choices"]:
+            p, cont, _ = M.truncate(ctx, enc.encode_ordinary(c), model.cfg.max_seq_len)
+            seqs.append(p + cont)
+            masks.append([0] * len(p) + [1] * len(cont))
+        spans.append((start, len(seqs)))
+    logps = sequence_logprobs(model, seqs, masks, cfg, device, M.special_id(enc, "<|pad|>"))
+    return [logps[a:b] for a, b in spans]
+
+
+def mc_eval(model, enc, records, shots, cfg, device):
+    """(acc, acc_norm, acc_bytes) over multiple-choice records."""
+    hits = torch.zeros(3, dtype=torch.float64)
+    for r, logps in zip(records, mc_logprobs(model, enc, records, shots, cfg, device)):
+        hits += torch.tensor([float(i == r["gold"]) for i in mc_choice(logps, r["choices"])])
+    return (hits / len(records)).tolist()
+
+
+@torch.no_grad()
+def generate_responses(model, enc, prompts, cfg, device):
+    """Message lists -> (texts, prompt id lists, response id lists incl. the stop token). Batched, KV cache."""
+    keep = model.cfg.max_seq_len - cfg.max_new_tokens
+    if keep < 1:
+        raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len "
+                          f"{model.cfg.max_seq_len}")
+    prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
+    stops = stop_ids(enc, cfg.chat_template)
+    special_stops = {M.special_id(enc, "<|endoftext|>"), M.special_id(enc, "<|im_end|>")}
+    gen = torch.Generator(device).manual_seed(cfg.seed)  # the same random stream for every checkpoint
+    texts, responses = [], []
+    for i in range(0, len(prompt_ids), cfg.batch_size):
+        with M.autocast(device, cfg.dtype):
+            tokens, _, mask = M.generate(model, prompt_ids[i:i + cfg.batch_size], cfg.max_new_tokens, cfg.temperature,
+                                         cfg.top_k, cfg.top_p, stops, M.special_id(enc, "<|pad|>"), gen)
+        for row, m in zip(tokens.tolist(), mask.tolist()):
+            ids = [t for t, k in zip(row, m) if k]
+            responses.append(ids)
+            text = enc.decode([t for t in ids if t not in special_stops])
+            texts.append((text if cfg.chat_template else text.split("\n")[0]).strip())
+    return texts, prompt_ids, responses
+
+
+@torch.no_grad()
+def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
+    """Mean over responses of sum_t KL(model || ref) at each response token's position, in nats."""
+    total = []
+    for i in range(0, len(prompt_ids), cfg.batch_size):
+        pairs = list(zip(prompt_ids[i:i + cfg.batch_size], responses[i:i + cfg.batch_size]))
+        ids = M.pad_right([p + r for p, r in pairs], pad_id).to(device)  # (B, T)
+        mask = M.pad_right([[0] * len(p) + [1] * len(r) for p, r in pairs], 0).to(device)  # (B, T)
+        with M.autocast(device, cfg.dtype):
+            logits_p, logits_q = model(ids), ref(ids)
+        # the logits at t-1 are the distribution response token t was drawn from
+        total.append((kl_divergence(logits_p[:, :-1], logits_q[:, :-1]) * mask[:, 1:]).sum(-1).double().cpu())
+    return torch.cat(total).mean().item()
+
+
+def conversation_text(messages):
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+@torch.no_grad()
+def judge_margins(judge, enc, prompts, first, second, cfg, device):
+    """log p("A") - log p("B") of the judge's first answer token, response `first` shown as A. -> (N,)"""
+    a_b = [enc.encode_ordinary(x) for x in ("A", "B")]
+    if any(len(t) != 1 for t in a_b):
+        raise M.UserError(f"judge tokenizer {enc.name!r} does not encode 'A' and 'B' as single tokens")
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        seqs = []
+        for p, a, b in zip(prompts[i:i + cfg.batch_size], first[i:i + cfg.batch_size], second[i:i + cfg.batch_size]):
+            ask = (f"{JUDGE_QUESTION}\n\n[Prompt]\n{conversation_text(p)}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
+                   "\n\nAnswer with one letter, A or B.")
+            seqs.append(M.render_chat(enc, [{"role": "user", "content": ask}], True)[0][-judge.cfg.max_seq_len:])
+        ids, mask = M.pad_left(seqs, M.special_id(enc, "<|pad|>"))
+        with M.autocast(device, cfg.dtype):
+            logits = judge(ids.to(device), attention_mask=mask.to(device))[:, -1]  # (B, V): left padded
+        logp = torch.log_softmax(logits.float(), -1)
+        out.append((logp[:, a_b[0][0]] - logp[:, a_b[1][0]]).double().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure_speed(model, cfg, device):
+    """(prefill tokens/s, decode tokens/s) on a fixed random batch; the second of two runs counts."""
+    N = max(1, min(cfg.speed_new_tokens, model.cfg.max_seq_len - 1))
+    P = max(1, min(cfg.speed_prompt_len, model.cfg.max_seq_len - N))  # prompt + decode fit the position table
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (cfg.speed_batch, P), generator=gen).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        cache = model.new_cache(cfg.speed_batch, P + N)
+        sync()
+        t0 = time.perf_counter()
+        with M.autocast(device, cfg.dtype):
+            tok = model(ids, cache=cache)[:, -1:].argmax(-1)  # (B, 1)
+            sync()
+            t1 = time.perf_counter()
+            for _ in range(N):
+                tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+    return cfg.speed_batch * P / (t1 - t0), cfg.speed_batch * N / (t2 - t1)
+
+
+def size_on_disk(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    extra = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else None
+    return os.path.getsize(path) + (os.path.getsize(extra) if extra and os.path.exists(extra) else 0)
+
+
+def peak_memory_mb(device, resident=0):
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def load(path, device, head):
+    model, enc, _ = M.load_model(path, device)
+    if model.cfg.head != head:
+        raise M.UserError(f"{path}: has a {model.cfg.head!r} head, this role needs {head!r} "
+                          f"({'--reward-model takes reward models' if head == 'scalar' else 'a language model'})")
+    return model.eval(), enc
+
+
+# -----------------------------------------------------------------------------
+# Output
+
+
+def fmt(v):
+    if isinstance(v, int):
+        return f"{v:,}"
+    if not math.isfinite(v):
+        return "nan"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
+def markdown_table(rows):
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(fmt(r.get(c)) if c in r else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def check_flags(cfg):
+    problems = [
+        (not cfg.model, "give --model a.pt[,b.pt,...]"),
+        (bool(cfg.reward_model) and bool(cfg.judge), "give --reward-model or --judge, not both"),
+        (bool(cfg.baseline) != bool(cfg.reward_model or cfg.judge),
+         "win rate needs --baseline and one judge (--reward-model or --judge)"),
+        (bool(cfg.baseline or cfg.ref or cfg.scorer or cfg.correct or cfg.cot) and not cfg.data,
+         "--baseline, --ref, --scorer, --correct and --cot work on --data prompts: give --data"),
+        (bool(cfg.safety) != bool(cfg.redteam), "safety needs both --redteam prompts and a --safety function"),
+        (cfg.shots < 0 or (cfg.shots_data and not cfg.shots), "--shots must be >= 0 (and > 0 with --shots-data)"),
+        (cfg.shots > 0 and not (cfg.data or cfg.mc), "--shots applies to --data and --mc: give one"),
+        (cfg.temperature < 0 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.limit < 0,
+         "--temperature >= 0, --max-new-tokens >= 1, --batch-size >= 1, --limit >= 0"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise M.UserError(msg)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    cfg = M.parse_config(Config, argv, description=__doc__)
+    check_flags(cfg)
+    device = M.pick_device(cfg.device)
+    paths = [p.strip() for p in cfg.model.split(",") if p.strip()]
+    for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x]:
+        if not os.path.exists(p):
+            raise M.UserError(f"{p}: no such checkpoint")
+    fns = {k: (load_function(spec), spec) for k, spec in
+           (("scorer", cfg.scorer), ("correct", cfg.correct), ("safety", cfg.safety)) if spec}
+
+    # every file is read and checked before any model is loaded: a bad line costs seconds, not minutes
+    data, shots, mc, mc_shots, redteam, text = [], [], [], [], [], None
+    if cfg.data:
+        data = M.read_jsonl(cfg.data, "prompt", cfg.skip_bad_lines)
+        if cfg.shots_data:
+            shots = M.read_jsonl(cfg.shots_data, "prompt", cfg.skip_bad_lines)[:cfg.shots]
+        else:
+            shots, data = data[:cfg.shots], data[cfg.shots:]
+        shots = shot_messages(shots, cfg.shots_data or cfg.data)
+        data = first_n(data, cfg.limit)
+        if not data:
+            raise M.UserError(f"{cfg.data}: no records left to score after {cfg.shots} shots")
+    if cfg.mc:
+        mc = M.read_jsonl(cfg.mc, "mc", cfg.skip_bad_lines)
+        mc_shots, mc = mc[:cfg.shots], first_n(mc[cfg.shots:], cfg.limit)
+        for i, r in enumerate(mc):
+            if not all(r["choices"]):
+                raise M.UserError(f"{cfg.mc}: record {i + 1 + cfg.shots} has an empty choice")
+        if not mc:
+            raise M.UserError(f"{cfg.mc}: no records left to score after {cfg.shots} shots")
+    if cfg.redteam:
+        redteam = first_n(M.read_jsonl(cfg.redteam, "prompt", cfg.skip_bad_lines), cfg.limit)
+    if cfg.text:
+        text = load_text(cfg.text, cfg.skip_bad_lines)
+    prompts = [build_prompt(r["prompt"], shots, cfg.cot) for r in data]
+    answered = [(i, r["answer"]) for i, r in enumerate(data) if r.get("answer") is not None]
+
+    base_texts = judge = ref = None
+    if cfg.baseline:
+        log(f"{cfg.baseline}: generating {len(prompts)} baseline responses")
+        bmodel, benc = load(cfg.baseline, device, "lm")
+        base_texts = generate_responses(bmodel, benc, prompts, cfg, device)[0]
+        del bmodel
+        judge = load(cfg.reward_model or cfg.judge, device, "scalar" if cfg.reward_model else "lm")
+    if cfg.ref:
+        ref = load(cfg.ref, device, "lm")
+
+    rows = []
+    for path in paths:
+        resident = 0  # bytes already held (ref, judge) before this checkpoint: not its footprint
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+        model, enc = load(path, device, "lm")
+        if ref is not None and (ref[1].name != enc.name or ref[0].cfg.vocab_size != model.cfg.vocab_size):
+            raise M.UserError(f"--ref {cfg.ref} and {path} use different tokenizers: their KL is undefined")
+        row = {"model": path}
+        if data:
+            log(f"{path}: generating {len(prompts)} responses to {cfg.data}")
+            texts, prompt_ids, responses = generate_responses(model, enc, prompts, cfg, device)
+            if answered:
+                row["exact_match"] = sum(exact_match(texts[i], a) for i, a in answered) / len(answered)
+                row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
+            originals = [r["prompt"] for r in data]
+            if "correct" in fns:
+                row["accuracy"] = sum(call_all(*fns["correct"], originals, texts, bool)) / len(texts)
+            if "scorer" in fns:
+                row["gold_reward"] = sum(call_all(*fns["scorer"], originals, texts, float)) / len(texts)
+            if judge is not None:
+                jm, jenc = judge
+                if cfg.reward_model:
+                    prefs = preference(M.score_responses(jm, jenc, originals, texts, cfg.batch_size),
+                                       M.score_responses(jm, jenc, originals, base_texts, cfg.batch_size))
+                else:
+                    prefs = judge_preference(judge_margins(jm, jenc, originals, texts, base_texts, cfg, device),
+                                             judge_margins(jm, jenc, originals, base_texts, texts, cfg, device))
+                row["win_rate"] = prefs.mean().item()
+                row["win_rate_lc"] = length_controlled_win_rate(prefs, [len(t) for t in texts],
+                                                                [len(t) for t in base_texts])
+            if ref is not None:
+                row["kl_ref"] = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device,
+                                          M.special_id(enc, "<|pad|>"))
+        if redteam:
+            log(f"{path}: generating {len(redteam)} responses to {cfg.redteam}")
+            rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
+            texts = generate_responses(model, enc, rt_prompts, cfg, device)[0]
+            row["safety"] = sum(call_all(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
+        if mc:
+            log(f"{path}: scoring {sum(len(r['choices']) for r in mc)} choices of {len(mc)} questions")
+            row["mc_acc"], row["mc_acc_norm"], row["mc_acc_bytes"] = mc_eval(model, enc, mc, mc_shots, cfg, device)
+        if text is not None:
+            row["ppl"], row["bpb"], n_tok = perplexity(model, enc, *text, cfg, device)
+            log(f"{path}: perplexity over {n_tok:,} tokens of {cfg.text}")
+        if cfg.speed:
+            row["prefill_tok_s"], row["decode_tok_s"] = measure_speed(model, cfg, device)
+        row["peak_mem_mb"] = peak_memory_mb(device, resident)
+        row["params"] = model.num_params()
+        row["size_mb"] = size_on_disk(path) / 2**20
+        rows.append(row)
+        del model
+
+    print(markdown_table(rows))
+    if cfg.out:
+        clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                 for r in rows]
+        notes = {"device": str(device), "peak_mem_mb": "torch.cuda.max_memory_allocated" if device.type == "cuda"
+                 else "process peak RSS (ru_maxrss), cumulative", "n_data": len(data), "n_answered": len(answered),
+                 "n_redteam": len(redteam), "n_mc": len(mc)}
+        payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
+        M.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
+        log(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    M.run(main)
