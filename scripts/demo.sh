@@ -10,14 +10,15 @@ mkdir -p "$OUT"
 step() { echo; echo "=== $* ==="; }
 
 step "1. pre-train a tiny base model on the world's raw text"
-$PY sft.py --format text --init tiny --data $D/pretrain.txt --out "$OUT/base.pt" --steps 600 --log "$OUT/base.log.jsonl"
+$PY sft.py --format text --init tiny --data $D/pretrain.txt --out "$OUT/base.pt" --steps 800 --log "$OUT/base.log.jsonl"
 
 step "2. SFT on chats (ChatML, assistant-only loss); and the no-template ablation"
-$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft.pt" --steps 300 --log "$OUT/sft.log.jsonl"
-$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft_plain.pt" --steps 300 --template plain
+$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft.pt" --steps 300 --lr 5e-4 --log "$OUT/sft.log.jsonl"
+$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft_plain.pt" --steps 300 --lr 5e-4 --template plain
 
 step "3. reward model (Bradley-Terry) on the noisy preference labels"
-$PY reward.py --model "$OUT/sft.pt" --data $D/prefs.jsonl --out "$OUT/rm.pt" --log "$OUT/rm.log.jsonl"
+$PY reward.py --model "$OUT/sft.pt" --data $D/prefs.jsonl --out "$OUT/rm.pt" --gold data/toyworld.py:gold_reward \
+    --log "$OUT/rm.log.jsonl"
 
 step "4. DPO from SFT"
 $PY dpo.py --model "$OUT/sft.pt" --data $D/prefs.jsonl --out "$OUT/dpo.pt" --log "$OUT/dpo.log.jsonl"
@@ -26,8 +27,18 @@ step "5. PPO from SFT against the learned reward model"
 $PY ppo.py --model "$OUT/sft.pt" --reward-model "$OUT/rm.pt" --data $D/prompts.jsonl --out "$OUT/ppo.pt" \
     --eval-data $D/eval.jsonl --log "$OUT/ppo.log.jsonl"
 
-step "6. evaluate every checkpoint"
+step "6. evaluate every checkpoint (greedy; win rate vs SFT judged by the reward model, both orders)"
 $PY evaluate.py --model "$OUT/base.pt,$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --data $D/eval.jsonl \
     --redteam $D/redteam.jsonl --mc $D/mc.jsonl --scorer data/toyworld.py:gold_reward \
-    --correct data/toyworld.py:is_correct --safety data/toyworld.py:is_safe --reward-model "$OUT/rm.pt" \
-    --ref "$OUT/sft.pt" --out "$OUT/results.json" | tee "$OUT/results.md"
+    --correct data/toyworld.py:is_correct --safety data/toyworld.py:is_safe \
+    --baseline "$OUT/sft.pt" --reward-model "$OUT/rm.pt" --ref "$OUT/sft.pt" --out "$OUT/results.json" \
+    | tee "$OUT/results.md"
+
+step "7. the no-template ablation: base and plain-SFT prompted as 'User: ...\\nAssistant: '"
+$PY evaluate.py --model "$OUT/base.pt,$OUT/sft_plain.pt" --no-chat-template --data $D/eval.jsonl \
+    --redteam $D/redteam.jsonl --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \
+    --safety data/toyworld.py:is_safe --no-speed --out "$OUT/results_plain.json" | tee "$OUT/results_plain.md"
+
+step "8. perplexity on the world's raw text (first 64 windows)"
+$PY evaluate.py --model "$OUT/base.pt,$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --text $D/pretrain.txt --limit 64 \
+    --no-speed --out "$OUT/results_ppl.json" | tee "$OUT/results_ppl.md"

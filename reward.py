@@ -1,0 +1,401 @@
+"""
+reward.py: a Bradley-Terry reward model trained on preference pairs.
+
+The model is the project's transformer with a scalar head (`model.load_model(path, head="scalar")` turns an LM
+checkpoint into one, with a fresh zero-initialised head). A (prompt, response) pair is rendered with the ChatML
+template and its score is the head's output at the response's closing `<|im_end|>`: the last real token of the
+sequence, never a pad (batches are right-padded and the index comes from the real-token mask).
+
+The loss is the Bradley-Terry negative log-likelihood of the human label (Bradley & Terry 1952; InstructGPT,
+Ouyang et al. 2022, Eq. 1, with K = 2 responses per prompt):
+    L = - log sigmoid(r(x, y_c) - r(x, y_r) - m)
+m is an optional per-pair margin (Llama 2, Touvron et al. 2023, Eq. 2: a larger margin for pairs rated "much
+better"); a record may carry it as a number in a "margin" field, as TRL's RewardTrainer reads it. A
+Bradley-Terry reward is only defined up to a constant; `--center-rewards-coef c` adds
+    c * mean((r(x, y_c) + r(x, y_r))^2)
+which pins the mean reward near zero (Eisenstein et al. 2023, "Helping or Herding?", arXiv 2312.09244, Eq. 2;
+TRL's `center_rewards_coefficient`, 0.01 recommended), so rewards of different runs share a scale for PPO.
+
+Reported: held-out preference accuracy (pairs whose label the model reproduces; ties count half) on a
+held-out --eval-frac of the prompts (a prompt's pairs are all train or all held out). With `--gold
+file.py:fn` also the ceiling: the accuracy of the gold reward itself on the same noisy held-out labels, which no
+model can beat in expectation (the built-in world samples its labels from Bradley-Terry on the gold reward),
+and how often the reward model orders held-out pairs as the gold reward does (`rm_gold_agreement`, gold ties left
+out).
+
+`score(rm, enc, prompts, responses)` is the entry point ppo.py and evaluate.py use (model.score_responses: left
+padded, read at the last column, which equals this file's right-padded, last-real-token read-out).
+
+Departures: truncation follows model.truncate (prompt cut from the left, response from the right), so the score
+of an over-long example is read at its last kept token instead of `<|im_end|>` (counted and reported). With
+--lora-rank the scalar head is trained in full beside the adapters (a fresh head has nothing to adapt).
+
+    python reward.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/rm.pt \\
+        --gold data/toyworld.py:gold_reward                                          # CPU
+    python reward.py --model out/sft.pt --out out/rm.pt --device cuda               # one GPU, bf16 autocast
+    torchrun --nproc_per_node=2 reward.py --model out/sft.pt --out out/rm.pt        # DDP
+    torchrun --nproc_per_node=2 reward.py -- --log out/rm.log.jsonl   # `--` first, or torchrun reads --log as its own
+    python reward.py --model out/sft.pt --out out/rm.pt --resume out/rm.pt --steps 600   # continue
+"""
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    model: str = "out/sft.pt"  # LM checkpoint to start from (its LM head is replaced by a fresh scalar head)
+    data: str = "data/toy/prefs.jsonl"  # preference pairs JSONL {"prompt", "chosen", "rejected", optional "margin"}
+    out: str = "out/rm.pt"  # output checkpoint (head="scalar")
+    steps: int = 250  # optimiser steps
+    batch_size: int = 16  # pairs per micro-batch per process (each pair is two sequences in one forward)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    center_rewards_coef: float = 0.0  # weight of mean((r_c + r_r)^2), keeps rewards centred on 0 (0 = off)
+    seq_len: int = 256  # longest prompt + response in tokens (longer ones are truncated and counted)
+    eval_frac: float = 0.1  # fraction of prompts held out (with all their pairs) for held-out accuracy
+    eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
+    gold: str = ""  # file.py:fn(prompt, response) -> float, a gold reward: report the ceiling accuracy
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    seed: int = 0  # seeds the data order and the held-out split
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    lora_rank: int = 0  # LoRA rank (0 = full fine-tuning); the scalar head is always trained in full
+    lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    resume: str = ""  # checkpoint written by this script to continue from (model, optimiser, RNG, data position)
+    stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
+    skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
+    log: str = ""  # JSONL metrics file (one line per step)
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def bradley_terry_loss(chosen, rejected, margin=None):
+    """-log sigmoid(r_c - r_r - margin) per pair: chosen, rejected (B,) rewards, margin None, a float or (B,)
+    -> (B,) losses. logsigmoid keeps it finite for any reward gap."""
+    logits = chosen - rejected
+    if margin is not None:
+        logits = logits - margin
+    return -F.logsigmoid(logits)
+
+
+def center_penalty(chosen, rejected):
+    """mean((r_c + r_r)^2) over the batch, a scalar: zero when every pair's rewards sum to zero."""
+    return ((chosen + rejected) ** 2).mean()
+
+
+def preference_accuracy(chosen, rejected):
+    """(B,) scores of chosen and rejected -> (B,) 1 where chosen scores higher, 0.5 on a tie, else 0."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
+def rewards_at_last_token(values, mask):
+    """values (B, T) from the scalar head, mask (B, T) 1 on real tokens -> (B,) the value at each row's last
+    real token (right or left padding; a pad is never read)."""
+    return values.gather(1, M.last_token_index(mask)[:, None]).squeeze(1)
+
+
+def score(rm, enc, prompts, responses, batch_size=32):
+    """Reward-model scores (N,) fp32 for prompts (strings or message lists) and response strings: the entry point
+    ppo.py and evaluate.py use."""
+    prompts = [M.as_messages(p, "score") for p in prompts]
+    return M.score_responses(rm, enc, prompts, responses, batch_size)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def tokenize_response(enc, prompt, response, seq_len):
+    """prompt (message list) + response string -> (ids, truncated): ChatML up to and including the response's
+    `<|im_end|>` (the token the score is read at), cut to seq_len by model.truncate."""
+    prompt_ids, _ = M.render_chat(enc, prompt, add_generation_prompt=True)
+    full, _ = M.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
+    newline = len(enc.encode_ordinary("\n"))
+    response_ids = full[len(prompt_ids):len(full) - newline]  # content + <|im_end|>, without the trailing "\n"
+    p, r, truncated = M.truncate(prompt_ids, response_ids, seq_len)
+    return p + r, truncated
+
+
+def read_margins(path, n_records, skip_bad_lines):
+    """The optional numeric "margin" of each record (None when no record has one). A margin that is not a number
+    is a UserError naming the line."""
+    margins, any_margin = [], False
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # read_jsonl already refused it, or skipped it with --skip-bad-lines
+            if not isinstance(obj, dict) or not {"prompt", "chosen", "rejected"} <= set(obj):
+                continue
+            m = obj.get("margin")
+            if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
+                if skip_bad_lines:
+                    continue
+                raise M.UserError(f"{path}:{lineno}: 'margin' must be a finite number, got {m!r}")
+            any_margin |= m is not None
+            margins.append(float(m or 0.0))
+    if not any_margin or len(margins) != n_records:
+        return None
+    return margins
+
+
+def held_out(prompt, frac, seed):
+    """Whether a prompt belongs to the held-out split: a hash of (seed, prompt), so every pair of one prompt lands
+    on the same side and the split does not depend on the file's order."""
+    key = f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()
+    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 2**32 < frac
+
+
+def load_pairs(cfg, enc):
+    """-> train and held-out lists of dicts {prompt, chosen, rejected, ids_c, ids_r, margin}, number truncated."""
+    records = M.read_jsonl(cfg.data, "pref", cfg.skip_bad_lines)
+    margins = read_margins(cfg.data, len(records), cfg.skip_bad_lines)
+    train, held, truncated = [], [], 0
+    for i, rec in enumerate(records):
+        ids_c, tc = tokenize_response(enc, rec["prompt"], rec["chosen"], cfg.seq_len)
+        ids_r, tr = tokenize_response(enc, rec["prompt"], rec["rejected"], cfg.seq_len)
+        truncated += tc + tr
+        pair = {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"], "ids_c": ids_c,
+                "ids_r": ids_r, "margin": margins[i] if margins else 0.0}
+        (held if held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
+    return train, held, truncated, margins is not None
+
+
+def collate(pairs, pad_id):
+    """Pairs -> ids, mask (2B, T): the B chosen sequences then the B rejected ones, right-padded together so one
+    forward scores both (right pads cannot change causal attention on the real tokens before them)."""
+    seqs = [p["ids_c"] for p in pairs] + [p["ids_r"] for p in pairs]
+    ids = M.pad_right(seqs, pad_id)  # (2B, T)
+    mask = M.pad_right([[1] * len(s) for s in seqs], 0)  # (2B, T)
+    return ids, mask
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def step_indices(step, n, per_step, mine, seed):
+    """The examples an optimiser step reads (this rank's slice `mine` of the step's per_step): a fresh permutation
+    each epoch, a pure function of (seed, epoch), so the data position is just the step number."""
+    start = step * per_step
+    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start + mine.start, start + mine.stop)]
+
+
+def load_function(spec):
+    """'path/to/file.py:function' -> the callable (the gold reward of --gold)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise M.UserError(f"--gold {spec!r}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise M.UserError(f"--gold {spec}: no such file {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the file may import its neighbours
+    mod_name = "gold_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
+    sys.modules[mod_name] = module
+    try:
+        module.__loader__.exec_module(module)
+    except Exception as e:  # the user's file: any failure to import it is theirs to fix
+        raise M.UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise M.UserError(f"--gold {spec}: {path} has no function {name!r}")
+    return fn
+
+
+def gold_report(gold, pairs, rm_chosen, rm_rejected):
+    """The gold reward's accuracy on the held-out labels (the ceiling) and the reward model's agreement with the
+    gold ordering on pairs the gold reward does not tie."""
+    g_c = torch.tensor([float(gold(p["prompt"], p["chosen"])) for p in pairs], dtype=torch.float64)
+    g_r = torch.tensor([float(gold(p["prompt"], p["rejected"])) for p in pairs], dtype=torch.float64)
+    untied = g_c != g_r
+    agree = ((rm_chosen > rm_rejected) == (g_c > g_r))[untied].double()
+    return {"gold_accuracy": preference_accuracy(g_c, g_r).mean().item(),
+            "rm_gold_agreement": agree.mean().item() if untied.any() else float("nan"),
+            "gold_ties": (~untied).double().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+
+
+def pair_rewards(model, ids, mask, device, cfg):
+    """One forward over the concatenated (2B, T) batch -> chosen (B,), rejected (B,) rewards in fp32."""
+    with M.autocast(device, cfg.dtype):
+        values = model(ids.to(device))  # (2B, T); right padding with plain causal attention
+    rewards = rewards_at_last_token(values.float(), mask.to(device))  # (2B,)
+    return rewards.chunk(2)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, cfg, device, pad_id, rank, world):
+    """Held-out loss, accuracy and margin, each rank scoring every world-th pair -> (metrics, chosen (N,), rejected
+    (N,)): the scores of all pairs in their order, gathered over ranks."""
+    if not pairs:
+        return {}, None, None
+    model.eval()
+    mine = list(range(rank, len(pairs), world))
+    scores = torch.zeros(2, len(pairs), device=device, dtype=torch.float64)  # chosen, rejected; others' are 0
+    for i in range(0, len(mine), cfg.batch_size):
+        rows = mine[i:i + cfg.batch_size]
+        r_c, r_r = pair_rewards(model, *collate([pairs[k] for k in rows], pad_id), device, cfg)
+        scores[:, rows] = torch.stack([r_c, r_r]).double()
+    M.all_reduce_sum(scores)
+    model.train()
+    r_c, r_r = scores.cpu()
+    margin = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
+    metrics = {"eval_loss": bradley_terry_loss(r_c, r_r, margin).mean().item(),
+               "eval_accuracy": preference_accuracy(r_c, r_r).mean().item(), "eval_margin": (r_c - r_r).mean().item()}
+    return metrics, r_c, r_r
+
+
+def load_start(cfg, device):
+    """The reward model to train, its tokenizer and lineage, the start step and the saved train state."""
+    model, enc, ckpt = M.load_model(cfg.model, head="scalar")
+    lineage = ckpt.get("lineage", [])
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    state, step = None, 0
+    if cfg.resume:
+        resumed = M.load_checkpoint(cfg.resume)
+        if "train_state" not in resumed:
+            raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
+        if resumed["config"].get("head") != "scalar":
+            raise M.UserError(f"{cfg.resume}: not a reward-model checkpoint (head is not 'scalar')")
+        state, step = resumed["train_state"], resumed["step"]
+        if not cfg.lora_rank:  # full fine-tuning: the saved weights are the state; LoRA resumes its adapters
+            model.load_state_dict(resumed["model"])
+    if cfg.lora_rank:
+        M.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout)
+        model.score.requires_grad_(True)  # a fresh head must be learnt in full
+        if state is not None:
+            model.load_state_dict(state["lora"], strict=False)
+    return model.to(device), enc, lineage, step, state
+
+
+def main(argv=None):
+    cfg = M.parse_config(Config, argv, description=__doc__)
+    if not 0 <= cfg.eval_frac < 1:
+        raise M.UserError(f"--eval-frac {cfg.eval_frac} must be in [0, 1)")
+    if cfg.center_rewards_coef < 0:
+        raise M.UserError("--center-rewards-coef must be >= 0")
+    gold = load_function(cfg.gold) if cfg.gold else None
+    rank, world, device = M.setup_ddp(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, enc, lineage, start_step, state = load_start(cfg, device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    pad_id = M.special_id(enc, "<|pad|>")
+
+    train, held, n_truncated, has_margin = load_pairs(cfg, enc)
+    if not train:
+        raise M.UserError(f"{cfg.data}: no training pairs left after holding out --eval-frac")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank == 0:
+        print(f"{len(train)} train / {len(held)} held-out pairs, {n_truncated} sequences truncated, margins "
+              f"{'from the data' if has_margin else 'off'}; {model.num_params():,} params, {trainable:,} trainable")
+
+    optimizer = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    per_rank = cfg.batch_size * cfg.grad_accum
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    metrics = {}
+    model.train()
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc="reward",
+               mininterval=1.0)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = step_indices(step, len(train), per_rank * world, mine, cfg.seed)
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, accuracy, margin, mean reward
+        for j in range(cfg.grad_accum):
+            batch = [train[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+            sync = j == cfg.grad_accum - 1 or world == 1
+            with model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
+                r_c, r_r = pair_rewards(model, *collate(batch, pad_id), device, cfg)
+                margin = torch.tensor([p["margin"] for p in batch], device=device) if has_margin else None
+                losses = bradley_terry_loss(r_c, r_r, margin)
+                loss = losses.sum() / per_rank  # every rank holds per_rank pairs: DDP's mean is the global mean
+                if cfg.center_rewards_coef:
+                    loss = loss + cfg.center_rewards_coef * center_penalty(r_c, r_r) / cfg.grad_accum
+                loss.backward()
+            sums += torch.stack([losses.detach().sum(), preference_accuracy(r_c, r_r).sum(), (r_c - r_r).detach().sum(),
+                                 (r_c + r_r).detach().sum() / 2]).double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss, acc, margin, mean_r = (M.all_reduce_sum(sums) / (per_rank * world)).tolist()
+        record = {"step": step + 1, "loss": loss, "accuracy": acc, "margin": margin, "mean_reward": mean_r,
+                  "lr": lr, "grad_norm": grad_norm.item(), "pairs_s": per_rank * world / (time.perf_counter() - t0)}
+        last = step + 1 == end
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
+            eval_metrics, held_c, held_r = evaluate_pairs(raw, held, cfg, device, pad_id, rank, world)
+            record.update(eval_metrics)
+            if last and gold is not None and held:
+                record.update(gold_report(gold, held, held_c, held_r))
+        if rank == 0:
+            held_acc = record.get("eval_accuracy", metrics.get("eval_accuracy", float("nan")))  # the latest
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", eval_acc=f"{held_acc:.2f}")
+            M.log_jsonl(cfg.log, record)
+        metrics = {**metrics, **record}
+        if rank == 0 and (last or cfg.save_every and (step + 1) % cfg.save_every == 0):
+            train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+            if cfg.lora_rank:
+                train_state["lora"] = {**M.lora_state_dict(raw),
+                                       **{f"score.{k}": v.detach().clone() for k, v in raw.score.state_dict().items()}}
+            M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                              lineage=lineage + ["rm"], train_state=train_state)
+    if rank == 0 and metrics:
+        parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
+        if "eval_accuracy" in metrics:
+            parts.append(f"held-out accuracy {metrics['eval_accuracy']:.3f} on {len(held)} pairs")
+        if "gold_accuracy" in metrics:
+            parts.append(f"gold-reward ceiling {metrics['gold_accuracy']:.3f}, agreement with gold ordering "
+                         f"{metrics['rm_gold_agreement']:.3f}")
+        print(", ".join(parts))
+
+
+if __name__ == "__main__":
+    M.run(main)
