@@ -28,6 +28,7 @@ raw text is cut into --seq-len windows.
     python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt                 # CPU
     python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt --device cuda   # one GPU, bf16
     torchrun --nproc_per_node=2 sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt  # DDP
+    torchrun --nproc_per_node=2 sft.py -- --log out/sft.log.jsonl ...   # `--` first, or torchrun reads --log as its own
     python sft.py --resume out/sft.pt --steps 600 ...                                            # continue
 """
 
