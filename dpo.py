@@ -62,9 +62,6 @@ the batch instead. A prompt is truncated from the left by the same amount for ch
 """
 
 import contextlib
-import functools
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -272,13 +269,6 @@ def fit(prompt_ids, responses, seq_len):
     return [(p + r[:seq_len - len(p)], len(p)) for r in responses], truncated
 
 
-def held_out(prompt, frac, seed):
-    """Whether a prompt is in the held-out split: a hash of (seed, prompt), so all examples of a prompt fall on
-    the same side whatever the file's order."""
-    key = f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()
-    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 2**32 < frac
-
-
 def load_examples(cfg, enc):
     """-> (train, held, truncated). Pairs: {"prompt", "seqs": [chosen, rejected]}; kto: {"prompt", "seqs":
     [completion, mismatched completion], "label"}, the mismatched one being the previous example's completion in
@@ -287,7 +277,7 @@ def load_examples(cfg, enc):
     records = M.read_jsonl(cfg.data, "kto" if kto else "pref", cfg.skip_bad_lines)
     splits, truncated = ([], []), 0
     for rec in records:
-        splits[held_out(rec["prompt"], cfg.eval_frac, cfg.seed)].append(rec)
+        splits[M.held_out(rec["prompt"], cfg.eval_frac, cfg.seed)].append(rec)
     out = []
     for recs in splits:
         examples = []
@@ -315,18 +305,6 @@ def collate(seqs, pad_id):
     ids = M.pad_right([s for s, _ in seqs], pad_id)  # (N, T)
     mask = M.pad_right([[0] * start + [1] * (len(s) - start) for s, start in seqs], 0)  # (N, T)
     return ids, mask
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def step_indices(step, n, per_step, mine, seed):
-    """The examples an optimiser step reads (this rank's slice `mine` of the step's per_step): a fresh permutation
-    each epoch, a pure function of (seed, epoch), so the data position is just the step number."""
-    start = step * per_step
-    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start + mine.start, start + mine.stop)]
 
 
 # -----------------------------------------------------------------------------
@@ -589,7 +567,7 @@ def main(argv=None):
         lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = step_indices(step, len(train), per_rank * world, mine, cfg.seed)
+        idx = M.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
         kl = kto_reference_point(raw, train, idx, ref, cfg, device, pad_id, rank, world) if cfg.loss == "kto" else None
         # sums over this rank's examples: loss, reward_chosen, reward_rejected, accuracy, logp_chosen,
         # logp_rejected, then (kto) desirable count, undesirable count

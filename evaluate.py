@@ -67,7 +67,6 @@ the same for every checkpoint. Prompts longer than max_seq_len - --max-new-token
 Evaluation is a single process: no torchrun.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -229,29 +228,6 @@ def kl_divergence(logits_p, logits_q):
 
 # -----------------------------------------------------------------------------
 # Data: files, prompts, scoring functions
-
-
-def load_function(spec):
-    """'path/to/file.py:function' -> the callable, imported from the file path."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name:
-        raise M.UserError(f"{spec!r}: expected path/to/file.py:function")
-    if not os.path.isfile(path):
-        raise M.UserError(f"{spec}: no such file {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # so the file can import its neighbours
-    mod_name = "evalfn_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
-    sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
-    try:
-        module.__loader__.exec_module(module)
-    except Exception as e:  # the user's file: any failure to import it is theirs to fix
-        raise M.UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise M.UserError(f"{spec}: {path} has no function {name!r}")
-    return fn
 
 
 def call_all(fn, spec, prompts, responses, kind):
@@ -567,7 +543,7 @@ def main(argv=None):
     for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x]:
         if not os.path.exists(p):
             raise M.UserError(f"{p}: no such checkpoint")
-    fns = {k: (load_function(spec), spec) for k, spec in
+    fns = {k: (M.load_function(spec), spec) for k, spec in
            (("scorer", cfg.scorer), ("correct", cfg.correct), ("safety", cfg.safety)) if spec}
 
     # every file is read and checked before any model is loaded: a bad line costs seconds, not minutes

@@ -29,6 +29,9 @@ import base64
 import bisect
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -743,7 +746,6 @@ def load_model(path, device="cpu", head=None):
 
 def save_safetensors(path, model, enc):
     """`path` (.safetensors) plus `path` with .json: the config and tokenizer name."""
-    from safetensors.torch import save_file
     raw = getattr(model, "module", model)
     sd = plain_state_dict(raw)
     if raw.cfg.tie_embeddings:
@@ -1037,6 +1039,38 @@ def read_text(path):
         return [f.read()]
 
 
+def held_out(prompt, frac, seed):
+    """Whether a prompt belongs to the held-out split: a hash of (seed, prompt), so every example of one prompt
+    lands on the same side and the split does not depend on the file's order."""
+    key = f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()
+    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 2**32 < frac
+
+
+def load_function(spec, flag=""):
+    """'path/to/file.py:function' -> the callable, imported from the file path (its folder goes on sys.path, so
+    it may import its neighbours). Scorers, verifiers and gold rewards are passed this way (--scorer, --reward)."""
+    where = f"{flag} {spec}".strip()
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise UserError(f"{where!r}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no such file {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    mod_name = "userfn_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
+    sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
+    try:
+        module.__loader__.exec_module(module)
+    except Exception as e:  # the user's file: any failure to import it is theirs to fix
+        raise UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{where}: {path} has no function {name!r}")
+    return fn
+
+
 def truncate(prompt_ids, response_ids, max_len):
     """Fit prompt + response into max_len: the prompt loses tokens from the left (its end, nearest the reply,
     is kept), the response from the right (its start is kept). The prompt keeps at least half of max_len if it
@@ -1087,6 +1121,19 @@ def pack(examples, seq_len, pad_id):
 
 # -----------------------------------------------------------------------------
 # Training plumbing: device, DDP, CLI, schedule, optimiser, logging, RNG
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def step_indices(step, n, per_step, mine, seed):
+    """The examples an optimiser step reads: this rank's slice `mine` of the step's `per_step` positions in a
+    stream that is a fresh permutation each epoch, a pure function of (seed, epoch). So the data position is just
+    the step number, and resuming continues the same stream."""
+    start = step * per_step
+    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start + mine.start, start + mine.stop)]
 
 
 def pick_device(spec="auto"):

@@ -39,13 +39,8 @@ of an over-long example is read at its last kept token instead of `<|im_end|>` (
 """
 
 import contextlib
-import functools
-import hashlib
-import importlib.util
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -169,13 +164,6 @@ def read_margins(path, n_records, skip_bad_lines):
     return margins
 
 
-def held_out(prompt, frac, seed):
-    """Whether a prompt belongs to the held-out split: a hash of (seed, prompt), so every pair of one prompt lands
-    on the same side and the split does not depend on the file's order."""
-    key = f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()
-    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 2**32 < frac
-
-
 def load_pairs(cfg, enc):
     """-> train and held-out lists of dicts {prompt, chosen, rejected, ids_c, ids_r, margin}, number truncated."""
     records = M.read_jsonl(cfg.data, "pref", cfg.skip_bad_lines)
@@ -187,7 +175,7 @@ def load_pairs(cfg, enc):
         truncated += tc + tr
         pair = {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"], "ids_c": ids_c,
                 "ids_r": ids_r, "margin": margins[i] if margins else 0.0}
-        (held if held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
+        (held if M.held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
     return train, held, truncated, margins is not None
 
 
@@ -198,41 +186,6 @@ def collate(pairs, pad_id):
     ids = M.pad_right(seqs, pad_id)  # (2B, T)
     mask = M.pad_right([[1] * len(s) for s in seqs], 0)  # (2B, T)
     return ids, mask
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def step_indices(step, n, per_step, mine, seed):
-    """The examples an optimiser step reads (this rank's slice `mine` of the step's per_step): a fresh permutation
-    each epoch, a pure function of (seed, epoch), so the data position is just the step number."""
-    start = step * per_step
-    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start + mine.start, start + mine.stop)]
-
-
-def load_function(spec):
-    """'path/to/file.py:function' -> the callable (the gold reward of --gold)."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name:
-        raise M.UserError(f"--gold {spec!r}: expected path/to/file.py:function")
-    if not os.path.isfile(path):
-        raise M.UserError(f"--gold {spec}: no such file {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # the file may import its neighbours
-    mod_name = "gold_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
-    sys.modules[mod_name] = module
-    try:
-        module.__loader__.exec_module(module)
-    except Exception as e:  # the user's file: any failure to import it is theirs to fix
-        raise M.UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise M.UserError(f"--gold {spec}: {path} has no function {name!r}")
-    return fn
 
 
 def gold_report(gold, pairs, rm_chosen, rm_rejected):
@@ -310,7 +263,7 @@ def main(argv=None):
         raise M.UserError(f"--eval-frac {cfg.eval_frac} must be in [0, 1)")
     if cfg.center_rewards_coef < 0:
         raise M.UserError("--center-rewards-coef must be >= 0")
-    gold = load_function(cfg.gold) if cfg.gold else None
+    gold = M.load_function(cfg.gold, "--gold") if cfg.gold else None
     rank, world, device = M.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
@@ -347,7 +300,7 @@ def main(argv=None):
         lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = step_indices(step, len(train), per_rank * world, mine, cfg.seed)
+        idx = M.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, accuracy, margin, mean reward
         for j in range(cfg.grad_accum):
             batch = [train[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]]

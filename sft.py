@@ -33,7 +33,6 @@ raw text is cut into --seq-len windows.
 """
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -136,19 +135,6 @@ def split(examples, frac, seed):
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n_rows, seed, epoch):
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
-def row_indices(step, n_rows, rows_per_step, rank_slice, seed):
-    """The rows an optimiser step reads. The order is a fresh permutation each epoch, a pure function of
-    (seed, epoch), so the data position is just the step number and resuming continues the same stream."""
-    start = step * rows_per_step
-    return [epoch_order(n_rows, seed, pos // n_rows)[pos % n_rows]
-            for pos in range(start + rank_slice.start, start + rank_slice.stop)]
-
-
 @torch.no_grad()
 def eval_loss(model, rows, cfg, device):
     if rows is None:
@@ -247,7 +233,7 @@ def main(argv=None):
         lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = row_indices(step, n_rows, rows_per_step, mine, cfg.seed)
+        idx = M.step_indices(step, n_rows, rows_per_step, mine, cfg.seed)
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         # the step's total number of supervised tokens, over micro-batches and ranks: the loss denominator
         n_sup = sum(rows[1][b, 1:].sum() for b in micro).to(device).float()

@@ -303,15 +303,15 @@ def test_load_function_errors(tmp_path):
     good = tmp_path / "w.py"
     good.write_text("def score(prompt, response):\n    return len(response)\n"
                     "def text(prompt, response):\n    return 'yes'\n")
-    assert E.load_function(f"{good}:score")([], "abc") == 3
+    assert M.load_function(f"{good}:score")([], "abc") == 3
     bad = tmp_path / "broken.py"
     bad.write_text("import no_such_module_here\n")
     for spec, msg in [(str(good), "file.py:function"), (f"{tmp_path}/none.py:f", "no such file"),
                       (f"{good}:missing", "no function"), (f"{bad}:f", "failed to import")]:
         with pytest.raises(M.UserError, match=msg):
-            E.load_function(spec)
+            M.load_function(spec)
     with pytest.raises(M.UserError, match="returned str, expected float"):
-        E.call_all(E.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
+        E.call_all(M.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
 
 
 @pytest.mark.parametrize("argv, msg", [

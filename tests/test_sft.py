@@ -4,8 +4,6 @@
 """
 import json
 import os
-import shutil
-import sys
 
 import pytest
 import torch
@@ -103,9 +101,9 @@ def test_chat_mask_never_covers_user_tokens_and_covers_each_im_end(enc, tmp_path
 def test_row_indices_cover_every_row_each_epoch():
     seen = []
     for step in range(5):
-        seen += sft.row_indices(step, 10, 4, slice(0, 4), seed=3)
+        seen += M.step_indices(step, 10, 4, slice(0, 4), seed=3)
     assert sorted(seen[:10]) == list(range(10))  # first epoch is a permutation
-    assert sft.row_indices(7, 10, 4, slice(0, 4), 3) == sft.row_indices(7, 10, 4, slice(0, 4), 3)
+    assert M.step_indices(7, 10, 4, slice(0, 4), 3) == M.step_indices(7, 10, 4, slice(0, 4), 3)
 
 
 # ----------------------------------------------------------------------------- the loop
