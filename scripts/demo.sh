@@ -25,7 +25,7 @@ $PY dpo.py --model "$OUT/sft.pt" --data $D/prefs.jsonl --out "$OUT/dpo.pt" --log
 
 step "5. PPO from SFT against the learned reward model"
 $PY ppo.py --model "$OUT/sft.pt" --reward-model "$OUT/rm.pt" --data $D/prompts.jsonl --out "$OUT/ppo.pt" \
-    --eval-data $D/eval.jsonl --log "$OUT/ppo.log.jsonl"
+    --eval-data $D/eval.jsonl,$D/redteam.jsonl --log "$OUT/ppo.log.jsonl"
 
 step "6. evaluate every checkpoint (greedy; win rate vs SFT judged by the reward model, both orders)"
 $PY evaluate.py --model "$OUT/base.pt,$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --data $D/eval.jsonl \
