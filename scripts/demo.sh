@@ -42,3 +42,8 @@ $PY evaluate.py --model "$OUT/base.pt,$OUT/sft_plain.pt" --no-chat-template --da
 step "8. perplexity on the world's raw text (first 64 windows)"
 $PY evaluate.py --model "$OUT/base.pt,$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --text $D/pretrain.txt --limit 64 \
     --no-speed --out "$OUT/results_ppl.json" | tee "$OUT/results_ppl.md"
+
+step "9. sampled (temperature 1), the policies' actual distributions"
+$PY evaluate.py --model "$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --data $D/eval.jsonl --redteam $D/redteam.jsonl \
+    --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct --safety data/toyworld.py:is_safe \
+    --temperature 1 --no-speed --out "$OUT/results_t1.json" | tee "$OUT/results_t1.md"
