@@ -68,7 +68,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -480,18 +479,7 @@ def load_start(cfg, device):
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    state, step = None, 0
-    if cfg.resume:
-        resumed = M.load_checkpoint(cfg.resume)
-        if "train_state" not in resumed:
-            raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
-        state, step = resumed["train_state"], resumed["step"]
-        if not cfg.lora_rank:  # full fine-tuning: the saved weights are the state; LoRA resumes its adapters
-            model.load_state_dict(resumed["model"])
-    if cfg.lora_rank:
-        M.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout)
-        if state is not None:
-            model.load_state_dict(state["lora"], strict=False)
+    step, state = M.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     return model.to(device), enc, lineage, step, state
 
 
@@ -545,15 +533,7 @@ def main(argv=None):
         if ids not in kl_prompts and len(kl_prompts) < cfg.kl_prompts:
             kl_prompts.append(ids)
 
-    optimizer = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-    raw = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
 
     per_rank = cfg.batch_size * cfg.grad_accum
     mine = slice(rank * per_rank, (rank + 1) * per_rank)

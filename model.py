@@ -1233,6 +1233,42 @@ def run(main):
         cleanup_ddp()
 
 
+def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+    """--resume and --lora-rank, the same in every training script -> (start step, train_state or None).
+
+    Full fine-tuning resumes the saved weights; with LoRA the starting model is wrapped again and its adapters
+    restored from the train state (the saved weights have the adapters merged in)."""
+    state, step = None, 0
+    if resume:
+        ckpt = load_checkpoint(resume)
+        if "train_state" not in ckpt:
+            raise UserError(f"{resume}: no train_state to resume from (not written by a training script?)")
+        state, step = ckpt["train_state"], ckpt["step"]
+        if not lora_rank:
+            model.load_state_dict(ckpt["model"])
+    if lora_rank:
+        apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
+        if state is not None:
+            model.load_state_dict(state["lora"], strict=False)
+    return step, state
+
+
+def wrap_for_training(model, cfg, state, world, device):
+    """AdamW (restored, with the RNG, from a resumed train_state), then DDP and torch.compile as cfg asks.
+    Returns (the module to call, the raw module to save, the optimiser)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model, raw, optimizer
+
+
 def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
     """Linear warmup for `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
     if step < warmup:

@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -278,15 +277,7 @@ def main(argv=None):
         print(f"{len(train)} train / {len(held)} held-out pairs, {n_truncated} sequences truncated, margins "
               f"{'from the data' if has_margin else 'off'}; {model.num_params():,} params, {trainable:,} trainable")
 
-    optimizer = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-    raw = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
 
     per_rank = cfg.batch_size * cfg.grad_accum
     mine = slice(rank * per_rank, (rank + 1) * per_rank)

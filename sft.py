@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as M
@@ -173,18 +172,7 @@ def load_start(cfg, device):
         lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    state, step = None, 0
-    if cfg.resume:
-        ckpt = M.load_checkpoint(cfg.resume)
-        if "train_state" not in ckpt:
-            raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
-        state, step = ckpt["train_state"], ckpt["step"]
-        if not cfg.lora_rank:  # full fine-tuning: the saved weights are the state; LoRA resumes its adapters
-            model.load_state_dict(ckpt["model"])
-    if cfg.lora_rank:
-        M.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout)
-        if state is not None:
-            model.load_state_dict(state["lora"], strict=False)
+    step, state = M.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     return model.to(device), enc, lineage, step, state
 
 
@@ -211,15 +199,7 @@ def main(argv=None):
               f"({n_tok / rows[1].numel():.0%} supervised), {n_truncated} truncated; "
               f"{model.num_params():,} params, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable")
 
-    optimizer = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
-    raw = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     mine = slice(rank * cfg.batch_size * cfg.grad_accum, (rank + 1) * cfg.batch_size * cfg.grad_accum)
