@@ -1029,8 +1029,8 @@ def read_jsonl(path, kind, skip_bad_lines=False):
 
 
 def read_text(path):
-    """Raw text for language-model training: a .txt file is one document per blank-line-separated paragraph
-    block... kept simple: the whole file is one stream; a .jsonl file is one document per {"text"} line."""
+    """Raw text for language-model training, as a list of documents: a .txt file is one document (one stream),
+    a .jsonl file one document per {"text"} line."""
     if path.endswith(".jsonl"):
         return [r["text"] for r in read_jsonl(path, "text")]
     if not os.path.isfile(path):

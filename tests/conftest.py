@@ -42,3 +42,10 @@ def toy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     build(str(out), seed=0)
     return str(out)
+
+
+def assert_one_line_error(proc, where, message):
+    """A user error: exit code 2, exactly one line on stderr naming `where` (e.g. "file:3:") and `message`."""
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and where in err[0] and message in err[0], proc.stderr

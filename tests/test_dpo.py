@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dpo
 import model as M
-from conftest import ROOT, run_script
+from conftest import assert_one_line_error, ROOT, run_script
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 logp = st.floats(-40.0, -0.01)
@@ -446,9 +446,7 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_ckpt, kind, line, me
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + line + "\n")
     proc = run_script("dpo.py", "--model", tiny_ckpt, "--data", str(path), "--out", str(tmp_path / "o.pt"),
                       "--steps", "1", "--seq-len", "64", "--loss", "kto" if kind == "kto" else "sigmoid", check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and f"{path}:3:" in err[0] and message in err[0], proc.stderr
+    assert_one_line_error(proc, f"{path}:3:", message)
     assert not (tmp_path / "o.pt").exists()
 
 

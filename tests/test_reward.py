@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import model as M
 import reward
-from conftest import ROOT, run_script
+from conftest import assert_one_line_error, run_script
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 score_values = st.floats(-20.0, 20.0)
@@ -234,9 +234,7 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_ckpt, line, message)
     path.write_text(good + "\n\n" + good + "\n" + line + "\n")
     proc = run_script("reward.py", "--model", tiny_ckpt, "--data", str(path), "--out", str(tmp_path / "o.pt"),
                       "--steps", "1", "--seq-len", "64", check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and f"{path}:4:" in err[0] and message in err[0], proc.stderr
+    assert_one_line_error(proc, f"{path}:4:", message)
     assert not (tmp_path / "o.pt").exists()
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import model as M
 import sft
-from conftest import ROOT, run_script
+from conftest import assert_one_line_error, ROOT, run_script
 
 
 def write_chats(path, n=40, seed=0):
@@ -180,9 +180,7 @@ def test_malformed_jsonl_gives_file_and_line(tmp_path, tiny_ckpt, line, message)
     path.write_text(good + "\n" + good + "\n" + line + "\n")
     proc = run_script("sft.py", "--model", tiny_ckpt, "--data", str(path), "--out", str(tmp_path / "o.pt"),
                       "--steps", "1", "--seq-len", "64", check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and f"{path}:3:" in err[0] and message in err[0], proc.stderr
+    assert_one_line_error(proc, f"{path}:3:", message)
     assert not (tmp_path / "o.pt").exists()
 
 
