@@ -1178,9 +1178,17 @@ def all_reduce_sum(t):
     return t
 
 
-def cleanup_ddp():
+def cleanup_ddp(finished=False):
+    """Leave the process group. After a clean finish (`finished`), first collect garbage and wait at a barrier:
+    a DDP wrapper still alive at interpreter exit holds the gloo group and aborts the process ("terminate
+    called without an active exception"), and a rank that tears down while another still talks to it can too.
+    After an error there is no barrier (the other ranks may be gone)."""
+    import gc
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1224,13 +1232,15 @@ def parse_config(cls, argv=None, description=None):
 
 def run(main):
     """Call main(); a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    finished = False
     try:
         main()
+        finished = True
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        cleanup_ddp()
+        cleanup_ddp(finished)
 
 
 def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
