@@ -1,12 +1,13 @@
 # make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
 # make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
 # make bench  : speed / memory benchmarks, JSON in out/bench/
+# make bench-trl: our sft.py / dpo.py vs TRL's SFTTrainer / DPOTrainer on the same model (installs trl)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench data clean
+.PHONY: install test test-all demo bench bench-trl data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -30,6 +31,10 @@ demo: data
 
 bench: .deps data
 	$(PY) -m pytest -q -m slow tests -k bench -s
+
+bench-trl: .deps data
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pytest -q -m slow tests/test_bench_trl.py -s
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

@@ -135,17 +135,28 @@ def split(examples, frac, seed):
 
 
 @torch.no_grad()
+def batch_of(rows, b, device, trim=True):
+    """Rows b of (ids, mask, doc_ids) on the device. With `trim`, columns after the batch's last supervised token
+    are dropped: attention is causal, so they change no loss term, and a padded batch costs its longest example,
+    not seq_len (--compile keeps the fixed width instead, to avoid recompiling per shape)."""
+    ids, mask, doc = rows
+    ids, mask, doc = ids[b], mask[b], doc[b] if doc is not None else None
+    if trim and mask.any():
+        width = int(mask.any(0).nonzero().max()) + 1
+        ids, mask, doc = ids[:, :width], mask[:, :width], doc[:, :width] if doc is not None else None
+    return ids.to(device), mask.to(device), doc.to(device) if doc is not None else None
+
+
 def eval_loss(model, rows, cfg, device):
     if rows is None:
         return float("nan")
     model.eval()
-    ids, mask, doc = rows
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for i in range(0, len(ids), cfg.batch_size):
-        b_doc = doc[i:i + cfg.batch_size].to(device) if doc is not None else None
+    for i in range(0, len(rows[0]), cfg.batch_size):
+        ids, mask, doc = batch_of(rows, slice(i, i + cfg.batch_size), device, trim=not cfg.compile)
         with M.autocast(device, cfg.dtype):
-            logits = model(ids[i:i + cfg.batch_size].to(device), doc_ids=b_doc)
-        s, n = lm_loss_sum(logits, ids[i:i + cfg.batch_size].to(device), mask[i:i + cfg.batch_size].to(device))
+            logits = model(ids, doc_ids=doc)
+        s, n = lm_loss_sum(logits, ids, mask)
         total += s
         count += n
     M.all_reduce_sum(total), M.all_reduce_sum(count)
@@ -220,8 +231,7 @@ def main(argv=None):
         n_sup = M.all_reduce_sum(n_sup).clamp(min=1)
         total = torch.zeros((), device=device)
         for j, b in enumerate(micro):
-            ids, mask = rows[0][b].to(device), rows[1][b].to(device)
-            doc = rows[2][b].to(device) if rows[2] is not None else None
+            ids, mask, doc = batch_of(rows, b, device, trim=not cfg.compile)
             sync = j == len(micro) - 1 or world == 1
             ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:

@@ -29,8 +29,9 @@ def measure(rows, steps, batch_size, device="cpu"):
     for step in range(steps + 1):
         b = slice(step * batch_size % len(ids), step * batch_size % len(ids) + batch_size)
         t0 = time.perf_counter()
-        logits = model(ids[b].to(device), doc_ids=doc[b].to(device) if doc is not None else None)
-        nll, n = sft.lm_loss_sum(logits, ids[b].to(device), mask[b].to(device))
+        b_ids, b_mask, b_doc = sft.batch_of(rows, b, device)  # as sft.py does: trimmed after the last target
+        logits = model(b_ids, doc_ids=b_doc)
+        nll, n = sft.lm_loss_sum(logits, b_ids, b_mask)
         (nll / n).backward()
         opt.step()
         opt.zero_grad()

@@ -66,7 +66,7 @@ def test_lm_loss_sum_matches_naive_loop(enc):
 @given(st.lists(st.integers(2, 40), min_size=1, max_size=6), st.integers(0, 2**16))
 def test_packed_loss_equals_padded_loss(lengths, seed):
     """Packing (block-diagonal mask, per-document positions) gives the same summed loss and token count as
-    one padded example per row."""
+    one padded example per row; so does each batch trimmed after its last supervised column (sft.batch_of)."""
     enc = M.get_tokenizer("byte")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -76,14 +76,17 @@ def test_packed_loss_equals_padded_loss(lengths, seed):
     pad = M.special_id(enc, "<|pad|>")
     results = []
     for packing in (True, False):
-        cfg = sft.Config(seq_len=48, packing=packing)
-        ids, mask, doc = sft.make_rows(examples, cfg, pad)
-        with torch.no_grad():
-            logits = model(ids, doc_ids=doc)
-        results.append(sft.lm_loss_sum(logits, ids, mask))
-    (s1, n1), (s2, n2) = results
-    assert n1 == n2
-    assert s1.item() == pytest.approx(s2.item(), rel=1e-5, abs=1e-5)
+        rows = sft.make_rows(examples, sft.Config(seq_len=48, packing=packing), pad)
+        for trim in (False, True):
+            ids, mask, doc = sft.batch_of(rows, slice(None), "cpu", trim=trim)
+            assert ids.size(1) == 48 or trim
+            with torch.no_grad():
+                logits = model(ids, doc_ids=doc)
+            results.append(sft.lm_loss_sum(logits, ids, mask))
+    (s1, n1) = results[0]
+    for s2, n2 in results[1:]:
+        assert n1 == n2
+        assert s1.item() == pytest.approx(s2.item(), rel=1e-5, abs=1e-5)
 
 
 def test_chat_mask_never_covers_user_tokens_and_covers_each_im_end(enc, tmp_path):
