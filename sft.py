@@ -134,7 +134,6 @@ def split(examples, frac, seed):
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-@torch.no_grad()
 def batch_of(rows, b, device, trim=True):
     """Rows b of (ids, mask, doc_ids) on the device. With `trim`, columns after the batch's last supervised token
     are dropped: attention is causal, so they change no loss term, and a padded batch costs its longest example,
@@ -147,6 +146,7 @@ def batch_of(rows, b, device, trim=True):
     return ids.to(device), mask.to(device), doc.to(device) if doc is not None else None
 
 
+@torch.no_grad()
 def eval_loss(model, rows, cfg, device):
     if rows is None:
         return float("nan")

@@ -101,6 +101,17 @@ def test_chat_mask_never_covers_user_tokens_and_covers_each_im_end(enc, tmp_path
         assert "What is" not in supervised and "Be brief" not in supervised and "user" not in supervised
 
 
+def test_eval_loss_runs_without_autograd(enc):
+    """The held-out loss builds no graph: every forward inside eval_loss sees grad mode off."""
+    torch.manual_seed(0)
+    model = M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64, max_seq_len=64)
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    rows = sft.make_rows([([1, 2, 3, 4], [0, 1, 1, 1]), ([5, 6, 7], [0, 0, 1])], sft.Config(seq_len=16), 0)
+    loss = sft.eval_loss(model, rows, sft.Config(batch_size=1), torch.device("cpu"))
+    assert seen and not any(seen) and loss > 0
+
+
 def test_row_indices_cover_every_row_each_epoch():
     seen = []
     for step in range(5):
