@@ -50,13 +50,13 @@ def hf_tokenizer(enc):
 
 
 def make_models(tmp, preset):
-    """Random weights -> our ckpt.pt and an HF directory holding the same tensors."""
+    """Random weights -> our ckpt.pt and an HF directory holding the same tensors; -> (tokenizer, params)."""
     enc = M.get_tokenizer("byte")
     torch.manual_seed(0)
     net = M.build_model(preset, enc, dropout=0.0)
     M.save_checkpoint(str(tmp / "init.pt"), net, enc)
     M.export_hf(net, enc, str(tmp / "hf"))
-    return enc
+    return enc, net.num_params()
 
 
 def trl_args(cls, tmp, steps, **kw):
@@ -109,42 +109,30 @@ def bench_sft(tmp, toy_dir, enc, n):
            "supervised_tokens_per_example": sum(sum(m[1:]) for _, m in examples) / len(examples)}
 
     def ours(packing):
-        rows = len(sft.make_rows(examples, sft.Config(seq_len=SEQ_LEN, packing=packing), pad)[0])
-
-        def run(steps, stamps):
-            with our_step_clock(stamps):
-                sft.main(["--model", str(tmp / "init.pt"), "--data", data, "--out", str(tmp / "ours_sft.pt"),
-                          "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN),
-                          "--lr", str(LR), "--warmup", str(WARMUP), "--eval-frac", "0", "--eval-every", "0",
-                          "--device", "cpu", "--packing" if packing else "--no-packing"])
-        return rows, run
+        stamps = []
+        with our_step_clock(stamps):
+            sft.main(["--model", str(tmp / "init.pt"), "--data", data, "--out", str(tmp / "ours_sft.pt"),
+                      "--steps", str(n), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", str(LR),
+                      "--warmup", str(WARMUP), "--eval-frac", "0", "--eval-every", "0", "--device", "cpu",
+                      "--packing" if packing else "--no-packing"])
+        return len(sft.make_rows(examples, sft.Config(seq_len=SEQ_LEN, packing=packing), pad)[0]), stamps
 
     def theirs(packing):
-        holder = {}
-
-        def run(steps, stamps):
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf"), attn_implementation="sdpa")
-            args = trl_args(trl.SFTConfig, tmp, steps, packing=packing, dataset_num_proc=None)
-            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                                     callbacks=[TRLStepClock(stamps)])
-            trainer.train()
-            holder["rows"] = len(trainer.train_dataset)
-        return holder, run
+        stamps = []
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf"), attn_implementation="sdpa")
+        args = trl_args(trl.SFTConfig, tmp, n, packing=packing, dataset_num_proc=None)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                                 callbacks=[TRLStepClock(stamps)])
+        trainer.train()
+        return len(trainer.train_dataset), stamps
 
     for packing in (False, True):
-        name = "packed" if packing else "padded"
-        rows, run = ours(packing)
-        stamps = []
-        run(n, stamps)
-        out[f"ours_{name}"] = {"rows": rows, **step_seconds(stamps, n)}
-        holder, run = theirs(packing)
-        stamps = []
-        run(n, stamps)
-        out[f"trl_{name}"] = {"rows": holder["rows"], **step_seconds(stamps, n)}
-    for key in [k for k in out if k.startswith(("ours_", "trl_"))]:
-        r = out[key]
-        r["examples_per_s"] = len(examples) / (r["rows"] / BATCH * r["s_per_step"])  # an epoch's examples / time
-        r["epoch_s_est"] = r["rows"] / BATCH * r["s_per_step"]
+        for side, run in (("ours", ours), ("trl", theirs)):
+            rows, stamps = run(packing)
+            r = {"rows": rows, **step_seconds(stamps, n)}
+            r["epoch_s_est"] = rows / BATCH * r["s_per_step"]
+            r["examples_per_s"] = len(examples) / r["epoch_s_est"]
+            out[f"{side}_{'packed' if packing else 'padded'}"] = r
     out["speedup_padded"] = out["trl_padded"]["s_per_step"] / out["ours_padded"]["s_per_step"]
     out["speedup_epoch_packed"] = out["trl_packed"]["epoch_s_est"] / out["ours_packed"]["epoch_s_est"]
     out["speedup_epoch_best"] = (min(out["trl_padded"]["epoch_s_est"], out["trl_packed"]["epoch_s_est"])
@@ -174,25 +162,27 @@ def bench_dpo(tmp, toy_dir, enc, n):
     pairs = datasets.Dataset.from_list(rows)
     out = {"pairs": len(rows)}
 
-    def ours(steps, stamps):
+    def ours():
+        stamps = []
         with our_step_clock(stamps):
             dpo.main(["--model", str(tmp / "init.pt"), "--data", data, "--out", str(tmp / "ours_dpo.pt"),
-                      "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", str(LR),
+                      "--steps", str(n), "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", str(LR),
                       "--warmup", str(WARMUP), "--eval-frac", "0", "--eval-every", "0", "--kl-prompts", "0",
                       "--device", "cpu", "--loss", "sigmoid", "--beta", "0.1"])
+        return stamps
 
-    def theirs(steps, stamps):
+    def theirs():
+        stamps = []
         model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf"), attn_implementation="sdpa")
-        args = trl_args(trl.DPOConfig, tmp, steps, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
+        args = trl_args(trl.DPOConfig, tmp, n, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
                         precompute_ref_batch_size=64)
         PreTokenizedDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok,
                                callbacks=[TRLStepClock(stamps)]).train()
+        return stamps
 
-    for name, run in (("ours", ours), ("trl", theirs)):
-        stamps = []
-        run(n, stamps)
-        out[name] = step_seconds(stamps, n)
-        out[name]["pairs_per_s"] = BATCH / out[name]["s_per_step"]
+    for side, run in (("ours", ours), ("trl", theirs)):
+        out[side] = step_seconds(run(), n)
+        out[side]["pairs_per_s"] = BATCH / out[side]["s_per_step"]
     out["speedup"] = out["trl"]["s_per_step"] / out["ours"]["s_per_step"]
     return out
 
@@ -201,9 +191,9 @@ def bench_dpo(tmp, toy_dir, enc, n):
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_bench_vs_trl(tmp_path, toy_dir, preset):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    enc = make_models(tmp_path, preset)
+    enc, params = make_models(tmp_path, preset)
     n = int(os.environ.get("BENCH_TRL_STEPS", "12"))
-    result = {"preset": preset, "params": M.load_model(str(tmp_path / "init.pt"))[0].num_params(),
+    result = {"preset": preset, "params": params,
               "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
               "device": "cpu", "torch_threads": torch.get_num_threads(), "batch_size": BATCH, "seq_len": SEQ_LEN,
               "steps_measured": n}
