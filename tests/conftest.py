@@ -49,3 +49,45 @@ def assert_one_line_error(proc, where, message):
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and where in err[0] and message in err[0], proc.stderr
+
+
+# Adam moves a weight by lr * m_hat / sqrt(v_hat) per step, and for betas (0.9, 0.95) Cauchy-Schwarz bounds
+# |m_hat| / sqrt(v_hat) by 0.1 * sqrt(20) * sqrt(1 / (1 - 0.9**2 / 0.95)) = 1.165 at any step
+ADAM_MAX_STEP = 1.17
+
+
+def assert_same_training(a, b, lr, steps, bulk=1e-2, frac=1e-3):
+    """Two runs' final weights (state dicts) that are the same computation up to the order of fp32 sums:
+    DDP vs one process, k micro-batches vs one batch, compiled vs eager.
+
+    Bit-equality is not promised there: rounding differs with the reduction order and with the CPU's vector
+    width, and Adam divides each gradient by its own running size, so a weight whose gradient is nearly zero
+    can move by anything up to a whole step. The tolerances follow from that:
+      - every weight: |a - b| <= 2 * ADAM_MAX_STEP * lr * steps (two runs, each at most one Adam step a step);
+        rounding can never exceed it;
+      - the bulk: at most `frac` of all weights differ by more than `bulk` * lr. Rounding (relative ~1e-6)
+        pushes a weight that far only where its gradient is ~1e4 times smaller than typical; a real bug
+        (other rows, a missed step, a wrong mask) moves most weights by ~lr and fails here.
+    Gradient scale bugs are invisible to Adam (it is scale free): pair this with a tight check of the first
+    step's loss and gradient norm, taken before any weights differ."""
+    assert set(a) == set(b)
+    hard = 2 * ADAM_MAX_STEP * lr * steps
+    diffs = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in sorted(a)])
+    worst = max(a, key=lambda k: (a[k].double() - b[k].double()).abs().max())
+    assert diffs.max() <= hard, f"{worst}: |diff| {diffs.max():.3g} > {hard:.3g}, more than Adam can move a weight"
+    moved = (diffs > bulk * lr).double().mean().item()
+    assert moved <= frac, f"{moved:.2%} of weights differ by more than {bulk} * lr (allowed {frac:.2%})"
+
+
+def first_record(log_path):
+    import json
+    with open(log_path) as f:
+        return json.loads(f.readline())
+
+
+def assert_same_first_step(log_a, log_b, keys=("loss", "grad_norm"), rel=1e-5):
+    """The first logged step of two runs from the same weights: only the order of fp32 sums differs, so the loss
+    and the gradient norm agree to float precision (relative ~1e-6); a scale or normalisation bug does not."""
+    ra, rb = first_record(log_a), first_record(log_b)
+    for key in keys:
+        assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (key, ra[key], rb[key])

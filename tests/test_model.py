@@ -240,7 +240,8 @@ def test_grad_checkpointing_gives_the_same_gradients(models, arch):
         model.grad_checkpointing = on
         M.token_logprobs(model(idx), idx).sum().backward()
         grads.append([p.grad for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    for a, b in zip(*grads):  # the same ops recomputed in the same order: equal up to float noise of the scale
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -760,9 +761,10 @@ def test_ddp_gradients_match_one_process(tmp_path):
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert set(one) == set(two) and len(one) > 10
-    for name in one:
-        assert (one[name] - two[name]).abs().max() < 1e-6, name
-        assert one[name].abs().max() > 0, name
+    for name in one:  # the same sums in another order: equal to float precision relative to the tensor's scale
+        scale = one[name].abs().max()
+        assert scale > 0, name
+        assert (one[name] - two[name]).abs().max() <= 1e-4 * scale, name
 
 
 def test_presets_table():

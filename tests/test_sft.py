@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import model as M
 import sft
-from conftest import assert_one_line_error, ROOT, run_script
+from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, ROOT, run_script
 
 
 def write_chats(path, n=40, seed=0):
@@ -127,13 +127,26 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_ckpt):
     data = write_chats(tmp_path / "c.jsonl")
     common = ["--model", tiny_ckpt, "--data", data, "--steps", "3", "--seq-len", "64", "--eval-frac", "0",
               "--warmup", "0", "--eval-every", "0", "--lr", "1e-3"]
-    sft.main(common + ["--out", str(tmp_path / "a.pt"), "--batch-size", "8", "--grad-accum", "1"])
-    sft.main(common + ["--out", str(tmp_path / "b.pt"), "--batch-size", "2", "--grad-accum", "4"])
+    sft.main(common + ["--out", str(tmp_path / "a.pt"), "--batch-size", "8", "--log", str(tmp_path / "a.jsonl")])
+    sft.main(common + ["--out", str(tmp_path / "b.pt"), "--batch-size", "2", "--grad-accum", "4",
+                       "--log", str(tmp_path / "b.jsonl")])
     a, b = final_weights(tmp_path / "a.pt"), final_weights(tmp_path / "b.pt")
     init = final_weights(tiny_ckpt)
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
-    for k in a:  # only fp32 summation order differs; Adam's 1/sqrt(v) magnifies it on near-zero gradients
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert_same_first_step(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    assert_same_training(a, b, lr=1e-3, steps=3)
+
+
+def test_same_training_check_catches_a_different_data_order(tmp_path, tiny_ckpt):
+    """The tolerance of assert_same_training is not so loose that it passes two different computations: the
+    same run with another data order (another --seed) fails it."""
+    data = write_chats(tmp_path / "c.jsonl")
+    common = ["--model", tiny_ckpt, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-frac", "0",
+              "--warmup", "0", "--eval-every", "0", "--lr", "1e-3", "--batch-size", "4"]
+    sft.main(common + ["--out", str(tmp_path / "a.pt")])
+    sft.main(common + ["--out", str(tmp_path / "b.pt"), "--seed", "1"])
+    with pytest.raises(AssertionError, match="of weights differ"):
+        assert_same_training(final_weights(tmp_path / "a.pt"), final_weights(tmp_path / "b.pt"), lr=1e-3, steps=2)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -166,16 +179,17 @@ def test_text_pretraining_smoke_and_log(tmp_path):
 
 
 def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt):
-    """torchrun --nproc_per_node=2 (gloo, CPU) with batch 4 per rank == one process with batch 8."""
+    """torchrun --nproc_per_node=2 (gloo, CPU) with batch 4 per rank == one process with batch 8: the same first
+    step to float precision, the same weights after two steps up to what reduction order can do through Adam."""
     data = write_chats(tmp_path / "c.jsonl")
     common = ["--model", tiny_ckpt, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-frac", "0",
-              "--eval-every", "0", "--warmup", "0", "--device", "cpu"]
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py", *common,
-               "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", env={"OMP_NUM_THREADS": "1"})
-    sft.main(common + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8"])
-    a, b = final_weights(tmp_path / "ddp.pt"), final_weights(tmp_path / "one.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+              "--eval-every", "0", "--warmup", "0", "--device", "cpu", "--lr", "1e-3"]
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py", "--", *common,
+               "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", "--log", str(tmp_path / "ddp.jsonl"),
+               env={"OMP_NUM_THREADS": "1"})
+    sft.main(common + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8", "--log", str(tmp_path / "one.jsonl")])
+    assert_same_first_step(tmp_path / "ddp.jsonl", tmp_path / "one.jsonl")
+    assert_same_training(final_weights(tmp_path / "ddp.pt"), final_weights(tmp_path / "one.pt"), lr=1e-3, steps=2)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -233,9 +247,9 @@ def test_compile_matches_eager(tmp_path, tiny_ckpt):
     """--compile (torch.compile, inductor on CPU) trains to the same weights as eager, within fp32 noise."""
     data = write_chats(tmp_path / "c.jsonl")
     common = ["--model", tiny_ckpt, "--data", data, "--steps", "2", "--seq-len", "64", "--batch-size", "4",
-              "--eval-frac", "0", "--eval-every", "0"]
-    sft.main(common + ["--out", str(tmp_path / "eager.pt")])
-    sft.main(common + ["--out", str(tmp_path / "compiled.pt"), "--compile"])
-    a, b = final_weights(tmp_path / "eager.pt"), final_weights(tmp_path / "compiled.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+              "--eval-frac", "0", "--eval-every", "0", "--lr", "1e-3"]
+    sft.main(common + ["--out", str(tmp_path / "eager.pt"), "--log", str(tmp_path / "eager.jsonl")])
+    sft.main(common + ["--out", str(tmp_path / "compiled.pt"), "--compile", "--log", str(tmp_path / "compiled.jsonl")])
+    assert_same_first_step(tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl", rel=1e-4)  # fused kernels round
+    assert_same_training(final_weights(tmp_path / "eager.pt"), final_weights(tmp_path / "compiled.pt"),
+                         lr=1e-3, steps=2)
