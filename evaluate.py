@@ -230,17 +230,6 @@ def kl_divergence(logits_p, logits_q):
 # Data: files, prompts, scoring functions
 
 
-def call_all(fn, spec, prompts, responses, kind):
-    """Apply a world function to every (prompt, response); kind float or bool; a wrong return type is named."""
-    out = []
-    for p, r in zip(prompts, responses):
-        v = fn(p, r)
-        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):  # bool, int, float and numpy scalars pass
-            raise M.UserError(f"{spec} returned {type(v).__name__}, expected {kind.__name__}")
-        out.append(kind(float(v)))
-    return out
-
-
 def first_n(records, n):
     return records[:n] if n else records
 
@@ -543,7 +532,7 @@ def main(argv=None):
     for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x]:
         if not os.path.exists(p):
             raise M.UserError(f"{p}: no such checkpoint")
-    fns = {k: (M.load_function(spec), spec) for k, spec in
+    fns = {k: (M.load_function(spec), f"--{k} {spec}") for k, spec in
            (("scorer", cfg.scorer), ("correct", cfg.correct), ("safety", cfg.safety)) if spec}
 
     # every file is read and checked before any model is loaded: a bad line costs seconds, not minutes
@@ -601,9 +590,9 @@ def main(argv=None):
                 row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
             originals = [r["prompt"] for r in data]
             if "correct" in fns:
-                row["accuracy"] = sum(call_all(*fns["correct"], originals, texts, bool)) / len(texts)
+                row["accuracy"] = sum(M.call_user(*fns["correct"], originals, texts, bool)) / len(texts)
             if "scorer" in fns:
-                row["gold_reward"] = sum(call_all(*fns["scorer"], originals, texts, float)) / len(texts)
+                row["gold_reward"] = sum(M.call_user(*fns["scorer"], originals, texts, float)) / len(texts)
             if judge is not None:
                 jm, jenc = judge
                 if cfg.reward_model:
@@ -622,7 +611,7 @@ def main(argv=None):
             log(f"{path}: generating {len(redteam)} responses to {cfg.redteam}")
             rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
             texts = generate_responses(model, enc, rt_prompts, cfg, device)[0]
-            row["safety"] = sum(call_all(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
+            row["safety"] = sum(M.call_user(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
         if mc:
             log(f"{path}: scoring {sum(len(r['choices']) for r in mc)} choices of {len(mc)} questions")
             row["mc_acc"], row["mc_acc_norm"], row["mc_acc_bytes"] = mc_eval(model, enc, mc, mc_shots, cfg, device)

@@ -978,12 +978,15 @@ def _check_record(obj, kind, where):
         if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise UserError(f"{where}: 'choices' must be a list of at least two strings")
         gold = need("gold", int)
-        if not 0 <= gold < len(choices):
+        if isinstance(gold, bool) or not 0 <= gold < len(choices):  # JSON true is a Python int too
             raise UserError(f"{where}: 'gold' {gold} is out of range for {len(choices)} choices")
         return obj
     obj = {**obj, "prompt": as_messages(need("prompt", (str, list)), where)}
     if kind == "pref":
         need("chosen", str), need("rejected", str)
+        m = obj.get("margin")  # optional: how much better chosen is (reward.py's margin loss)
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
+            raise UserError(f"{where}: 'margin' must be a finite number, got {str(m)[:40]!r}")
     elif kind == "kto":
         need("completion", str), need("label", bool)
     elif kind == "prompt":
@@ -994,29 +997,45 @@ def _check_record(obj, kind, where):
     return obj
 
 
+def parse_jsonl_line(raw, where):
+    """One line of a JSONL file (bytes) -> the JSON value; every way it can be unreadable is a UserError."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        raise UserError(f"{where}: invalid JSON (nested too deeply)")
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{where}: invalid JSON ({str(e)[:80]})")
+    try:  # "\ud800" is valid JSON but no valid text: the tokenizer could not encode it later
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: a string holds a lone UTF-16 surrogate (an escape like \\ud800), not valid text")
+    return obj
+
+
 def read_jsonl(path, kind, skip_bad_lines=False):
     """Load and validate a JSONL file. kind: chat | text | pref | kto | prompt | mc.
 
     A bad line raises UserError("path:line: what is wrong"); with skip_bad_lines it is counted instead and the
-    count reported on stderr. Returns the list of records (prompts normalised to message lists)."""
+    count reported on stderr. Returns the list of records (prompts normalised to message lists). Lines are split
+    on b"\\n" (JSON strings cannot hold a raw newline) and decoded one by one, so even a bad byte is reported
+    with its line; a UTF-8 byte-order mark at the start of the file is allowed."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such data file")
+    with open(path, "rb") as f:
+        data = f.read()
     out, bad = [], 0
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        if not raw.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-            out.append(_check_record(obj, kind, where))
+            out.append(_check_record(parse_jsonl_line(raw, where), kind, where))
         except UserError:
             if not skip_bad_lines:
                 raise
@@ -1069,6 +1088,30 @@ def load_function(spec, flag=""):
     if not callable(fn):
         raise UserError(f"{where}: {path} has no function {name!r}")
     return fn
+
+
+def call_user(fn, spec, prompts, responses, kind=float, indices=None):
+    """fn(prompt, response) for each pair -> a list of `kind` (float or bool), for scorers, verifiers and gold
+    rewards given as file.py:fn. Whatever the user's code does wrong (raises, returns a string, None, NaN, a list)
+    is a UserError naming the function (`spec`) and the prompt's index (`indices[i]`, default i) in its data."""
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        where = f"{spec}: prompt {indices[i] if indices is not None else i}"
+        try:
+            v = fn(p, r)
+        except Exception as e:  # user code: any exception is theirs, shown with the prompt that caused it
+            raise UserError(f"{where}: raised {type(e).__name__}: {str(e)[:120]}")
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):  # bool, int, float, numpy / 0-d tensors pass
+            n = f" of {len(v)} values" if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else ""
+            raise UserError(f"{where}: returned {type(v).__name__}{n} {str(v)[:40]!r}, expected one {kind.__name__}")
+        try:
+            x = float(v)
+        except (TypeError, ValueError) as e:  # e.g. a tensor of several values
+            raise UserError(f"{where}: returned {type(v).__name__} that is not one number ({str(e)[:80]})")
+        if kind is float and not math.isfinite(x):
+            raise UserError(f"{where}: returned {x}, expected a finite float")
+        out.append(kind(x))
+    return out
 
 
 def truncate(prompt_ids, response_ids, max_len):

@@ -308,19 +308,14 @@ def decode(enc, tokens, gen_mask, stop):
 
 
 @torch.no_grad()
-def score(seq, attn, texts, messages, rm, fn, spec):
+def score(seq, attn, texts, messages, rm, fn, spec, indices):
     """Scores (B,) fp32: the reward model's value at each row's last real token (its <|im_end|> when the
-    response ended; the sequence is right padded after it), or the verifier fn(messages, text)."""
+    response ended; the sequence is right padded after it), or the verifier fn(messages, text); `indices` are the
+    prompts' positions in their data file, named when the verifier fails."""
     if rm is not None:
         values = rm(seq, attention_mask=attn)  # (B, T)
         return values.gather(1, M.last_token_index(attn)[:, None]).squeeze(1).float()
-    out = []
-    for msgs, text in zip(messages, texts):
-        v = fn(msgs, text)
-        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):
-            raise M.UserError(f"--reward {spec} returned {type(v).__name__}, expected a float")
-        out.append(float(v))
-    return torch.tensor(out, device=seq.device)
+    return torch.tensor(M.call_user(fn, f"--reward {spec}", messages, texts, float, indices), device=seq.device)
 
 
 @torch.no_grad()
@@ -348,11 +343,13 @@ def evaluate(model, sets, rm, fn, gold, cfg, enc, device):
         for i in range(0, len(ids), 32):
             r = sample(model, ids[i:i + 32], cfg, enc, device, temperature=0.0)
             with M.autocast(device, cfg.dtype):
-                s = score(r["seq"], r["attn"], r["texts"], prompts[i:i + 32], rm, fn, cfg.reward)
+                rows = range(i, min(i + 32, len(ids)))
+                s = score(r["seq"], r["attn"], r["texts"], prompts[i:i + 32], rm, fn, cfg.reward, rows)
             part = {"eval_proxy": (s - cfg.missing_eos_penalty * (~r["ended"]).float()).sum().item(),
                     "eval_len": r["mask"].sum().item(), "eval_ended": r["ended"].float().sum().item()}
             if gold:
-                part["eval_gold"] = sum(float(gold(p, t)) for p, t in zip(prompts[i:i + 32], r["texts"]))
+                part["eval_gold"] = sum(M.call_user(gold, f"--gold {cfg.gold}", prompts[i:i + 32], r["texts"],
+                                                    float, rows))
                 gold_sum += part["eval_gold"]
             totals = {k: totals.get(k, 0.0) + v for k, v in part.items()}
         if gold and len(sets) > 1:
@@ -576,7 +573,7 @@ def main(argv=None):
             with M.lora_disabled(raw_policy) if ref is None else contextlib.nullcontext():
                 ref_logp = response_logprobs(ref if ref is not None else raw_policy, seq, attn, P, cfg.temperature)[0]
             values = raw_critic(seq, attention_mask=attn)[:, P - 1:-1].float() * mask if critic else None
-            scores = score(seq, attn, roll["texts"], [prompts[i] for i in idx], rm, fn, cfg.reward)
+            scores = score(seq, attn, roll["texts"], [prompts[i] for i in idx], rm, fn, cfg.reward, idx)
         if cfg.debug_logprobs_every and step % cfg.debug_logprobs_every == 0:
             diff = ((old_logp.float() - roll["logp"]).abs() * mask).max().item()
             if diff >= 1e-4:

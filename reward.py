@@ -39,8 +39,6 @@ of an over-long example is read at its last kept token instead of `<|im_end|>` (
 """
 
 import contextlib
-import json
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -137,45 +135,19 @@ def tokenize_response(enc, prompt, response, seq_len):
     return p + r, truncated
 
 
-def read_margins(path, n_records, skip_bad_lines):
-    """The optional numeric "margin" of each record (None when no record has one). A margin that is not a number
-    is a UserError naming the line."""
-    margins, any_margin = [], False
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # read_jsonl already refused it, or skipped it with --skip-bad-lines
-            if not isinstance(obj, dict) or not {"prompt", "chosen", "rejected"} <= set(obj):
-                continue
-            m = obj.get("margin")
-            if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
-                if skip_bad_lines:
-                    continue
-                raise M.UserError(f"{path}:{lineno}: 'margin' must be a finite number, got {m!r}")
-            any_margin |= m is not None
-            margins.append(float(m or 0.0))
-    if not any_margin or len(margins) != n_records:
-        return None
-    return margins
-
-
 def load_pairs(cfg, enc):
     """-> train and held-out lists of dicts {prompt, chosen, rejected, ids_c, ids_r, margin}, number truncated."""
     records = M.read_jsonl(cfg.data, "pref", cfg.skip_bad_lines)
-    margins = read_margins(cfg.data, len(records), cfg.skip_bad_lines)
+    has_margin = any(rec.get("margin") is not None for rec in records)  # read_jsonl checked each is finite
     train, held, truncated = [], [], 0
-    for i, rec in enumerate(records):
+    for rec in records:
         ids_c, tc = tokenize_response(enc, rec["prompt"], rec["chosen"], cfg.seq_len)
         ids_r, tr = tokenize_response(enc, rec["prompt"], rec["rejected"], cfg.seq_len)
         truncated += tc + tr
         pair = {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"], "ids_c": ids_c,
-                "ids_r": ids_r, "margin": margins[i] if margins else 0.0}
+                "ids_r": ids_r, "margin": float(rec.get("margin") or 0.0)}
         (held if M.held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
-    return train, held, truncated, margins is not None
+    return train, held, truncated, has_margin
 
 
 def collate(pairs, pad_id):
@@ -187,11 +159,12 @@ def collate(pairs, pad_id):
     return ids, mask
 
 
-def gold_report(gold, pairs, rm_chosen, rm_rejected):
+def gold_report(gold, spec, pairs, rm_chosen, rm_rejected):
     """The gold reward's accuracy on the held-out labels (the ceiling) and the reward model's agreement with the
-    gold ordering on pairs the gold reward does not tie."""
-    g_c = torch.tensor([float(gold(p["prompt"], p["chosen"])) for p in pairs], dtype=torch.float64)
-    g_r = torch.tensor([float(gold(p["prompt"], p["rejected"])) for p in pairs], dtype=torch.float64)
+    gold ordering on pairs the gold reward does not tie. A failing gold function is named with the held-out pair."""
+    prompts = [p["prompt"] for p in pairs]
+    g_c = torch.tensor(M.call_user(gold, spec, prompts, [p["chosen"] for p in pairs]), dtype=torch.float64)
+    g_r = torch.tensor(M.call_user(gold, spec, prompts, [p["rejected"] for p in pairs]), dtype=torch.float64)
     untied = g_c != g_r
     agree = ((rm_chosen > rm_rejected) == (g_c > g_r))[untied].double()
     return {"gold_accuracy": preference_accuracy(g_c, g_r).mean().item(),
@@ -318,7 +291,7 @@ def main(argv=None):
             eval_metrics, held_c, held_r = evaluate_pairs(raw, held, cfg, device, pad_id, rank, world)
             record.update(eval_metrics)
             if last and gold is not None and held:
-                record.update(gold_report(gold, held, held_c, held_r))
+                record.update(gold_report(gold, f"--gold {cfg.gold}", held, held_c, held_r))
         if rank == 0:
             held_acc = record.get("eval_accuracy", metrics.get("eval_accuracy", float("nan")))  # the latest
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", eval_acc=f"{held_acc:.2f}")

@@ -51,6 +51,15 @@ def assert_one_line_error(proc, where, message):
     assert len(err) == 1 and where in err[0] and message in err[0], proc.stderr
 
 
+def assert_error_ends_run(proc, where, message):
+    """A user error raised mid-run (progress bars and log lines came first): exit code 2, no traceback, and exactly
+    one `error:` line, the last, naming `where` and `message`."""
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and [e for e in err if e.startswith("error:")] == err[-1:], proc.stderr
+    assert where in err[-1] and message in err[-1], proc.stderr
+
+
 # Adam moves a weight by lr * m_hat / sqrt(v_hat) per step, and for betas (0.9, 0.95) Cauchy-Schwarz bounds
 # |m_hat| / sqrt(v_hat) by 0.1 * sqrt(20) * sqrt(1 / (1 - 0.9**2 / 0.95)) = 1.165 at any step
 ADAM_MAX_STEP = 1.17

@@ -310,8 +310,8 @@ def test_load_function_errors(tmp_path):
                       (f"{good}:missing", "no function"), (f"{bad}:f", "failed to import")]:
         with pytest.raises(M.UserError, match=msg):
             M.load_function(spec)
-    with pytest.raises(M.UserError, match="returned str, expected float"):
-        E.call_all(M.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
+    with pytest.raises(M.UserError, match="w.py:text: prompt 0: returned str 'yes', expected one float"):
+        M.call_user(M.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
 
 
 @pytest.mark.parametrize("argv, msg", [
