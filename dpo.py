@@ -111,6 +111,7 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     resume: str = ""  # checkpoint of this script to continue from (model, optimiser, RNG, data position, ref cache)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
+    save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     log: str = ""  # JSONL metrics file (one line per step)
 
@@ -510,6 +511,9 @@ def main(argv=None):
     rank, world, device = M.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
+    M.check_out(cfg.out, model)
+    M.catch_interrupts(cfg.save_on_interrupt)
+    last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
     pad_id, stop_id = M.special_id(enc, "<|pad|>"), M.special_id(enc, "<|im_end|>")
 
@@ -591,7 +595,8 @@ def main(argv=None):
                           margin=(sums[1] - sums[2]) / n_all, accuracy=sums[3] / n_all, logp_chosen=sums[4] / n_all,
                           logp_rejected=sums[5] / n_all)
         record["examples_s"] = n_all / (time.perf_counter() - t0)
-        last = step + 1 == end
+        M.check_finite(record, ("loss", "grad_norm"), last_saved)
+        last, stop = step + 1 == end, M.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record.update(evaluate_held_out(raw, held, ref_held, cfg, device, pad_id, rank, world))
             if cfg.kl_prompts and kl_prompts:
@@ -608,17 +613,21 @@ def main(argv=None):
             bar.set_postfix(post)
             M.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
-        if rank == 0 and (last or cfg.save_every and (step + 1) % cfg.save_every == 0):
-            train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
-            if ref is not None:
-                train_state["ref_logps"] = ref
-                if ref_held is not None:
-                    train_state["ref_logps_held"] = ref_held
-            if cfg.lora_rank:
-                train_state["lora"] = M.lora_state_dict(raw)
-            M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                              lineage=lineage + [cfg.loss if cfg.loss in ("kto", "simpo", "orpo") else "dpo"],
-                              train_state=train_state)
+        if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if rank == 0:
+                train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+                if ref is not None:
+                    train_state["ref_logps"] = ref
+                    if ref_held is not None:
+                        train_state["ref_logps_held"] = ref_held
+                if cfg.lora_rank:
+                    train_state["lora"] = M.lora_state_dict(raw)
+                M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                                  lineage=lineage + [cfg.loss if cfg.loss in ("kto", "simpo", "orpo") else "dpo"],
+                                  train_state=train_state)
+            last_saved = f"{cfg.out} (step {step + 1})"
+        if stop:
+            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
         for key in ("eval_accuracy", "eval_margin", "kl_ref"):

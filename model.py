@@ -37,6 +37,8 @@ import json
 import math
 import os
 import pickle
+import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass, fields
 
@@ -52,6 +54,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad flag). `run()` prints it on one line and exits with 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM seen at a step boundary under --save-on-interrupt, after the checkpoint was saved.
+    `run()` prints it on one line and exits with 130, the shell's code for an interrupted command."""
 
 
 # -----------------------------------------------------------------------------
@@ -645,16 +652,19 @@ def lora_state_dict(model):
 
 
 def atomic_write(path, write):
-    """write(file) into a temp file beside `path`, fsync, rename: a crash leaves the old file intact."""
+    """write(file) into a temp file beside `path`, fsync, rename: a crash or a full disk leaves the old file intact,
+    and two processes saving to one path leave one of their files whole (each writes its own temp file)."""
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: could not write it ({e.strerror or e}); any earlier version is left intact")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -683,34 +693,134 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+# Far above any released model (Llama 3.1 405B: d_model 16384, d_ff 53248, 126 layers, 128 heads; Gemma 3: 262k
+# ids; Llama 4 Scout: 10M positions). A file's config beyond them is corrupt, and sizes are checked before anything
+# is built: even load_model's meta-device twin costs milliseconds per layer.
+SIZE_LIMITS = {"vocab_size": 2**22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "d_model": 2**16,
+               "d_ff": 2**20, "max_seq_len": 2**24}
+
+
+def _show(value):
+    """repr() for an error message, cut short; an int too long for repr (over 4300 digits raise) by its size."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)[:40]
+
+
+def _one_line(e, n=120):
+    """An exception's message on one line (library messages span several), cut to n characters."""
+    return " ".join(str(e).split())[:n]
+
+
+def _check_size(where, name, value, limit):
+    """A model size read from a file: an int (not a bool) from 1 to limit, else a UserError naming it."""
+    if type(value) is not int or not 0 < value <= limit:
+        raise UserError(f"{where}: {name} = {_show(value)}: expected a whole number from 1 to {limit}")
+
+
 def config_from_dict(d, where):
-    names = {f.name for f in fields(Config)}
-    unknown = set(d) - names
+    """A config read from a file -> Config. Types and ranges are checked field by field first, so a corrupt value
+    is a UserError naming it, not a TypeError or ZeroDivisionError from Config, nor an absurd allocation later."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: 'config' is {_show(d)}, expected a dict of the model's sizes")
+    kinds = {f.name: f.type for f in fields(Config)}
+    unknown = [k for k in d if k not in kinds]
     if unknown:
-        raise UserError(f"{where}: unknown config fields {sorted(unknown)} (not a checkpoint of this project?)")
-    return Config(**d)
+        raise UserError(f"{where}: unknown config fields {sorted(map(str, unknown))} "
+                        "(not a checkpoint of this project?)")
+    d = dict(d)
+    for k, v in d.items():
+        if k in SIZE_LIMITS:
+            _check_size(where, k, v, SIZE_LIMITS[k])
+        elif kinds[k] is float:
+            number = type(v) in (int, float) and -1e300 < v < 1e300  # finite; unlike float(), never overflows
+            if not number or (v <= 0 if k == "rope_theta" else not 0 <= v < 1):
+                want = "a positive number" if k == "rope_theta" else "a number in [0, 1)"
+                raise UserError(f"{where}: {k} = {_show(v)}: expected {want}")
+            d[k] = float(v)
+        elif type(v) is not kinds[k]:  # the str and bool fields
+            raise UserError(f"{where}: {k} = {_show(v)}: expected a {kinds[k].__name__}")
+    try:
+        cfg = Config(**d)
+    except UserError as e:  # Config's own checks (architecture, head, heads dividing d_model) do not know the file
+        raise UserError(f"{where}: {e}")
+    if cfg.arch == "llama" and cfg.d_model // cfg.n_head % 2:
+        raise UserError(f"{where}: head size d_model / n_head = {cfg.d_model // cfg.n_head} is odd: RoPE rotates "
+                        "pairs of channels")
+    return cfg
+
+
+def _foreign_globals(path, magic):
+    """The Python callables and classes (module.name) that the pickle in `path` (a torch zip's data.pkl, else the
+    file itself) names, leaving out torch's own: what weights_only refuses. [] for bytes that are no whole pickle.
+    pickletools only parses the opcodes: nothing in the file runs."""
+    import pickletools
+    import zipfile
+    names, strings = [], []
+    try:
+        if magic.startswith(b"PK"):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read(2**26)
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # module and name were pushed just before
+                names.append(".".join(strings[-2:]))
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # no zip, no data.pkl, a bad opcode or a pickle cut short: no pickle of objects
+        return []
+    return [n for n in names if not n.startswith("torch.") and n != "collections.OrderedDict"]
 
 
 def load_checkpoint(path):
     """Read a checkpoint into our dict schema without building the model. Every failure is a UserError."""
+    import warnings
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint")
     if os.path.isdir(path):
         return load_hf_dir(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file (a checkpoint is a file or a model directory)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the checkpoint ({e.strerror})")
+    if not magic:
+        raise UserError(f"{path}: empty file (0 bytes), not a checkpoint")
+    # llama.cpp's format: b"GGUF", then a uint32 version. torch.load would call it corrupt or a pickle
+    if magic[:4] == b"GGUF":
+        raise UserError(f"{path}: a GGUF file (llama.cpp); reading GGUF is not implemented yet: load the model's "
+                        "Hugging Face directory or .safetensors instead")
+    if path.endswith(".gguf"):
+        raise UserError(f"{path}: not a GGUF file (bad magic {magic[:4]!r}, expected b'GGUF')")
     if path.endswith(".safetensors"):
         return load_safetensors(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise UserError(f"{path}: refusing to load: the file holds Python objects, not just tensors ({first[:120]})")
-    # random or bit-flipped bytes fail in any way inside the unpickler (RuntimeError, EOFError, IndexError,
-    # KeyError, TypeError, struct.error...): all of them mean "not a readable checkpoint", with the cause shown
+        with warnings.catch_warnings():  # e.g. on a pickle's protocol: a second stderr line beside our one-line error
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # random or bit-flipped bytes fail in any way inside the unpickler (UnpicklingError, RuntimeError, EOFError,
+    # IndexError, KeyError, struct.error...); the bytes themselves tell refused objects from damage and from junk
     except Exception as e:
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {str(e)[:120]})")
+        foreign = _foreign_globals(path, magic) if isinstance(e, pickle.UnpicklingError) else []
+        if foreign:
+            raise UserError(f"{path}: refusing to load: the file holds Python objects, not just tensors "
+                            f"(it names {', '.join(sorted(set(foreign))[:3])[:120]})")
+        if magic.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip or a pickle: damaged
+            detail = str(e).split("WeightsUnpickler error:")[-1]  # torch's text before it is about its defaults
+            raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {_one_line(detail)})")
+        raise UserError(f"{path}: not a checkpoint (not a PyTorch file, .safetensors or model directory; it "
+                        f"starts with {magic!r})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'config')")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path}: 'model' is {_show(ckpt['model'])}, expected a dict of tensors")
     return ckpt
 
 
@@ -719,18 +829,35 @@ def load_model(path, device="cpu", head=None):
 
     head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path}: 'config' is not a dict")
     cfg = config_from_dict(ckpt["config"], path)
     sd = ckpt["model"]
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise UserError(f"{path}: model entry {_show(k)}: weight names must be strings")
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{path}: weight {k} is of type {type(v).__name__}, expected a tensor")
+        if not v.is_floating_point():  # copied into float weights, ints or bools would load as silent nonsense
+            raise UserError(f"{path}: weight {k} holds {v.dtype}, expected floating-point values")
+        if v.layout != torch.strided or v.is_meta:
+            raise UserError(f"{path}: weight {k} is a {'meta' if v.is_meta else v.layout} tensor, expected a dense one")
     if head is not None and head != cfg.head:
         cfg = dataclasses.replace(cfg, head=head)
         sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "score."))}
-    model = Transformer(cfg)
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise UserError(f"{path}: weights do not match the config ({str(e).splitlines()[-1].strip()[:160]})")
+    # The weights against a twin of the config built on the meta device (no memory), before the real model: a
+    # corrupt size is then a UserError, not an allocation of its size. Blocks are counted first: the twin of a
+    # 1000-layer config would take seconds to build
+    blocks = _layer_ids(sd, "blocks")
+    if len(blocks) != cfg.n_layer:
+        raise UserError(f"{path}: weights do not match the config (n_layer={cfg.n_layer}, the weights hold "
+                        f"{len(blocks)} blocks)")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{path}: weights do not match the config ({k} is {list(sd[k].shape)}, the config makes "
+                        f"it {list(expected[k])})")
+    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
     if cfg.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     allowed = {"score.weight", "score.bias", "lm_head.weight"} if head is not None else set()
@@ -738,10 +865,36 @@ def load_model(path, device="cpu", head=None):
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    enc = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    enc = _tokenizer_of(ckpt.get("tokenizer", "byte"), path)
     if enc.n_vocab > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
+        raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
     return model.to(device), enc, ckpt
+
+
+def _layer_ids(keys, marker):
+    """The layer numbers in weight names: the integers right after a `marker` component ("blocks", "h", "layers")."""
+    ids = set()
+    for k in keys:
+        parts = k.split(".")
+        ids.update(int(b) for a, b in zip(parts, parts[1:]) if a == marker and b.isdigit())
+    return ids
+
+
+def _tokenizer_of(spec, where):
+    """get_tokenizer(spec) for a spec read from a file: every failure a UserError naming that file."""
+    if not isinstance(spec, str):
+        raise UserError(f"{where}: tokenizer {_show(spec)} is not a name ('byte', 'gpt2') or a path")
+    try:
+        return get_tokenizer(spec)
+    except UserError as e:
+        raise UserError(f"{where}: {e}")
+    except (OSError, ValueError) as e:  # an unreadable or empty ranks file
+        raise UserError(f"{where}: tokenizer {spec!r} unreadable ({_one_line(e)})")
 
 
 def save_safetensors(path, model, enc):
@@ -761,26 +914,45 @@ def _safetensors_bytes(sd):
 
 
 def _read_safetensors(path):
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a directory, expected a .safetensors file")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: corrupt or truncated safetensors file ({str(e)[:120]})")
+    # the header is checked before any tensor is read (its length against the file, offsets, dtypes, shapes);
+    # whatever it rejects (SafetensorError, OSError...) means the same: not a readable safetensors file
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})")
 
 
 def _read_json(path):
+    """The JSON object in `path`; every way the file can be unreadable is a UserError naming it."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8-sig"))
     except FileNotFoundError:
         raise UserError(f"{path}: missing (needed beside the weights)")
+    except OSError as e:  # e.g. a directory of that name
+        raise UserError(f"{path}: cannot read ({e.strerror})")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON (nested too deeply)")
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{path}: invalid JSON ({_one_line(e, 80)})")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object {{...}}, found {json.dumps(obj)[:40]}")
+    return obj
 
 
 def load_safetensors(path):
-    meta = _read_json(path[: -len(".safetensors")] + ".json")
+    """`path` (.safetensors) and the .json beside it (config, tokenizer name) -> our checkpoint dict."""
+    try:
+        meta = _read_json(path[: -len(".safetensors")] + ".json")
+    except UserError as e:  # it names the .json; the user named the .safetensors
+        raise UserError(f"{path}: {e}")
     return {"model": _read_safetensors(path), "config": meta.get("config"), "tokenizer": meta.get("tokenizer", "byte"),
             "step": 0, "args": {}, "metrics": {}, "format": "fp32", "lineage": ["safetensors"]}
 
@@ -850,53 +1022,91 @@ def ours_to_hf(sd, cfg):
     return {k: v.contiguous() for k, v in hf.items()}
 
 
+# config.json size keys of each family -> our Config field, whose SIZE_LIMITS bound them
+HF_SIZE_KEYS = {
+    "gpt2": {"vocab_size": "vocab_size", "n_embd": "d_model", "n_layer": "n_layer", "n_head": "n_head",
+             "n_inner": "d_ff", "n_positions": "max_seq_len"},
+    "llama": {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layer",
+              "num_attention_heads": "n_head", "num_key_value_heads": "n_kv_head", "intermediate_size": "d_ff",
+              "max_position_embeddings": "max_seq_len", "head_dim": "d_model"},
+}
+HF_REQUIRED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+               "llama": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
+
+
 def load_hf_dir(path):
-    """A Hugging Face model directory of the GPT-2, Llama or Qwen2 family -> our checkpoint dict."""
-    hc = _read_json(os.path.join(path, "config.json"))
+    """A Hugging Face model directory of the GPT-2, Llama or Qwen2 family -> our checkpoint dict.
+
+    config.json's sizes are checked (present, whole, within SIZE_LIMITS) before any arithmetic on them, and the
+    number of layers against the weights before any loop over them."""
+    cfg_path = os.path.join(path, "config.json")
+    hc = _read_json(cfg_path)
     mt = hc.get("model_type")
+    family = "gpt2" if mt == "gpt2" else "llama" if mt in ("llama", "qwen2") else None
+    if family is None:
+        raise UserError(f"{path}: unknown architecture {_show(mt)} (supported: gpt2, llama, qwen2)")
+    # what we do not implement first (the more useful message), then the sizes
+    rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{cfg_path}: rope_parameters / rope_scaling is {_show(rope)}, expected an object")
+    if family == "gpt2" and hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{path}: unsupported GPT-2 activation {_show(hc['activation_function'])}")
+    if family == "llama" and rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{path}: RoPE scaling {_show(rope.get('rope_type', rope.get('type')))} is not implemented")
+    if family == "llama" and (hc.get("mlp_bias") or (mt == "llama" and hc.get("attention_bias"))):
+        raise UserError(f"{path}: Llama with attention/MLP biases is not implemented")
+    for key in HF_REQUIRED[family]:
+        if hc.get(key) is None:
+            raise UserError(f"{cfg_path}: missing {key!r}")
+    for key, ours in HF_SIZE_KEYS[family].items():
+        if hc.get(key) is not None:
+            _check_size(cfg_path, key, hc[key], SIZE_LIMITS[ours])
     if mt == "gpt2":
-        if hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{path}: unsupported GPT-2 activation {hc['activation_function']!r}")
         d = hc["n_embd"]
-        cfg = Config(arch="gpt2", vocab_size=hc["vocab_size"], n_layer=hc["n_layer"], n_head=hc["n_head"],
-                     n_kv_head=hc["n_head"], d_model=d, d_ff=hc.get("n_inner") or 4 * d,
-                     max_seq_len=hc["n_positions"], norm_eps=hc.get("layer_norm_epsilon", 1e-5),
-                     tie_embeddings=bool(hc.get("tie_word_embeddings", True)))
-    elif mt in ("llama", "qwen2"):
-        rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"{path}: RoPE scaling {rope.get('rope_type')!r} is not implemented")
-        if hc.get("mlp_bias") or (mt == "llama" and hc.get("attention_bias")):
-            raise UserError(f"{path}: Llama with attention/MLP biases is not implemented")
+        cfg = config_from_dict(dict(
+            arch="gpt2", vocab_size=hc["vocab_size"], n_layer=hc["n_layer"], n_head=hc["n_head"],
+            n_kv_head=hc["n_head"], d_model=d, d_ff=hc.get("n_inner") or 4 * d, max_seq_len=hc["n_positions"],
+            norm_eps=hc.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hc.get("tie_word_embeddings", True))),
+            cfg_path)
+    else:
         d, nh = hc["hidden_size"], hc["num_attention_heads"]
         if hc.get("head_dim") not in (None, d // nh):
             raise UserError(f"{path}: head_dim {hc['head_dim']} != hidden_size / heads is not implemented")
-        cfg = Config(arch="llama", vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_head=nh,
-                     n_kv_head=hc.get("num_key_value_heads") or nh, d_model=d, d_ff=hc["intermediate_size"],
-                     max_seq_len=hc.get("max_position_embeddings", 2048), norm_eps=hc.get("rms_norm_eps", 1e-6),
-                     rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))),
-                     qkv_bias=mt == "qwen2", tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
-    else:
-        raise UserError(f"{path}: unknown architecture {mt!r} (supported: gpt2, llama, qwen2)")
+        cfg = config_from_dict(dict(
+            arch="llama", vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_head=nh,
+            n_kv_head=hc.get("num_key_value_heads") or nh, d_model=d, d_ff=hc["intermediate_size"],
+            max_seq_len=hc.get("max_position_embeddings") or 2048, norm_eps=hc.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hc.get("rope_theta", 10000.0)), qkv_bias=mt == "qwen2",
+            tie_embeddings=bool(hc.get("tie_word_embeddings", False))), cfg_path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights found")
     hf = {}
     for f in files:
         hf.update(_read_safetensors(os.path.join(path, f)))
+    layers = _layer_ids(hf, "h" if mt == "gpt2" else "layers")
+    if len(layers) != cfg.n_layer:
+        raise UserError(f"{cfg_path}: {'n_layer' if mt == 'gpt2' else 'num_hidden_layers'} is {cfg.n_layer} but the "
+                        f"weights hold {len(layers)} layers")
     try:
         sd = hf_to_ours(hf, mt, cfg)
     except KeyError as e:
         raise UserError(f"{path}: weight {e} missing for a {mt} model")
+    except (RuntimeError, IndexError) as e:  # GPT-2's transposes and q, k, v split on tensors of the wrong rank
+        raise UserError(f"{path}: weights do not have the shapes of a {mt} model ({_one_line(e)})")
     tok_file = os.path.join(path, "tokenizer.json.posttrain")
-    tokenizer = _read_json(tok_file)["tokenizer"] if os.path.exists(tok_file) else ("gpt2" if mt == "gpt2" else None)
+    has_tok_file = os.path.exists(tok_file)
+    tokenizer = _read_json(tok_file).get("tokenizer") if has_tok_file else ("gpt2" if mt == "gpt2" else None)
     if tokenizer is None:
         tiktoken_files = [f for f in os.listdir(path) if f.endswith((".tiktoken", "tokenizer.model"))]
         if not tiktoken_files:
             raise UserError(f"{path}: no tokenizer we can read (need a .tiktoken ranks file in the directory)")
         tokenizer = os.path.join(path, tiktoken_files[0])
-    extra = get_tokenizer(tokenizer).n_vocab - cfg.vocab_size
-    if 0 < extra <= len(SPECIAL_TOKENS):  # e.g. GPT-2's 50257 ids lack our ChatML rows: add them (mean embedding)
+    extra = _tokenizer_of(tokenizer, tok_file if has_tok_file else path).n_vocab - cfg.vocab_size
+    # e.g. GPT-2's 50257 ids lack our ChatML rows: add them (mean embedding). Rows of any other shape are left for
+    # load_model to report against the config
+    if 0 < extra <= len(SPECIAL_TOKENS) and all(sd[k].shape == (cfg.vocab_size, cfg.d_model)
+                                                 for k in ("embed.weight", "lm_head.weight")):
         for k in ("embed.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], sd[k].mean(0, keepdim=True).expand(extra, -1)])  # (vocab + extra, C)
         cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + extra)
@@ -1274,7 +1484,8 @@ def parse_config(cls, argv=None, description=None):
 
 
 def run(main):
-    """Call main(); a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    """Call main(); a UserError becomes one line on stderr and exit code 2, never a traceback; Ctrl-C one line and
+    exit code 130."""
     finished = False
     try:
         main()
@@ -1282,8 +1493,75 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, nothing saved since the last checkpoint "
+              "(--save-on-interrupt saves one at the end of the current step)", file=sys.stderr)
+        sys.exit(130)
     finally:
         cleanup_ddp(finished)
+
+
+def check_out(path, model=None):
+    """Fail before training, not after it: --out must be a regular file or not exist yet, in a folder where a file
+    can be written, on a disk with room for the checkpoint (weights + AdamW's two moments, ~3x the weights)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path}: --out exists and is not a regular file")
+    folder = os.path.dirname(path)
+    probe = f"{path}.probe.{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{path}: cannot write --out there ({e.strerror or e})")
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    if model is not None:
+        need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise UserError(f"{path}: the checkpoint needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+
+
+_STOP = []  # signals seen under --save-on-interrupt
+
+
+def catch_interrupts(enabled):
+    """--save-on-interrupt: Ctrl-C (SIGINT) and SIGTERM (a scheduler's pre-emption) no longer stop the process at
+    once; they are noted, and the training loop saves at the end of the current step and stops (`interrupted`).
+    A second Ctrl-C stops at once. Saving mid-step could write half-updated weights; a step boundary cannot."""
+    if not enabled:
+        return
+
+    def note(signum, frame):
+        if _STOP:  # the second one: the user means it
+            raise KeyboardInterrupt
+        _STOP.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+
+
+def interrupted(device):
+    """Whether a signal was noted on any rank (every rank then stops at the same step)."""
+    return bool(all_reduce_sum(torch.tensor([float(bool(_STOP))], device=device)).item())
+
+
+def check_finite(record, keys, last_saved):
+    """Stop a diverged run: a loss or gradient norm that is NaN or inf ends it with the step and the last good
+    checkpoint (`last_saved`, e.g. "out/sft.pt (step 40)", or None) named, before anything non-finite is saved.
+    The metrics are all-reduced, so every rank stops at the same step."""
+    bad = [k for k in keys if k in record and not math.isfinite(record[k])]
+    if bad:
+        raise UserError(f"step {record['step']}: {', '.join(f'{k} is {record[k]}' for k in bad)}; stopped without "
+                        f"saving. Last good checkpoint: {last_saved or 'none yet'}. Lower --lr or check the data")
 
 
 def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
@@ -1294,15 +1572,19 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
     state, step = None, 0
     if resume:
         ckpt = load_checkpoint(resume)
-        if "train_state" not in ckpt:
-            raise UserError(f"{resume}: no train_state to resume from (not written by a training script?)")
-        state, step = ckpt["train_state"], ckpt["step"]
-        if not lora_rank:
+        state, step = ckpt.get("train_state"), ckpt.get("step")
+        if not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool):
+            raise UserError(f"{resume}: no train_state and step to resume from (not written by a training script?)")
+    try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
+        if resume and not lora_rank:
             model.load_state_dict(ckpt["model"])
-    if lora_rank:
-        apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
-        if state is not None:
-            model.load_state_dict(state["lora"], strict=False)
+        if lora_rank:
+            apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
+            if state is not None:
+                model.load_state_dict(state["lora"], strict=False)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{resume}: does not fit the model being trained, resume with the flags of the run that "
+                        f"wrote it ({' '.join(str(e).split())[:120]})")
     return step, state
 
 
@@ -1312,8 +1594,11 @@ def wrap_for_training(model, cfg, state, world, device):
     from torch.nn.parallel import DistributedDataParallel as DDP
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"--resume: its optimiser state does not fit this model ({' '.join(str(e).split())[:120]})")
     raw = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -149,6 +149,7 @@ class Config:
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     resume: str = ""  # checkpoint written by this script to continue from (policy, critic, optimisers, beta)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
+    save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     log: str = ""  # JSONL metrics file (one line per step)
 
@@ -481,6 +482,8 @@ def main(argv=None):
     rank, world, device = M.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, ref, critic, rm, enc, lineage = load_models(cfg, device)
+    M.check_out(cfg.out, policy)
+    M.catch_interrupts(cfg.save_on_interrupt)
     fn = M.load_function(cfg.reward, "--reward") if cfg.reward else None
     gold = M.load_function(cfg.gold, "--gold") if cfg.gold else None
     state, start_step, kl_coef = None, 0, cfg.kl_coef
@@ -548,6 +551,7 @@ def main(argv=None):
         M.log_jsonl(cfg.log, {"step": 0, **before})
         print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     metrics = {f"{k}_start": v for k, v in before.items()}
+    last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps,
@@ -603,22 +607,27 @@ def main(argv=None):
                   "update_s": time.perf_counter() - t_update, "step_s": time.perf_counter() - t0}
         if cfg.kl_target > 0:
             kl_coef = update_kl_coef(kl_coef, record["kl"], cfg.kl_target, len(idx) * world, cfg.kl_horizon)
-        last_step = step + 1 == end
+        M.check_finite(record, ("pg_loss", "value_loss", "score", "kl"), last_saved)
+        last_step, stop = step + 1 == end, M.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last_step:
             record.update(run_eval())
         if rank == 0:
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("score", "kl", "eval_gold") if k in record})
             M.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
-        if rank == 0 and (last_step or cfg.save_every and (step + 1) % cfg.save_every == 0):
-            train_state = {"optimizer": opts[0][1].state_dict(), "rng": M.rng_state(), "data_position": step + 1,
-                           "kl_coef": kl_coef}
-            if raw_critic is not None:
-                train_state.update(critic=raw_critic.state_dict(), critic_optimizer=opts[1][1].state_dict())
-            if cfg.lora_rank:
-                train_state["lora"] = M.lora_state_dict(raw_policy)
-            M.save_checkpoint(cfg.out, raw_policy, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                              lineage=lineage + [cfg.advantage], train_state=train_state)
+        if last_step or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if rank == 0:
+                train_state = {"optimizer": opts[0][1].state_dict(), "rng": M.rng_state(),
+                               "data_position": step + 1, "kl_coef": kl_coef}
+                if raw_critic is not None:
+                    train_state.update(critic=raw_critic.state_dict(), critic_optimizer=opts[1][1].state_dict())
+                if cfg.lora_rank:
+                    train_state["lora"] = M.lora_state_dict(raw_policy)
+                M.save_checkpoint(cfg.out, raw_policy, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                                  lineage=lineage + [cfg.advantage], train_state=train_state)
+            last_saved = f"{cfg.out} (step {step + 1})"
+        if stop:
+            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") or k in ("score", "kl")}
         print(f"saved {cfg.out}: step {metrics.get('step', start_step)}, {shown}")

@@ -80,6 +80,7 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     resume: str = ""  # checkpoint written by this script to continue from (model, optimiser, RNG, data position)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
+    save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     log: str = ""  # JSONL metrics file (one line per step)
 
@@ -239,6 +240,9 @@ def main(argv=None):
     rank, world, device = M.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
+    M.check_out(cfg.out, model)
+    M.catch_interrupts(cfg.save_on_interrupt)
+    last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
     pad_id = M.special_id(enc, "<|pad|>")
 
@@ -286,7 +290,8 @@ def main(argv=None):
         loss, acc, margin, mean_r = (M.all_reduce_sum(sums) / (per_rank * world)).tolist()
         record = {"step": step + 1, "loss": loss, "accuracy": acc, "margin": margin, "mean_reward": mean_r,
                   "lr": lr, "grad_norm": grad_norm.item(), "pairs_s": per_rank * world / (time.perf_counter() - t0)}
-        last = step + 1 == end
+        M.check_finite(record, ("loss", "grad_norm"), last_saved)
+        last, stop = step + 1 == end, M.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             eval_metrics, held_c, held_r = evaluate_pairs(raw, held, cfg, device, pad_id, rank, world)
             record.update(eval_metrics)
@@ -297,13 +302,17 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", eval_acc=f"{held_acc:.2f}")
             M.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
-        if rank == 0 and (last or cfg.save_every and (step + 1) % cfg.save_every == 0):
-            train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
-            if cfg.lora_rank:
-                train_state["lora"] = {**M.lora_state_dict(raw),
-                                       **{f"score.{k}": v.detach().clone() for k, v in raw.score.state_dict().items()}}
-            M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                              lineage=lineage + ["rm"], train_state=train_state)
+        if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
+            if rank == 0:
+                train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+                if cfg.lora_rank:
+                    head = {f"score.{k}": v.detach().clone() for k, v in raw.score.state_dict().items()}
+                    train_state["lora"] = {**M.lora_state_dict(raw), **head}
+                M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                                  lineage=lineage + ["rm"], train_state=train_state)
+            last_saved = f"{cfg.out} (step {step + 1})"
+        if stop:
+            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
         if "eval_accuracy" in metrics:

@@ -405,7 +405,7 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt, prefs):
     base = ["--model", tiny_ckpt, "--data", prefs, "--seq-len", "128", "--steps", "2", "--eval-frac", "0.2",
             "--warmup", "0", "--lr", "1e-3", "--kl-prompts", "2", "--kl-max-new-tokens", "4", "--device", "cpu"]
     log_ddp, log_one = tmp_path / "ddp.jsonl", tmp_path / "one.jsonl"
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "dpo.py", "--", *base,
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "dpo.py", "--", *base,
                "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", "--log", str(log_ddp),
                env={"OMP_NUM_THREADS": "1"})
     dpo.main(base + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8", "--log", str(log_one)])

@@ -123,7 +123,7 @@ def test_gold_report_ceiling_and_agreement():
     texts = [("aa", "a"), ("a", "aa"), ("b", "bb"), ("c", "d")]
     pairs = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in texts]
     gold = lambda prompt, response: float(len(response))  # noqa: E731  (ties on ("c", "d"))
-    out = reward.gold_report(gold, pairs, torch.tensor([1.0, 0.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    out = reward.gold_report(gold, "gold", pairs, torch.tensor([1.0, 0.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 1.0, 0.0]))
     assert out["gold_accuracy"] == pytest.approx((1 + 0 + 0 + 0.5) / 4)  # labels agreeing with gold, ties half
     # rm orders pair 0 as gold does (chosen higher), pair 1 too (rejected higher), pair 2 too: 3 of 3 untied
     assert out["rm_gold_agreement"] == 1.0 and out["gold_ties"] == 0.25
@@ -206,7 +206,7 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt, prefs):
     args = [a for a in args]
     args[args.index("--batch-size") + 1] = "2"
     log_ddp, log_one = tmp_path / "ddp.jsonl", tmp_path / "one.jsonl"
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "reward.py", "--", *args,
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "reward.py", "--", *args,
                "--out", str(tmp_path / "ddp.pt"), "--log", str(log_ddp), env={"OMP_NUM_THREADS": "1"})
     args[args.index("--batch-size") + 1] = "4"
     reward.main(args + ["--out", str(tmp_path / "one.pt"), "--log", str(log_one)])

@@ -184,7 +184,7 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt):
     data = write_chats(tmp_path / "c.jsonl")
     common = ["--model", tiny_ckpt, "--data", data, "--steps", "2", "--seq-len", "64", "--eval-frac", "0",
               "--eval-every", "0", "--warmup", "0", "--device", "cpu", "--lr", "1e-3"]
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "sft.py", "--", *common,
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "sft.py", "--", *common,
                "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", "--log", str(tmp_path / "ddp.jsonl"),
                env={"OMP_NUM_THREADS": "1"})
     sft.main(common + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8", "--log", str(tmp_path / "one.jsonl")])
