@@ -929,19 +929,12 @@ def _read_json(path):
     """The JSON object in `path`; every way the file can be unreadable is a UserError naming it."""
     try:
         with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8-sig"))
+            data = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: missing (needed beside the weights)")
     except OSError as e:  # e.g. a directory of that name
         raise UserError(f"{path}: cannot read ({e.strerror})")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
-    except RecursionError:
-        raise UserError(f"{path}: invalid JSON (nested too deeply)")
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise UserError(f"{path}: invalid JSON ({_one_line(e, 80)})")
+    obj = parse_json(data.removeprefix(b"\xef\xbb\xbf"), path, whole_file=True)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object {{...}}, found {json.dumps(obj)[:40]}")
     return obj
@@ -1207,16 +1200,18 @@ def _check_record(obj, kind, where):
     return obj
 
 
-def parse_jsonl_line(raw, where):
-    """One line of a JSONL file (bytes) -> the JSON value; every way it can be unreadable is a UserError."""
+def parse_json(raw, where, whole_file=False):
+    """JSON text (bytes: a JSONL line, or a whole file such as config.json) -> the value; every way it can be
+    unreadable is a UserError. For a whole file the line of a syntax error joins `where` (`path:line:`)."""
     try:
-        line = raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)")
+        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
     try:
-        obj = json.loads(line)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+        at = f"{where}:{e.lineno}" if whole_file else where
+        raise UserError(f"{at}: invalid JSON ({e.msg} at column {e.colno})")
     except RecursionError:
         raise UserError(f"{where}: invalid JSON (nested too deeply)")
     except ValueError as e:  # e.g. an integer of more than 4300 digits
@@ -1245,7 +1240,7 @@ def read_jsonl(path, kind, skip_bad_lines=False):
             continue
         where = f"{path}:{lineno}"
         try:
-            out.append(_check_record(parse_jsonl_line(raw, where), kind, where))
+            out.append(_check_record(parse_json(raw, where), kind, where))
         except UserError:
             if not skip_bad_lines:
                 raise

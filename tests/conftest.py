@@ -44,6 +44,19 @@ def toy_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def policy_and_rm(tmp_path_factory):
+    """A tiny random policy and a tiny reward model (zero value head), saved: what ppo.py needs to start."""
+    enc = M.get_tokenizer("byte")
+    out = tmp_path_factory.mktemp("policy_and_rm")
+    torch.manual_seed(0)
+    shape = dict(n_layer=1, d_model=32, d_ff=64, n_head=2, n_kv_head=1, max_seq_len=192)
+    paths = str(out / "policy.pt"), str(out / "rm.pt")
+    M.save_checkpoint(paths[0], M.build_model("tiny", enc, **shape), enc)
+    M.save_checkpoint(paths[1], M.build_model("tiny", enc, head="scalar", **shape), enc)
+    return paths
+
+
 def assert_one_line_error(proc, where, message):
     """A user error: exit code 2, exactly one line on stderr naming `where` (e.g. "file:3:") and `message`."""
     assert proc.returncode == 2, proc.stderr

@@ -127,22 +127,10 @@ def script_args(script, setup, toy_dir, ckpts, out):
             *(["--kl-prompts", "0"] if script == "dpo.py" else [])]
 
 
-@pytest.fixture(scope="module")
-def ppo_ckpts(tmp_path_factory):
-    enc = M.get_tokenizer("byte")
-    out = tmp_path_factory.mktemp("ppo")
-    torch.manual_seed(0)
-    shape = dict(n_layer=1, d_model=32, d_ff=64, n_head=2, n_kv_head=1, max_seq_len=192)
-    paths = str(out / "policy.pt"), str(out / "rm.pt")
-    M.save_checkpoint(paths[0], M.build_model("tiny", enc, **shape), enc)
-    M.save_checkpoint(paths[1], M.build_model("tiny", enc, head="scalar", **shape), enc)
-    return paths
-
-
 @pytest.mark.parametrize("script", ["sft.py", "reward.py", "dpo.py", "ppo.py"])
-def test_ctrl_c_with_save_on_interrupt_saves_at_the_step_boundary(setup, toy_dir, ppo_ckpts, tmp_path, script):
+def test_ctrl_c_with_save_on_interrupt_saves_at_the_step_boundary(setup, toy_dir, policy_and_rm, tmp_path, script):
     out, log = tmp_path / "o.pt", tmp_path / "o.jsonl"
-    args = script_args(script, setup, toy_dir, ppo_ckpts, out)
+    args = script_args(script, setup, toy_dir, policy_and_rm, out)
     line = interrupt(start(args + ["--save-on-interrupt"], log), log)
     logged = [json.loads(r) for r in open(log)]
     ckpt = M.load_checkpoint(str(out))

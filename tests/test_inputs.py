@@ -52,9 +52,10 @@ def records(kind):
 
 
 def mutated(line):
-    """Byte-level damage to a line: a bad byte, a BOM, a NUL, a cut, a lone surrogate escape."""
+    """Byte-level damage to a line: a bad byte, a BOM, a NUL, a cut, a lone surrogate escape (never a newline,
+    which would make it two lines)."""
     return st.one_of(
-        st.tuples(st.integers(0, len(line)), st.binary(min_size=1, max_size=3)).map(
+        st.tuples(st.integers(0, len(line)), st.binary(min_size=1, max_size=3).map(lambda b: b.replace(b"\n", b"\r"))).map(
             lambda t: line[:t[0]] + t[1] + line[t[0]:]),
         st.integers(0, len(line)).map(lambda i: line[:i]),
         st.sampled_from([b"\xef\xbb\xbf" + line, line.replace(b'"', b'"\x00', 1), line.replace(b'"', b'"\xff', 1),
@@ -187,31 +188,19 @@ def world_fns(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def small_ckpts(tmp_path_factory):
-    enc = M.get_tokenizer("byte")
-    out = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
-    shape = dict(n_layer=1, d_model=32, d_ff=64, n_head=2, n_kv_head=1, max_seq_len=192)
-    paths = str(out / "policy.pt"), str(out / "rm.pt")
-    M.save_checkpoint(paths[0], M.build_model("tiny", enc, **shape), enc)
-    M.save_checkpoint(paths[1], M.build_model("tiny", enc, head="scalar", **shape), enc)
-    return paths
-
-
 @pytest.mark.parametrize("fn, message", [("raises", "raised ValueError: boom"), ("nan", "returned nan"),
                                          ("text", "returned str 'good'")])
-def test_ppo_verifier_that_misbehaves_exits_2_naming_it(tmp_path, toy_dir, small_ckpts, world_fns, fn, message):
+def test_ppo_verifier_that_misbehaves_exits_2_naming_it(tmp_path, toy_dir, policy_and_rm, world_fns, fn, message):
     out = tmp_path / "o.pt"
-    proc = run_script("ppo.py", "--model", small_ckpts[0], "--data", os.path.join(toy_dir, "prompts.jsonl"),
+    proc = run_script("ppo.py", "--model", policy_and_rm[0], "--data", os.path.join(toy_dir, "prompts.jsonl"),
                       "--reward", f"{world_fns}:{fn}", "--out", str(out), "--steps", "1", "--batch-size", "2",
                       "--max-new-tokens", "4", "--device", "cpu", "--eval-every", "0", check=False)
     assert_error_ends_run(proc, f"--reward {world_fns}:{fn}: prompt ", message)
     assert not out.exists()
 
 
-def test_evaluate_scorer_that_raises_exits_2_naming_it(tmp_path, toy_dir, small_ckpts, world_fns):
-    proc = run_script("evaluate.py", "--model", small_ckpts[0], "--data", os.path.join(toy_dir, "eval.jsonl"),
+def test_evaluate_scorer_that_raises_exits_2_naming_it(tmp_path, toy_dir, policy_and_rm, world_fns):
+    proc = run_script("evaluate.py", "--model", policy_and_rm[0], "--data", os.path.join(toy_dir, "eval.jsonl"),
                       "--scorer", f"{world_fns}:raises", "--limit", "2", "--max-new-tokens", "4", "--no-speed",
                       "--out", str(tmp_path / "e"), check=False)
     assert_error_ends_run(proc, f"--scorer {world_fns}:raises: prompt 0:", "raised ValueError: boom")
@@ -238,14 +227,14 @@ def script_args(script, data, ckpts, toy_dir, out):
                                                ("dpo.py", "prefs.jsonl"), ("ppo.py", "prompts.jsonl"),
                                                ("evaluate.py", "eval.jsonl")])
 @pytest.mark.parametrize("bad, message", BAD_LINES)
-def test_every_script_refuses_bad_data_with_one_line_and_no_output(tmp_path, toy_dir, small_ckpts, script, good_file,
+def test_every_script_refuses_bad_data_with_one_line_and_no_output(tmp_path, toy_dir, policy_and_rm, script, good_file,
                                                                     bad, message):
     with open(os.path.join(toy_dir, good_file), "rb") as f:
         good = [next(f) for _ in range(4)]
     data = tmp_path / "bad.jsonl"
     data.write_bytes(b"".join(good[:2]) + bad + b"\n" + b"".join(good[2:]))
     out = tmp_path / "out"
-    proc = run_script(*script_args(script, str(data), small_ckpts, toy_dir, str(out)), check=False)
+    proc = run_script(*script_args(script, str(data), policy_and_rm, toy_dir, str(out)), check=False)
     assert_one_line_error(proc, f"{data}:3:", message)
     assert not out.exists() and os.listdir(tmp_path) == ["bad.jsonl"]
 
