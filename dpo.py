@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common as C
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -255,8 +256,8 @@ def sequence_logps(logits, ids, mask):
 def render_response(enc, prompt, response):
     """prompt (messages) + response -> (prompt ids, response ids): ChatML, the response's content and its
     `<|im_end|>` (the tokens whose log-probs count), without the newline after it."""
-    prompt_ids, _ = M.render_chat(enc, prompt, add_generation_prompt=True)
-    full, _ = M.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
+    prompt_ids, _ = C.render_chat(enc, prompt, add_generation_prompt=True)
+    full, _ = C.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
     newline = len(enc.encode_ordinary("\n"))
     return prompt_ids, full[len(prompt_ids):len(full) - newline]
 
@@ -265,7 +266,7 @@ def fit(prompt_ids, responses, seq_len):
     """Cut prompt + each response to seq_len with one prompt cut for all (model.truncate against the longest
     response), so a pair's responses are scored after the same context. -> [(ids, response start)], truncated."""
     longest = max(responses, key=len)
-    p, _, truncated = M.truncate(prompt_ids, longest, seq_len)
+    p, _, truncated = C.truncate(prompt_ids, longest, seq_len)
     return [(p + r[:seq_len - len(p)], len(p)) for r in responses], truncated
 
 
@@ -274,10 +275,10 @@ def load_examples(cfg, enc):
     [completion, mismatched completion], "label"}, the mismatched one being the previous example's completion in
     the same split (TRL's KL pairs)."""
     kto = cfg.loss == "kto"
-    records = M.read_jsonl(cfg.data, "kto" if kto else "pref", cfg.skip_bad_lines)
+    records = C.read_jsonl(cfg.data, "kto" if kto else "pref", cfg.skip_bad_lines)
     splits, truncated = ([], []), 0
     for rec in records:
-        splits[M.held_out(rec["prompt"], cfg.eval_frac, cfg.seed)].append(rec)
+        splits[C.held_out(rec["prompt"], cfg.eval_frac, cfg.seed)].append(rec)
     out = []
     for recs in splits:
         examples = []
@@ -302,8 +303,8 @@ def load_examples(cfg, enc):
 
 def collate(seqs, pad_id):
     """[(ids, response start)] -> ids, mask (N, T) right-padded; mask is 1 on response tokens only."""
-    ids = M.pad_right([s for s, _ in seqs], pad_id)  # (N, T)
-    mask = M.pad_right([[0] * start + [1] * (len(s) - start) for s, start in seqs], 0)  # (N, T)
+    ids = C.pad_right([s for s, _ in seqs], pad_id)  # (N, T)
+    mask = C.pad_right([[0] * start + [1] * (len(s) - start) for s, start in seqs], 0)  # (N, T)
     return ids, mask
 
 
@@ -315,7 +316,7 @@ def forward_logps(model, seqs, device, cfg, pad_id):
     """One forward over all sequences (concatenated, right-padded) -> summed response log-probs (N,), lengths (N,)."""
     ids, mask = collate(seqs, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    with M.autocast(device, cfg.dtype):
+    with C.autocast(device, cfg.dtype):
         logits = model(ids)  # (N, T, V)
     sums, counts = sequence_logps(logits, ids, mask)
     return sums, counts.float()
@@ -337,7 +338,7 @@ def reference_logps(model, examples, cfg, device, pad_id, rank=0, world=1):
         rows, cols = torch.tensor([i for i, _ in batch]), torch.tensor([j for _, j in batch])
         out[rows, cols] = sums.float()
     model.train(was_training)
-    return M.all_reduce_sum(out).cpu()
+    return C.all_reduce_sum(out).cpu()
 
 
 def loss_terms(cfg, examples, sums, counts, ref):
@@ -361,7 +362,7 @@ def gather_rows(values, rows, n, device):
     """Put this rank's values (k,) at their rows of a zero (n,) vector and sum over ranks: every rank gets all."""
     out = torch.zeros(n, device=device, dtype=torch.float64)
     out[rows] = values.double()
-    return M.all_reduce_sum(out)
+    return C.all_reduce_sum(out)
 
 
 @torch.no_grad()
@@ -395,7 +396,7 @@ def evaluate_held_out(model, held, ref_held, cfg, device, pad_id, rank, world):
         for name, v in zip(("first", "second", "count1", "count2"), (*sums.chunk(2), *counts.chunk(2))):
             cols[name][b] = v.double()
     for v in cols.values():
-        M.all_reduce_sum(v)
+        C.all_reduce_sum(v)
     model.train(was_training)
     ref = ref_held.double().to(device) if ref_held is not None else None
     if cfg.loss == "kto":
@@ -430,14 +431,14 @@ def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, ra
     mine = prompts[rank::world]
     for k in range(0, len(mine), cfg.batch_size):
         batch = mine[k:k + cfg.batch_size]
-        with M.autocast(device, cfg.dtype):
+        with C.autocast(device, cfg.dtype):
             tokens, _, resp_mask = M.generate(policy, batch, cfg.kl_max_new_tokens, 1.0, 0, 1.0, (stop_id,), pad_id,
                                               gen)
         prompt_ids, prompt_mask = M.pad_left(batch, pad_id)
         P = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.to(device), tokens], 1)  # (B, P + N)
         att = torch.cat([prompt_mask.to(device), resp_mask], 1)  # (B, P + N)
-        with M.autocast(device, cfg.dtype):
+        with C.autocast(device, cfg.dtype):
             logits_p = policy(ids, attention_mask=att)[:, P - 1:-1]  # (B, N, V): the distributions tokens came from
             with M.lora_disabled(policy) if reference is policy else contextlib.nullcontext():
                 logits_q = reference(ids, attention_mask=att)[:, P - 1:-1]
@@ -446,7 +447,7 @@ def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, ra
         total += torch.stack([(kl * resp_mask).sum().double(), torch.tensor(float(len(batch)), device=device,
                                                                              dtype=torch.float64)])
     policy.train(was_training)
-    M.all_reduce_sum(total)
+    C.all_reduce_sum(total)
     return (total[0] / total[1]).item()
 
 
@@ -474,13 +475,13 @@ def check_flags(cfg):
 
 def load_start(cfg, device):
     """The policy (LoRA-wrapped with --lora-rank), tokenizer, lineage, start step and saved train state."""
-    model, enc, ckpt = M.load_model(cfg.model)
+    model, enc, ckpt = C.load_model(cfg.model)
     if model.cfg.head != "lm":
         raise M.UserError(f"{cfg.model}: a reward model (scalar head) cannot be a policy; give a language model")
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    step, state = M.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     return model.to(device), enc, lineage, step, state
 
 
@@ -506,16 +507,16 @@ def reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, description=__doc__)
+    cfg = C.parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    rank, world, device = M.setup_ddp(cfg.device)
+    rank, world, device = C.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
-    M.check_out(cfg.out, model)
-    M.catch_interrupts(cfg.save_on_interrupt)
+    C.check_out(cfg.out, model)
+    C.catch_interrupts(cfg.save_on_interrupt)
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
-    pad_id, stop_id = M.special_id(enc, "<|pad|>"), M.special_id(enc, "<|im_end|>")
+    pad_id, stop_id = C.special_id(enc, "<|pad|>"), C.special_id(enc, "<|im_end|>")
 
     train, held, n_truncated = load_examples(cfg, enc)
     if not train:
@@ -532,12 +533,12 @@ def main(argv=None):
     ref, ref_held = reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
     kl_prompts = []
     for ex in held:  # distinct held-out prompts, in file order
-        ids = M.render_chat(enc, ex["prompt"], add_generation_prompt=True)[0]
+        ids = C.render_chat(enc, ex["prompt"], add_generation_prompt=True)[0]
         ids = ids[-(model.cfg.max_seq_len - cfg.kl_max_new_tokens):]
         if ids not in kl_prompts and len(kl_prompts) < cfg.kl_prompts:
             kl_prompts.append(ids)
 
-    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
+    model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
     per_rank = cfg.batch_size * cfg.grad_accum
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -548,10 +549,10 @@ def main(argv=None):
                mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
-        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = M.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
+        idx = C.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
         kl = kto_reference_point(raw, train, idx, ref, cfg, device, pad_id, rank, world) if cfg.loss == "kto" else None
         # sums over this rank's examples: loss, reward_chosen, reward_rejected, accuracy, logp_chosen,
         # logp_rejected, then (kto) desirable count, undesirable count
@@ -582,7 +583,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        sums = M.all_reduce_sum(sums).tolist()
+        sums = C.all_reduce_sum(sums).tolist()
         n_all = per_rank * world
         record = {"step": step + 1, "loss": sums[0] / n_all, "lr": lr, "grad_norm": grad_norm.item()}
         if cfg.loss == "kto":
@@ -595,12 +596,12 @@ def main(argv=None):
                           margin=(sums[1] - sums[2]) / n_all, accuracy=sums[3] / n_all, logp_chosen=sums[4] / n_all,
                           logp_rejected=sums[5] / n_all)
         record["examples_s"] = n_all / (time.perf_counter() - t0)
-        M.check_finite(record, ("loss", "grad_norm"), last_saved)
-        last, stop = step + 1 == end, M.interrupted(device)
+        C.check_finite(record, ("loss", "grad_norm"), last_saved)
+        last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record.update(evaluate_held_out(raw, held, ref_held, cfg, device, pad_id, rank, world))
             if cfg.kl_prompts and kl_prompts:
-                reference = raw if cfg.lora_rank else M.load_model(cfg.model, device)[0].eval()
+                reference = raw if cfg.lora_rank else C.load_model(cfg.model, device)[0].eval()
                 record["kl_ref"] = kl_to_reference(raw, reference, kl_prompts, cfg, device, pad_id, stop_id, rank,
                                                    world)
                 del reference
@@ -611,23 +612,23 @@ def main(argv=None):
             if "kl_ref" in record:
                 post["kl_ref"] = f"{record['kl_ref']:.2f}"
             bar.set_postfix(post)
-            M.log_jsonl(cfg.log, record)
+            C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
             if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
                 if ref is not None:
                     train_state["ref_logps"] = ref
                     if ref_held is not None:
                         train_state["ref_logps_held"] = ref_held
                 if cfg.lora_rank:
                     train_state["lora"] = M.lora_state_dict(raw)
-                M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
                                   lineage=lineage + [cfg.loss if cfg.loss in ("kto", "simpo", "orpo") else "dpo"],
                                   train_state=train_state)
             last_saved = f"{cfg.out} (step {step + 1})"
         if stop:
-            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
+            raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
         for key in ("eval_accuracy", "eval_margin", "kl_ref"):
@@ -637,4 +638,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

@@ -50,7 +50,7 @@ to --out (atomically). The metrics, and exactly what they mean:
                   ru_maxrss), so it never decreases down the table. MiB.
   params, size_mb parameters (tied weights once); bytes on disk (file, directory or .safetensors + .json), MiB.
 
-Prompting: --no-chat-template renders prompts with model.render_plain ("User: ...\\nAssistant: ", the base
+Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\\nAssistant: ", the base
 model's format) and stops at a newline; --shots k prepends k solved examples as earlier turns (from
 --shots-data, else the first k records of --data / --mc, which are then not scored); --cot appends "Think step
 by step." to the last user turn. Red-team prompts get neither. Generation is batched on the KV cache
@@ -79,6 +79,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import common as C
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -244,9 +245,9 @@ def load_text(path, skip_bad_lines):
         except (json.JSONDecodeError, TypeError):
             is_chat = False  # read_text reports the bad line
         if is_chat:
-            return "chat", M.read_jsonl(path, "chat", skip_bad_lines)
+            return "chat", C.read_jsonl(path, "chat", skip_bad_lines)
     try:
-        return "text", M.read_text(path)
+        return "text", C.read_text(path)
     except UnicodeDecodeError as e:
         raise M.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
 
@@ -258,7 +259,7 @@ def shot_messages(shots, where):
         answer = r.get("answer", r["choices"][r["gold"]] if "choices" in r else None)
         if not isinstance(answer, str):
             raise M.UserError(f"{where}: few-shot example {i + 1} has no 'answer' to show")
-        msgs += M.as_messages(r["prompt"], where) + [{"role": "assistant", "content": answer}]
+        msgs += C.as_messages(r["prompt"], where) + [{"role": "assistant", "content": answer}]
     return msgs
 
 
@@ -273,16 +274,16 @@ def build_prompt(prompt, shots, cot):
 
 
 def render(enc, messages, cfg):
-    fn = M.render_chat if cfg.chat_template else M.render_plain
+    fn = C.render_chat if cfg.chat_template else C.render_plain
     return fn(enc, messages, add_generation_prompt=True)[0]
 
 
 def stop_ids(enc, chat_template):
     """ChatML stops at <|im_end|>; plain text at the first token holding a newline. <|endoftext|> always."""
-    stops = [M.special_id(enc, "<|endoftext|>")]
+    stops = [C.special_id(enc, "<|endoftext|>")]
     if chat_template:
-        return stops + [M.special_id(enc, "<|im_end|>")]
-    specials = {M.special_id(enc, t) for t in M.SPECIAL_TOKENS}
+        return stops + [C.special_id(enc, "<|im_end|>")]
+    specials = {C.special_id(enc, t) for t in C.SPECIAL_TOKENS}
     return stops + [t for t in range(enc.n_vocab) if t not in specials and b"\n" in enc.decode_single_token_bytes(t)]
 
 
@@ -298,9 +299,9 @@ def sequence_logprobs(model, seqs, masks, cfg, device, pad_id):
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
     for i in range(0, len(order), cfg.batch_size):
         idx = order[i:i + cfg.batch_size]
-        ids = M.pad_right([seqs[j] for j in idx], pad_id).to(device)  # (B, T)
-        mask = M.pad_right([masks[j] for j in idx], 0).to(device)  # (B, T)
-        with M.autocast(device, cfg.dtype):
+        ids = C.pad_right([seqs[j] for j in idx], pad_id).to(device)  # (B, T)
+        mask = C.pad_right([masks[j] for j in idx], 0).to(device)  # (B, T)
+        with C.autocast(device, cfg.dtype):
             logits = model(ids)
         out[idx] = M.token_logprobs(logits, ids, mask).sum(-1).double().cpu()
     return out
@@ -314,22 +315,22 @@ def perplexity(model, enc, kind, items, cfg, device):
         raise M.UserError(f"need 2 <= --seq-len ({L}) <= max_seq_len ({model.cfg.max_seq_len}) and "
                           f"1 <= --stride ({stride}) < --seq-len")
     if kind == "chat":  # --limit counts chats here, windows for raw text
-        seqs = [(M.render_chat if cfg.chat_template else M.render_plain)(enc, r["messages"])
+        seqs = [(C.render_chat if cfg.chat_template else C.render_plain)(enc, r["messages"])
                 for r in first_n(items, cfg.limit)]
     else:
-        eot = M.special_id(enc, "<|endoftext|>")
+        eot = C.special_id(enc, "<|endoftext|>")
         docs = [enc.encode_ordinary(d) for d in items]
         seqs = [([eot] + d, [0] + [1] * len(d)) for d in docs]
     windows = [w for ids, mask in seqs for w in sliding_windows(ids, mask, L, stride)]
     windows = first_n(windows, cfg.limit) if kind == "text" else windows
     if not windows:
         raise M.UserError(f"{cfg.text}: nothing to score")
-    specials = {M.special_id(enc, t) for t in M.SPECIAL_TOKENS}
+    specials = {C.special_id(enc, t) for t in C.SPECIAL_TOKENS}
     n_tok = sum(sum(m) for _, m in windows)
     n_bytes = sum(len(enc.decode_single_token_bytes(t)) for ids, m in windows for t, k in zip(ids, m)
                   if k and t not in specials)
     nll = -sequence_logprobs(model, [w[0] for w in windows], [w[1] for w in windows], cfg, device,
-                             M.special_id(enc, "<|pad|>")).sum().item()
+                             C.special_id(enc, "<|pad|>")).sum().item()
     return math.exp(nll / n_tok), bits_per_byte(nll, max(n_bytes, 1)), n_tok
 
 
@@ -337,7 +338,7 @@ def mc_context(enc, record, shots, cfg):
     """lm-eval's context ids. Chat template: the prompt as a user turn after the shots as earlier turns, then the
     generation prompt. Without: raw text, each shot "prompt + gold choice" and "\\n\\n", then the prompt."""
     if cfg.chat_template:
-        return render(enc, build_prompt(M.as_messages(record["prompt"], cfg.mc), shot_messages(shots, cfg.mc),
+        return render(enc, build_prompt(C.as_messages(record["prompt"], cfg.mc), shot_messages(shots, cfg.mc),
                                         False), cfg)
     shot_text = "".join(s["prompt"] + s["choices"][s["gold"]] + "\n\n" for s in shots)
     return enc.encode_ordinary(shot_text + record["prompt"])
@@ -350,11 +351,11 @@ def mc_logprobs(model, enc, records, shots, cfg, device):
         ctx = mc_context(enc, r, shots, cfg)
         start = len(seqs)
         for c in r["choices"]:
-            p, cont, _ = M.truncate(ctx, enc.encode_ordinary(c), model.cfg.max_seq_len)
+            p, cont, _ = C.truncate(ctx, enc.encode_ordinary(c), model.cfg.max_seq_len)
             seqs.append(p + cont)
             masks.append([0] * len(p) + [1] * len(cont))
         spans.append((start, len(seqs)))
-    logps = sequence_logprobs(model, seqs, masks, cfg, device, M.special_id(enc, "<|pad|>"))
+    logps = sequence_logprobs(model, seqs, masks, cfg, device, C.special_id(enc, "<|pad|>"))
     return [logps[a:b] for a, b in spans]
 
 
@@ -375,13 +376,13 @@ def generate_responses(model, enc, prompts, cfg, device):
                           f"{model.cfg.max_seq_len}")
     prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
     stops = stop_ids(enc, cfg.chat_template)
-    special_stops = {M.special_id(enc, "<|endoftext|>"), M.special_id(enc, "<|im_end|>")}
+    special_stops = {C.special_id(enc, "<|endoftext|>"), C.special_id(enc, "<|im_end|>")}
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same random stream for every checkpoint
     texts, responses = [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):
-        with M.autocast(device, cfg.dtype):
+        with C.autocast(device, cfg.dtype):
             tokens, _, mask = M.generate(model, prompt_ids[i:i + cfg.batch_size], cfg.max_new_tokens, cfg.temperature,
-                                         cfg.top_k, cfg.top_p, stops, M.special_id(enc, "<|pad|>"), gen)
+                                         cfg.top_k, cfg.top_p, stops, C.special_id(enc, "<|pad|>"), gen)
         for row, m in zip(tokens.tolist(), mask.tolist()):
             ids = [t for t, k in zip(row, m) if k]
             responses.append(ids)
@@ -396,9 +397,9 @@ def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
     total = []
     for i in range(0, len(prompt_ids), cfg.batch_size):
         pairs = list(zip(prompt_ids[i:i + cfg.batch_size], responses[i:i + cfg.batch_size]))
-        ids = M.pad_right([p + r for p, r in pairs], pad_id).to(device)  # (B, T)
-        mask = M.pad_right([[0] * len(p) + [1] * len(r) for p, r in pairs], 0).to(device)  # (B, T)
-        with M.autocast(device, cfg.dtype):
+        ids = C.pad_right([p + r for p, r in pairs], pad_id).to(device)  # (B, T)
+        mask = C.pad_right([[0] * len(p) + [1] * len(r) for p, r in pairs], 0).to(device)  # (B, T)
+        with C.autocast(device, cfg.dtype):
             logits_p, logits_q = model(ids), ref(ids)
         # the logits at t-1 are the distribution response token t was drawn from
         total.append((kl_divergence(logits_p[:, :-1], logits_q[:, :-1]) * mask[:, 1:]).sum(-1).double().cpu())
@@ -423,9 +424,9 @@ def judge_margins(judge, enc, prompts, first, second, cfg, device):
         for p, a, b in zip(prompts[i:i + cfg.batch_size], first[i:i + cfg.batch_size], second[i:i + cfg.batch_size]):
             ask = (f"{JUDGE_QUESTION}\n\n[Prompt]\n{conversation_text(p)}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
                    "\n\nAnswer with one letter, A or B.")
-            seqs.append(M.render_chat(enc, [{"role": "user", "content": ask}], True)[0][-judge.cfg.max_seq_len:])
-        ids, mask = M.pad_left(seqs, M.special_id(enc, "<|pad|>"))
-        with M.autocast(device, cfg.dtype):
+            seqs.append(C.render_chat(enc, [{"role": "user", "content": ask}], True)[0][-judge.cfg.max_seq_len:])
+        ids, mask = M.pad_left(seqs, C.special_id(enc, "<|pad|>"))
+        with C.autocast(device, cfg.dtype):
             logits = judge(ids.to(device), attention_mask=mask.to(device))[:, -1]  # (B, V): left padded
         logp = torch.log_softmax(logits.float(), -1)
         out.append((logp[:, a_b[0][0]] - logp[:, a_b[1][0]]).double().cpu())
@@ -448,7 +449,7 @@ def measure_speed(model, cfg, device):
         cache = model.new_cache(cfg.speed_batch, P + N)
         sync()
         t0 = time.perf_counter()
-        with M.autocast(device, cfg.dtype):
+        with C.autocast(device, cfg.dtype):
             tok = model(ids, cache=cache)[:, -1:].argmax(-1)  # (B, 1)
             sync()
             t1 = time.perf_counter()
@@ -474,7 +475,7 @@ def peak_memory_mb(device, resident=0):
 
 
 def load(path, device, head):
-    model, enc, _ = M.load_model(path, device)
+    model, enc, _ = C.load_model(path, device)
     if model.cfg.head != head:
         raise M.UserError(f"{path}: has a {model.cfg.head!r} head, this role needs {head!r} "
                           f"({'--reward-model takes reward models' if head == 'scalar' else 'a language model'})")
@@ -525,22 +526,22 @@ def log(msg):
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, description=__doc__)
+    cfg = C.parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    device = M.pick_device(cfg.device)
+    device = C.pick_device(cfg.device)
     paths = [p.strip() for p in cfg.model.split(",") if p.strip()]
     for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x]:
         if not os.path.exists(p):
             raise M.UserError(f"{p}: no such checkpoint")
-    fns = {k: (M.load_function(spec), f"--{k} {spec}") for k, spec in
+    fns = {k: (C.load_function(spec), f"--{k} {spec}") for k, spec in
            (("scorer", cfg.scorer), ("correct", cfg.correct), ("safety", cfg.safety)) if spec}
 
     # every file is read and checked before any model is loaded: a bad line costs seconds, not minutes
     data, shots, mc, mc_shots, redteam, text = [], [], [], [], [], None
     if cfg.data:
-        data = M.read_jsonl(cfg.data, "prompt", cfg.skip_bad_lines)
+        data = C.read_jsonl(cfg.data, "prompt", cfg.skip_bad_lines)
         if cfg.shots_data:
-            shots = M.read_jsonl(cfg.shots_data, "prompt", cfg.skip_bad_lines)[:cfg.shots]
+            shots = C.read_jsonl(cfg.shots_data, "prompt", cfg.skip_bad_lines)[:cfg.shots]
         else:
             shots, data = data[:cfg.shots], data[cfg.shots:]
         shots = shot_messages(shots, cfg.shots_data or cfg.data)
@@ -548,7 +549,7 @@ def main(argv=None):
         if not data:
             raise M.UserError(f"{cfg.data}: no records left to score after {cfg.shots} shots")
     if cfg.mc:
-        mc = M.read_jsonl(cfg.mc, "mc", cfg.skip_bad_lines)
+        mc = C.read_jsonl(cfg.mc, "mc", cfg.skip_bad_lines)
         mc_shots, mc = mc[:cfg.shots], first_n(mc[cfg.shots:], cfg.limit)
         for i, r in enumerate(mc):
             if not all(r["choices"]):
@@ -556,7 +557,7 @@ def main(argv=None):
         if not mc:
             raise M.UserError(f"{cfg.mc}: no records left to score after {cfg.shots} shots")
     if cfg.redteam:
-        redteam = first_n(M.read_jsonl(cfg.redteam, "prompt", cfg.skip_bad_lines), cfg.limit)
+        redteam = first_n(C.read_jsonl(cfg.redteam, "prompt", cfg.skip_bad_lines), cfg.limit)
     if cfg.text:
         text = load_text(cfg.text, cfg.skip_bad_lines)
     prompts = [build_prompt(r["prompt"], shots, cfg.cot) for r in data]
@@ -590,14 +591,14 @@ def main(argv=None):
                 row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
             originals = [r["prompt"] for r in data]
             if "correct" in fns:
-                row["accuracy"] = sum(M.call_user(*fns["correct"], originals, texts, bool)) / len(texts)
+                row["accuracy"] = sum(C.call_user(*fns["correct"], originals, texts, bool)) / len(texts)
             if "scorer" in fns:
-                row["gold_reward"] = sum(M.call_user(*fns["scorer"], originals, texts, float)) / len(texts)
+                row["gold_reward"] = sum(C.call_user(*fns["scorer"], originals, texts, float)) / len(texts)
             if judge is not None:
                 jm, jenc = judge
                 if cfg.reward_model:
-                    prefs = preference(M.score_responses(jm, jenc, originals, texts, cfg.batch_size),
-                                       M.score_responses(jm, jenc, originals, base_texts, cfg.batch_size))
+                    prefs = preference(C.score_responses(jm, jenc, originals, texts, cfg.batch_size),
+                                       C.score_responses(jm, jenc, originals, base_texts, cfg.batch_size))
                 else:
                     prefs = judge_preference(judge_margins(jm, jenc, originals, texts, base_texts, cfg, device),
                                              judge_margins(jm, jenc, originals, base_texts, texts, cfg, device))
@@ -606,12 +607,12 @@ def main(argv=None):
                                                                 [len(t) for t in base_texts])
             if ref is not None:
                 row["kl_ref"] = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device,
-                                          M.special_id(enc, "<|pad|>"))
+                                          C.special_id(enc, "<|pad|>"))
         if redteam:
             log(f"{path}: generating {len(redteam)} responses to {cfg.redteam}")
             rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
             texts = generate_responses(model, enc, rt_prompts, cfg, device)[0]
-            row["safety"] = sum(M.call_user(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
+            row["safety"] = sum(C.call_user(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
         if mc:
             log(f"{path}: scoring {sum(len(r['choices']) for r in mc)} choices of {len(mc)} questions")
             row["mc_acc"], row["mc_acc_norm"], row["mc_acc_bytes"] = mc_eval(model, enc, mc, mc_shots, cfg, device)
@@ -634,9 +635,9 @@ def main(argv=None):
                  else "process peak RSS (ru_maxrss), cumulative", "n_data": len(data), "n_answered": len(answered),
                  "n_redteam": len(redteam), "n_mc": len(mc)}
         payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
-        M.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
+        C.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
         log(f"wrote {cfg.out}")
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

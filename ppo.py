@@ -93,6 +93,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import common as C
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -316,14 +317,14 @@ def score(seq, attn, texts, messages, rm, fn, spec, indices):
     if rm is not None:
         values = rm(seq, attention_mask=attn)  # (B, T)
         return values.gather(1, M.last_token_index(attn)[:, None]).squeeze(1).float()
-    return torch.tensor(M.call_user(fn, f"--reward {spec}", messages, texts, float, indices), device=seq.device)
+    return torch.tensor(C.call_user(fn, f"--reward {spec}", messages, texts, float, indices), device=seq.device)
 
 
 @torch.no_grad()
 def sample(model, prompt_ids, cfg, enc, device, temperature, gen=None):
     """Batched KV-cache sampling -> dict of seq, attn (B, P+N), tokens, logp, mask (B, N), P, texts, ended."""
-    stop, pad = M.special_id(enc, "<|im_end|>"), M.special_id(enc, "<|pad|>")
-    with M.autocast(device, cfg.dtype):
+    stop, pad = C.special_id(enc, "<|im_end|>"), C.special_id(enc, "<|pad|>")
+    with C.autocast(device, cfg.dtype):
         tokens, logp, gen_mask = M.generate(model, prompt_ids, cfg.max_new_tokens, temperature, 0, 1.0, [stop], pad,
                                             gen)
     p_ids, p_mask = M.pad_left(prompt_ids, pad)
@@ -343,13 +344,13 @@ def evaluate(model, sets, rm, fn, gold, cfg, enc, device):
         gold_sum = 0.0
         for i in range(0, len(ids), 32):
             r = sample(model, ids[i:i + 32], cfg, enc, device, temperature=0.0)
-            with M.autocast(device, cfg.dtype):
+            with C.autocast(device, cfg.dtype):
                 rows = range(i, min(i + 32, len(ids)))
                 s = score(r["seq"], r["attn"], r["texts"], prompts[i:i + 32], rm, fn, cfg.reward, rows)
             part = {"eval_proxy": (s - cfg.missing_eos_penalty * (~r["ended"]).float()).sum().item(),
                     "eval_len": r["mask"].sum().item(), "eval_ended": r["ended"].float().sum().item()}
             if gold:
-                part["eval_gold"] = sum(M.call_user(gold, f"--gold {cfg.gold}", prompts[i:i + 32], r["texts"],
+                part["eval_gold"] = sum(C.call_user(gold, f"--gold {cfg.gold}", prompts[i:i + 32], r["texts"],
                                                     float, rows))
                 gold_sum += part["eval_gold"]
             totals = {k: totals.get(k, 0.0) + v for k, v in part.items()}
@@ -406,13 +407,13 @@ def no_dropout(model):
 
 def load_models(cfg, device):
     """policy, reference (None with LoRA), critic (None but for ppo), reward model (None with a verifier), enc."""
-    policy, enc, ckpt = M.load_model(cfg.model, device)
+    policy, enc, ckpt = C.load_model(cfg.model, device)
     ref = None if cfg.lora_rank else no_dropout(copy.deepcopy(policy)).eval().requires_grad_(False)
     critic, rm = None, None
     if cfg.advantage == "ppo":
-        critic = no_dropout(M.load_model(cfg.critic or cfg.reward_model or cfg.model, device, head="scalar")[0])
+        critic = no_dropout(C.load_model(cfg.critic or cfg.reward_model or cfg.model, device, head="scalar")[0])
     if cfg.reward_model:
-        rm, rm_enc, _ = M.load_model(cfg.reward_model, device)
+        rm, rm_enc, _ = C.load_model(cfg.reward_model, device)
         if rm.cfg.head != "scalar":
             raise M.UserError(f"--reward-model {cfg.reward_model}: an LM checkpoint, not a reward model (reward.py)")
         if rm_enc.name != enc.name:
@@ -444,15 +445,15 @@ def ppo_update(cfg, policy, critic, opts, roll, kl_coef, world, shuffle):
     n, sums, n_updates = len(seq), dict(pg_loss=0.0, value_loss=0.0, clipfrac=0.0, approx_kl=0.0), 0
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(n, generator=shuffle).to(seq.device).split(n // cfg.minibatches):
-            n_seqs = M.all_reduce_sum(torch.tensor(float(len(mb)), device=seq.device))
-            n_tok = M.all_reduce_sum(mask[mb].sum())
+            n_seqs = C.all_reduce_sum(torch.tensor(float(len(mb)), device=seq.device))
+            n_tok = C.all_reduce_sum(mask[mb].sum())
             micro = mb.split(-(-len(mb) // cfg.grad_accum))
             for j, b in enumerate(micro):
                 with contextlib.ExitStack() as stack:
                     if world > 1 and j < len(micro) - 1:  # gradients are all-reduced on the last micro-batch only
                         for m in (policy, critic) if critic is not None else (policy,):
                             stack.enter_context(m.no_sync())
-                    with M.autocast(seq.device, cfg.dtype):
+                    with C.autocast(seq.device, cfg.dtype):
                         logp = response_logprobs(policy, seq[b], attn[b], P, cfg.temperature)[0].float()
                         vpred = critic(seq[b], attention_mask=attn[b])[:, P - 1:-1].float() if critic else None
                     old_v, ret = (roll["values"][b], roll["returns"][b]) if critic else (None, None)
@@ -477,18 +478,18 @@ def ppo_update(cfg, policy, critic, opts, roll, kl_coef, world, shuffle):
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, description=__doc__)
+    cfg = C.parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    rank, world, device = M.setup_ddp(cfg.device)
+    rank, world, device = C.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     policy, ref, critic, rm, enc, lineage = load_models(cfg, device)
-    M.check_out(cfg.out, policy)
-    M.catch_interrupts(cfg.save_on_interrupt)
-    fn = M.load_function(cfg.reward, "--reward") if cfg.reward else None
-    gold = M.load_function(cfg.gold, "--gold") if cfg.gold else None
+    C.check_out(cfg.out, policy)
+    C.catch_interrupts(cfg.save_on_interrupt)
+    fn = C.load_function(cfg.reward, "--reward") if cfg.reward else None
+    gold = C.load_function(cfg.gold, "--gold") if cfg.gold else None
     state, start_step, kl_coef = None, 0, cfg.kl_coef
     if cfg.resume:
-        ckpt = M.load_checkpoint(cfg.resume)
+        ckpt = C.load_checkpoint(cfg.resume)
         if "kl_coef" not in ckpt.get("train_state", {}):
             raise M.UserError(f"{cfg.resume}: no PPO train_state to resume from (not written by ppo.py?)")
         state, start_step, kl_coef = ckpt["train_state"], ckpt["step"], ckpt["train_state"]["kl_coef"]
@@ -508,15 +509,15 @@ def main(argv=None):
         raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {max_len} positions")
 
     def read_prompts(path, limit=0):  # -> (message lists, rendered id lists cut from the left to fit)
-        msgs = [r["prompt"] for r in M.read_jsonl(path, "prompt", cfg.skip_bad_lines)][:limit or None]
-        return msgs, [M.render_chat(enc, p, add_generation_prompt=True)[0][-keep:] for p in msgs]
+        msgs = [r["prompt"] for r in C.read_jsonl(path, "prompt", cfg.skip_bad_lines)][:limit or None]
+        return msgs, [C.render_chat(enc, p, add_generation_prompt=True)[0][-keep:] for p in msgs]
 
     prompts, prompt_ids = read_prompts(cfg.data)
     eval_sets = {os.path.splitext(os.path.basename(p))[0]: read_prompts(p, cfg.eval_limit)
                  for p in filter(None, cfg.eval_data.split(","))}
 
     def new_optimizer(model, key):
-        opt = M.make_optimizer(model, cfg.lr, cfg.weight_decay)
+        opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
         for g in opt.param_groups:
             g["eps"] = 1e-5  # CleanRL #3
         if state is not None:
@@ -527,7 +528,7 @@ def main(argv=None):
     if critic is not None:
         opts.append((critic, new_optimizer(critic, "critic_optimizer")))
     if state is not None:
-        M.set_rng_state(state["rng"])
+        C.set_rng_state(state["rng"])
     raw_policy, raw_critic = policy, critic
     if world > 1:
         wrap = [device.index] if device.type == "cuda" else None
@@ -548,7 +549,7 @@ def main(argv=None):
               + (f", critic from {cfg.critic or cfg.reward_model or cfg.model}" if critic is not None else ""))
     before = run_eval() if start_step == 0 else {}
     if before:
-        M.log_jsonl(cfg.log, {"step": 0, **before})
+        C.log_jsonl(cfg.log, {"step": 0, **before})
         print("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
     metrics = {f"{k}_start": v for k, v in before.items()}
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
@@ -558,13 +559,13 @@ def main(argv=None):
                desc=cfg.advantage, mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
-        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)  # CleanRL #4
+        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)  # CleanRL #4
         for _, opt in opts:
             for g in opt.param_groups:
                 g["lr"] = lr
 
         # --- rollout: sample, then score it and compute what the update needs once, with the policy as sampled
-        idx = [i for i in M.step_indices(step, len(prompts), cfg.batch_size * world, mine, cfg.seed)
+        idx = [i for i in C.step_indices(step, len(prompts), cfg.batch_size * world, mine, cfg.seed)
                for _ in range(cfg.group_size)]  # a group's responses are consecutive rows
         seed = cfg.seed * 1_000_003 + step * 1_009 + rank  # a pure function of the step: resume-exact, DDP-distinct
         raw_policy.eval()
@@ -572,7 +573,7 @@ def main(argv=None):
                       torch.Generator(device).manual_seed(seed))
         seq, attn, mask, P = roll["seq"], roll["attn"], roll["mask"], roll["P"]
         t_gen = time.perf_counter() - t0
-        with torch.no_grad(), M.autocast(device, cfg.dtype):
+        with torch.no_grad(), C.autocast(device, cfg.dtype):
             old_logp, entropy = response_logprobs(raw_policy, seq, attn, P, cfg.temperature, with_entropy=True)
             with M.lora_disabled(raw_policy) if ref is None else contextlib.nullcontext():
                 ref_logp = response_logprobs(ref if ref is not None else raw_policy, seq, attn, P, cfg.temperature)[0]
@@ -602,36 +603,36 @@ def main(argv=None):
                      response_len=mask.sum(1).mean().item(), ended=roll["ended"].float().mean().item(),
                      explained_var=explained_variance(values, returns, mask) if critic else float("nan"),
                      rollout_tok_s=mask.sum().item() / max(t_gen, 1e-9))
-        reduced = M.all_reduce_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)) / world
+        reduced = C.all_reduce_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)) / world
         record = {"step": step + 1, **dict(zip(local, reduced.tolist())), "kl_coef": kl_coef, "lr": lr,
                   "update_s": time.perf_counter() - t_update, "step_s": time.perf_counter() - t0}
         if cfg.kl_target > 0:
             kl_coef = update_kl_coef(kl_coef, record["kl"], cfg.kl_target, len(idx) * world, cfg.kl_horizon)
-        M.check_finite(record, ("pg_loss", "value_loss", "score", "kl"), last_saved)
-        last_step, stop = step + 1 == end, M.interrupted(device)
+        C.check_finite(record, ("pg_loss", "value_loss", "score", "kl"), last_saved)
+        last_step, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last_step:
             record.update(run_eval())
         if rank == 0:
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("score", "kl", "eval_gold") if k in record})
-            M.log_jsonl(cfg.log, record)
+            C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last_step or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
             if rank == 0:
-                train_state = {"optimizer": opts[0][1].state_dict(), "rng": M.rng_state(),
+                train_state = {"optimizer": opts[0][1].state_dict(), "rng": C.rng_state(),
                                "data_position": step + 1, "kl_coef": kl_coef}
                 if raw_critic is not None:
                     train_state.update(critic=raw_critic.state_dict(), critic_optimizer=opts[1][1].state_dict())
                 if cfg.lora_rank:
                     train_state["lora"] = M.lora_state_dict(raw_policy)
-                M.save_checkpoint(cfg.out, raw_policy, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                C.save_checkpoint(cfg.out, raw_policy, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
                                   lineage=lineage + [cfg.advantage], train_state=train_state)
             last_saved = f"{cfg.out} (step {step + 1})"
         if stop:
-            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
+            raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") or k in ("score", "kl")}
         print(f"saved {cfg.out}: step {metrics.get('step', start_step)}, {shown}")
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

@@ -1,7 +1,7 @@
 """
 reward.py: a Bradley-Terry reward model trained on preference pairs.
 
-The model is the project's transformer with a scalar head (`model.load_model(path, head="scalar")` turns an LM
+The model is the project's transformer with a scalar head (`common.load_model(path, head="scalar")` turns an LM
 checkpoint into one, with a fresh zero-initialised head). A (prompt, response) pair is rendered with the ChatML
 template and its score is the head's output at the response's closing `<|im_end|>`: the last real token of the
 sequence, never a pad (batches are right-padded and the index comes from the real-token mask).
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common as C
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -117,8 +118,8 @@ def rewards_at_last_token(values, mask):
 def score(rm, enc, prompts, responses, batch_size=32):
     """Reward-model scores (N,) fp32 for prompts (strings or message lists) and response strings: the entry point
     ppo.py and evaluate.py use."""
-    prompts = [M.as_messages(p, "score") for p in prompts]
-    return M.score_responses(rm, enc, prompts, responses, batch_size)
+    prompts = [C.as_messages(p, "score") for p in prompts]
+    return C.score_responses(rm, enc, prompts, responses, batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -128,17 +129,17 @@ def score(rm, enc, prompts, responses, batch_size=32):
 def tokenize_response(enc, prompt, response, seq_len):
     """prompt (message list) + response string -> (ids, truncated): ChatML up to and including the response's
     `<|im_end|>` (the token the score is read at), cut to seq_len by model.truncate."""
-    prompt_ids, _ = M.render_chat(enc, prompt, add_generation_prompt=True)
-    full, _ = M.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
+    prompt_ids, _ = C.render_chat(enc, prompt, add_generation_prompt=True)
+    full, _ = C.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
     newline = len(enc.encode_ordinary("\n"))
     response_ids = full[len(prompt_ids):len(full) - newline]  # content + <|im_end|>, without the trailing "\n"
-    p, r, truncated = M.truncate(prompt_ids, response_ids, seq_len)
+    p, r, truncated = C.truncate(prompt_ids, response_ids, seq_len)
     return p + r, truncated
 
 
 def load_pairs(cfg, enc):
     """-> train and held-out lists of dicts {prompt, chosen, rejected, ids_c, ids_r, margin}, number truncated."""
-    records = M.read_jsonl(cfg.data, "pref", cfg.skip_bad_lines)
+    records = C.read_jsonl(cfg.data, "pref", cfg.skip_bad_lines)
     has_margin = any(rec.get("margin") is not None for rec in records)  # read_jsonl checked each is finite
     train, held, truncated = [], [], 0
     for rec in records:
@@ -147,7 +148,7 @@ def load_pairs(cfg, enc):
         truncated += tc + tr
         pair = {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"], "ids_c": ids_c,
                 "ids_r": ids_r, "margin": float(rec.get("margin") or 0.0)}
-        (held if M.held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
+        (held if C.held_out(rec["prompt"], cfg.eval_frac, cfg.seed) else train).append(pair)
     return train, held, truncated, has_margin
 
 
@@ -155,8 +156,8 @@ def collate(pairs, pad_id):
     """Pairs -> ids, mask (2B, T): the B chosen sequences then the B rejected ones, right-padded together so one
     forward scores both (right pads cannot change causal attention on the real tokens before them)."""
     seqs = [p["ids_c"] for p in pairs] + [p["ids_r"] for p in pairs]
-    ids = M.pad_right(seqs, pad_id)  # (2B, T)
-    mask = M.pad_right([[1] * len(s) for s in seqs], 0)  # (2B, T)
+    ids = C.pad_right(seqs, pad_id)  # (2B, T)
+    mask = C.pad_right([[1] * len(s) for s in seqs], 0)  # (2B, T)
     return ids, mask
 
 
@@ -164,8 +165,8 @@ def gold_report(gold, spec, pairs, rm_chosen, rm_rejected):
     """The gold reward's accuracy on the held-out labels (the ceiling) and the reward model's agreement with the
     gold ordering on pairs the gold reward does not tie. A failing gold function is named with the held-out pair."""
     prompts = [p["prompt"] for p in pairs]
-    g_c = torch.tensor(M.call_user(gold, spec, prompts, [p["chosen"] for p in pairs]), dtype=torch.float64)
-    g_r = torch.tensor(M.call_user(gold, spec, prompts, [p["rejected"] for p in pairs]), dtype=torch.float64)
+    g_c = torch.tensor(C.call_user(gold, spec, prompts, [p["chosen"] for p in pairs]), dtype=torch.float64)
+    g_r = torch.tensor(C.call_user(gold, spec, prompts, [p["rejected"] for p in pairs]), dtype=torch.float64)
     untied = g_c != g_r
     agree = ((rm_chosen > rm_rejected) == (g_c > g_r))[untied].double()
     return {"gold_accuracy": preference_accuracy(g_c, g_r).mean().item(),
@@ -178,7 +179,7 @@ def gold_report(gold, spec, pairs, rm_chosen, rm_rejected):
 
 def pair_rewards(model, ids, mask, device, cfg):
     """One forward over the concatenated (2B, T) batch -> chosen (B,), rejected (B,) rewards in fp32."""
-    with M.autocast(device, cfg.dtype):
+    with C.autocast(device, cfg.dtype):
         values = model(ids.to(device))  # (2B, T); right padding with plain causal attention
     rewards = rewards_at_last_token(values.float(), mask.to(device))  # (2B,)
     return rewards.chunk(2)
@@ -197,7 +198,7 @@ def evaluate_pairs(model, pairs, cfg, device, pad_id, rank, world):
         rows = mine[i:i + cfg.batch_size]
         r_c, r_r = pair_rewards(model, *collate([pairs[k] for k in rows], pad_id), device, cfg)
         scores[:, rows] = torch.stack([r_c, r_r]).double()
-    M.all_reduce_sum(scores)
+    C.all_reduce_sum(scores)
     model.train()
     r_c, r_r = scores.cpu()
     margin = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
@@ -208,13 +209,13 @@ def evaluate_pairs(model, pairs, cfg, device, pad_id, rank, world):
 
 def load_start(cfg, device):
     """The reward model to train, its tokenizer and lineage, the start step and the saved train state."""
-    model, enc, ckpt = M.load_model(cfg.model, head="scalar")
+    model, enc, ckpt = C.load_model(cfg.model, head="scalar")
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     state, step = None, 0
     if cfg.resume:
-        resumed = M.load_checkpoint(cfg.resume)
+        resumed = C.load_checkpoint(cfg.resume)
         if "train_state" not in resumed:
             raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
         if resumed["config"].get("head") != "scalar":
@@ -231,20 +232,20 @@ def load_start(cfg, device):
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, description=__doc__)
+    cfg = C.parse_config(Config, argv, description=__doc__)
     if not 0 <= cfg.eval_frac < 1:
         raise M.UserError(f"--eval-frac {cfg.eval_frac} must be in [0, 1)")
     if cfg.center_rewards_coef < 0:
         raise M.UserError("--center-rewards-coef must be >= 0")
-    gold = M.load_function(cfg.gold, "--gold") if cfg.gold else None
-    rank, world, device = M.setup_ddp(cfg.device)
+    gold = C.load_function(cfg.gold, "--gold") if cfg.gold else None
+    rank, world, device = C.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
-    M.check_out(cfg.out, model)
-    M.catch_interrupts(cfg.save_on_interrupt)
+    C.check_out(cfg.out, model)
+    C.catch_interrupts(cfg.save_on_interrupt)
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
-    pad_id = M.special_id(enc, "<|pad|>")
+    pad_id = C.special_id(enc, "<|pad|>")
 
     train, held, n_truncated, has_margin = load_pairs(cfg, enc)
     if not train:
@@ -254,7 +255,7 @@ def main(argv=None):
         print(f"{len(train)} train / {len(held)} held-out pairs, {n_truncated} sequences truncated, margins "
               f"{'from the data' if has_margin else 'off'}; {model.num_params():,} params, {trainable:,} trainable")
 
-    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
+    model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
     per_rank = cfg.batch_size * cfg.grad_accum
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -265,10 +266,10 @@ def main(argv=None):
                mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
-        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = M.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
+        idx = C.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
         sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, accuracy, margin, mean reward
         for j in range(cfg.grad_accum):
             batch = [train[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
@@ -287,11 +288,11 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss, acc, margin, mean_r = (M.all_reduce_sum(sums) / (per_rank * world)).tolist()
+        loss, acc, margin, mean_r = (C.all_reduce_sum(sums) / (per_rank * world)).tolist()
         record = {"step": step + 1, "loss": loss, "accuracy": acc, "margin": margin, "mean_reward": mean_r,
                   "lr": lr, "grad_norm": grad_norm.item(), "pairs_s": per_rank * world / (time.perf_counter() - t0)}
-        M.check_finite(record, ("loss", "grad_norm"), last_saved)
-        last, stop = step + 1 == end, M.interrupted(device)
+        C.check_finite(record, ("loss", "grad_norm"), last_saved)
+        last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             eval_metrics, held_c, held_r = evaluate_pairs(raw, held, cfg, device, pad_id, rank, world)
             record.update(eval_metrics)
@@ -300,19 +301,19 @@ def main(argv=None):
         if rank == 0:
             held_acc = record.get("eval_accuracy", metrics.get("eval_accuracy", float("nan")))  # the latest
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", eval_acc=f"{held_acc:.2f}")
-            M.log_jsonl(cfg.log, record)
+            C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
             if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
                 if cfg.lora_rank:
                     head = {f"score.{k}": v.detach().clone() for k, v in raw.score.state_dict().items()}
                     train_state["lora"] = {**M.lora_state_dict(raw), **head}
-                M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
                                   lineage=lineage + ["rm"], train_state=train_state)
             last_saved = f"{cfg.out} (step {step + 1})"
         if stop:
-            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
+            raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
         if "eval_accuracy" in metrics:
@@ -324,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

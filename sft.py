@@ -3,8 +3,8 @@ sft.py: supervised fine-tuning on chats, and plain language-model training on ra
 
 Two formats, one loop:
   --format chat  `{"messages": [...]}` JSONL rendered with the ChatML template; the loss is on the assistant's
-                 tokens only (content and its `<|im_end|>`, the mask from model.render_chat), multi-turn included.
-                 `--template plain` is the no-template ablation (model.render_plain).
+                 tokens only (content and its `<|im_end|>`, the mask from common.render_chat), multi-turn included.
+                 `--template plain` is the no-template ablation (common.render_plain).
   --format text  a `.txt` file (one stream) or `{"text": ...}` JSONL: every token is a target. With
                  `--init tiny` it pre-trains a fresh model from a preset; with `--model` it is continued
                  pre-training / domain adaptation.
@@ -16,7 +16,7 @@ Normalising by |S| over the whole optimiser step (not per micro-batch, not per r
 B/k exactly one batch of B, and DDP exactly one process on the concatenated batch.
 
 Speed: examples are packed into --seq-len rows with a block-diagonal causal mask and per-document positions
-(model.pack), so no compute is spent on padding and no example attends to another. `--no-packing` pads each
+(common.pack), so no compute is spent on padding and no example attends to another. `--no-packing` pads each
 example to its own row instead (same loss; the benchmark compares the two). AdamW, linear warmup + cosine
 decay, gradient clipping, bf16 autocast on GPU, optional torch.compile, LoRA (`--lora-rank`), gradient
 checkpointing.
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common as C
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -104,15 +105,15 @@ def lm_loss_sum(logits, ids, mask):
 def tokenize(cfg, enc):
     """Examples as (ids, mask) lists, and how many were truncated."""
     if cfg.format == "text":
-        eot = M.special_id(enc, "<|endoftext|>")
+        eot = C.special_id(enc, "<|endoftext|>")
         stream = []
-        for doc in M.read_text(cfg.data):
+        for doc in C.read_text(cfg.data):
             stream += enc.encode_ordinary(doc) + [eot]
         windows = [stream[i:i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)]
         return [(w, [1] * len(w)) for w in windows if len(w) > 1], 0
-    render = {"chatml": M.render_chat, "plain": M.render_plain}[cfg.template]
+    render = {"chatml": C.render_chat, "plain": C.render_plain}[cfg.template]
     examples, truncated = [], 0
-    for rec in M.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
+    for rec in C.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
         ids, mask = render(enc, rec["messages"])
         truncated += len(ids) > cfg.seq_len
         examples.append((ids[:cfg.seq_len], mask[:cfg.seq_len]))
@@ -122,9 +123,9 @@ def tokenize(cfg, enc):
 def make_rows(examples, cfg, pad_id):
     """(ids, mask, doc_ids) rows of seq_len: packed, or one right-padded example per row (doc_ids None)."""
     if cfg.packing:
-        return M.pack(examples, cfg.seq_len, pad_id)
-    ids = M.pad_right([e[0] for e in examples], pad_id, cfg.seq_len)
-    mask = M.pad_right([e[1] for e in examples], 0, cfg.seq_len)
+        return C.pack(examples, cfg.seq_len, pad_id)
+    ids = C.pad_right([e[0] for e in examples], pad_id, cfg.seq_len)
+    mask = C.pad_right([e[1] for e in examples], 0, cfg.seq_len)
     return ids, mask, None
 
 
@@ -155,12 +156,12 @@ def eval_loss(model, rows, cfg, device):
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for i in range(0, len(rows[0]), cfg.batch_size):
         ids, mask, doc = batch_of(rows, slice(i, i + cfg.batch_size), device, trim=not cfg.compile)
-        with M.autocast(device, cfg.dtype):
+        with C.autocast(device, cfg.dtype):
             logits = model(ids, doc_ids=doc)
         s, n = lm_loss_sum(logits, ids, mask)
         total += s
         count += n
-    M.all_reduce_sum(total), M.all_reduce_sum(count)
+    C.all_reduce_sum(total), C.all_reduce_sum(count)
     model.train()
     return (total / count.clamp(min=1)).item()
 
@@ -177,29 +178,29 @@ def load_start(cfg, device):
         if cfg.format != "text":
             raise M.UserError("--init trains a fresh model: use it with --format text (pre-training)")
         torch.manual_seed(cfg.seed)
-        enc = M.get_tokenizer(cfg.tokenizer)
+        enc = C.get_tokenizer(cfg.tokenizer)
         model, lineage = M.build_model(cfg.init, enc, max_seq_len=max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))), [f"init:{cfg.init}"]
     else:
-        model, enc, ckpt = M.load_model(cfg.model)
+        model, enc, ckpt = C.load_model(cfg.model)
         lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    step, state = M.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     return model.to(device), enc, lineage, step, state
 
 
 def main(argv=None):
-    cfg = M.parse_config(Config, argv, description=__doc__)
+    cfg = C.parse_config(Config, argv, description=__doc__)
     if cfg.format not in ("chat", "text") or cfg.template not in ("chatml", "plain"):
         raise M.UserError("--format must be chat or text, --template chatml or plain")
-    rank, world, device = M.setup_ddp(cfg.device)
+    rank, world, device = C.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
-    M.check_out(cfg.out, model)
-    M.catch_interrupts(cfg.save_on_interrupt)
+    C.check_out(cfg.out, model)
+    C.catch_interrupts(cfg.save_on_interrupt)
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
-    pad_id = M.special_id(enc, "<|pad|>")
+    pad_id = C.special_id(enc, "<|pad|>")
 
     examples, n_truncated = tokenize(cfg, enc)
     train, held_out = split(examples, cfg.eval_frac, cfg.seed)
@@ -214,7 +215,7 @@ def main(argv=None):
               f"({n_tok / rows[1].numel():.0%} supervised), {n_truncated} truncated; "
               f"{model.num_params():,} params, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable")
 
-    model, raw, optimizer = M.wrap_for_training(model, cfg, state, world, device)
+    model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     mine = slice(rank * cfg.batch_size * cfg.grad_accum, (rank + 1) * cfg.batch_size * cfg.grad_accum)
@@ -225,21 +226,21 @@ def main(argv=None):
                mininterval=1.0)
     for step in bar:
         t0 = time.perf_counter()
-        lr = M.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = M.step_indices(step, n_rows, rows_per_step, mine, cfg.seed)
+        idx = C.step_indices(step, n_rows, rows_per_step, mine, cfg.seed)
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         # the step's total number of supervised tokens, over micro-batches and ranks: the loss denominator
         n_sup = sum(rows[1][b, 1:].sum() for b in micro).to(device).float()
-        n_sup = M.all_reduce_sum(n_sup).clamp(min=1)
+        n_sup = C.all_reduce_sum(n_sup).clamp(min=1)
         total = torch.zeros((), device=device)
         for j, b in enumerate(micro):
             ids, mask, doc = batch_of(rows, b, device, trim=not cfg.compile)
             sync = j == len(micro) - 1 or world == 1
             ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
-                with M.autocast(device, cfg.dtype):
+                with C.autocast(device, cfg.dtype):
                     logits = model(ids, doc_ids=doc)
                 nll, _ = lm_loss_sum(logits, ids, mask)
                 (nll / n_sup * world).backward()  # DDP averages gradients over ranks; * world undoes that
@@ -248,32 +249,32 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = (M.all_reduce_sum(total) / n_sup).item()
+        loss = (C.all_reduce_sum(total) / n_sup).item()
         tok_s = n_sup.item() / (time.perf_counter() - t0)
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tok_s": tok_s}
-        M.check_finite(record, ("loss", "grad_norm"), last_saved)
-        last, stop = step + 1 == end, M.interrupted(device)
+        C.check_finite(record, ("loss", "grad_norm"), last_saved)
+        last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record["eval_loss"] = eval_loss(model, eval_rows, cfg, device)
         if rank == 0:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:.0f}")
-            M.log_jsonl(cfg.log, record)
+            C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
             if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": M.rng_state(), "data_position": step + 1}
+                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
                 if cfg.lora_rank:
                     train_state["lora"] = M.lora_state_dict(raw)
                 stage = "pretrain" if cfg.format == "text" else "sft"
-                M.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
+                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
                                   lineage=lineage + [stage], train_state=train_state)
             last_saved = f"{cfg.out} (step {step + 1})"
         if stop:
-            raise M.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
+            raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         eval_part = f", eval loss {metrics['eval_loss']:.4f}" if not math.isnan(metrics.get("eval_loss", float("nan"))) else ""
         print(f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}{eval_part}")
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

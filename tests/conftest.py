@@ -9,6 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common as C
 import model as M  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def run_script(*args, timeout=600, check=True, env=None):
 
 @pytest.fixture(scope="session")
 def enc():
-    return M.get_tokenizer("byte")
+    return C.get_tokenizer("byte")
 
 
 @pytest.fixture(params=["tiny", "tiny-gpt2"])
@@ -47,13 +48,13 @@ def toy_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def policy_and_rm(tmp_path_factory):
     """A tiny random policy and a tiny reward model (zero value head), saved: what ppo.py needs to start."""
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     out = tmp_path_factory.mktemp("policy_and_rm")
     torch.manual_seed(0)
     shape = dict(n_layer=1, d_model=32, d_ff=64, n_head=2, n_kv_head=1, max_seq_len=192)
     paths = str(out / "policy.pt"), str(out / "rm.pt")
-    M.save_checkpoint(paths[0], M.build_model("tiny", enc, **shape), enc)
-    M.save_checkpoint(paths[1], M.build_model("tiny", enc, head="scalar", **shape), enc)
+    C.save_checkpoint(paths[0], M.build_model("tiny", enc, **shape), enc)
+    C.save_checkpoint(paths[1], M.build_model("tiny", enc, head="scalar", **shape), enc)
     return paths
 
 

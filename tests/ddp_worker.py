@@ -14,13 +14,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C
 import model as M  # noqa: E402
 
 
 def main():
-    rank, world, device = M.setup_ddp("cpu")
+    rank, world, device = C.setup_ddp("cpu")
     torch.manual_seed(0)
-    net = M.build_model("tiny", M.get_tokenizer("byte"), n_layer=2, d_model=64, d_ff=128, max_seq_len=64)
+    net = M.build_model("tiny", C.get_tokenizer("byte"), n_layer=2, d_model=64, d_ff=128, max_seq_len=64)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (4, 16), generator=g)  # (B, T), the same batch on every rank
     mask = (torch.rand(4, 16, generator=g) < torch.tensor([[0.9], [0.3], [0.6], [0.5]])).long()  # uneven counts
@@ -28,7 +29,7 @@ def main():
     if world > 1:
         net = DDP(net)
     nll = -M.token_logprobs(net(ids[rows]), ids[rows], mask[rows]).sum()
-    count = M.all_reduce_sum(mask[rows, 1:].sum().float())  # position 0 is never a target
+    count = C.all_reduce_sum(mask[rows, 1:].sum().float())  # position 0 is never a target
     (nll / count * world).backward()
     if rank == 0:
         raw = getattr(net, "module", net)
@@ -36,4 +37,4 @@ def main():
 
 
 if __name__ == "__main__":
-    M.run(main)
+    C.run(main)

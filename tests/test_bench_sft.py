@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import common as C
 import model as M
 import sft
 from conftest import ROOT
@@ -20,11 +21,11 @@ from conftest import ROOT
 
 def measure(rows, steps, batch_size, device="cpu"):
     torch.manual_seed(0)
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     model = M.build_model("tiny", enc).to(device).train()
-    opt = M.make_optimizer(model, 1e-3)
+    opt = C.make_optimizer(model, 1e-3)
     ids, mask, doc = rows
-    real = ids != M.special_id(enc, "<|pad|>")  # the pad id never occurs in data
+    real = ids != C.special_id(enc, "<|pad|>")  # the pad id never occurs in data
     times, tokens = [], 0
     for step in range(steps + 1):
         b = slice(step * batch_size % len(ids), step * batch_size % len(ids) + batch_size)
@@ -46,10 +47,10 @@ def measure(rows, steps, batch_size, device="cpu"):
 
 @pytest.mark.slow
 def test_bench_sft_packed_vs_padded(toy_dir):
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     cfg = sft.Config(data=os.path.join(toy_dir, "sft.jsonl"), seq_len=256)
     examples, _ = sft.tokenize(cfg, enc)
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     result = {"config": "tiny", "seq_len": cfg.seq_len, "batch_size": 16, "examples": len(examples),
               "device": "cpu", "torch_threads": torch.get_num_threads()}

@@ -23,6 +23,8 @@ import time
 import pytest
 import torch
 
+import common as C
+import formats
 import model as M
 import sft
 import dpo
@@ -41,9 +43,9 @@ def hf_tokenizer(enc):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     vocab = {f"<{i}>": i for i in range(enc.n_vocab)}
-    for name in M.SPECIAL_TOKENS:
-        vocab[name] = M.special_id(enc, name)
-        vocab.pop(f"<{M.special_id(enc, name)}>", None)
+    for name in C.SPECIAL_TOKENS:
+        vocab[name] = C.special_id(enc, name)
+        vocab.pop(f"<{C.special_id(enc, name)}>", None)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<|pad|>")))
     tok.pad_token, tok.eos_token = "<|pad|>", "<|im_end|>"
     return tok
@@ -51,11 +53,11 @@ def hf_tokenizer(enc):
 
 def make_models(tmp, preset):
     """Random weights -> our ckpt.pt and an HF directory holding the same tensors; -> (tokenizer, params)."""
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     torch.manual_seed(0)
     net = M.build_model(preset, enc, dropout=0.0)
-    M.save_checkpoint(str(tmp / "init.pt"), net, enc)
-    M.export_hf(net, enc, str(tmp / "hf"))
+    C.save_checkpoint(str(tmp / "init.pt"), net, enc)
+    formats.export_hf(net, enc, str(tmp / "hf"))
     return enc, net.num_params()
 
 
@@ -70,16 +72,16 @@ def trl_args(cls, tmp, steps, **kw):
 @contextlib.contextmanager
 def our_step_clock(stamps):
     """Our scripts call model.log_jsonl once per optimiser step (with or without --log): time-stamp each call."""
-    original = M.log_jsonl
+    original = C.log_jsonl
 
     def stamped(path, record):
         stamps.append(time.perf_counter())
         original(path, record)
-    M.log_jsonl = stamped
+    C.log_jsonl = stamped
     try:
         yield
     finally:
-        M.log_jsonl = original
+        C.log_jsonl = original
 
 
 class TRLStepClock(transformers.TrainerCallback):
@@ -104,7 +106,7 @@ def bench_sft(tmp, toy_dir, enc, n):
     examples, _ = sft.tokenize(sft.Config(data=data, seq_len=SEQ_LEN), enc)
     tok = hf_tokenizer(enc)
     train = datasets.Dataset.from_list([{"input_ids": ids, "assistant_masks": mask} for ids, mask in examples])
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     out = {"examples": len(examples),
            "supervised_tokens_per_example": sum(sum(m[1:]) for _, m in examples) / len(examples)}
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dpo
+import common as C
 import model as M
 from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, ROOT, run_script
 
@@ -224,7 +225,7 @@ def tiny_ckpt(tmp_path, enc):
     for p in m.parameters():  # larger than the init so that policy and reference visibly differ after a step
         torch.nn.init.normal_(p, std=0.05)
     path = str(tmp_path / "init.pt")
-    M.save_checkpoint(path, m, enc)
+    C.save_checkpoint(path, m, enc)
     return path
 
 
@@ -249,8 +250,8 @@ def test_tokenized_pairs_share_the_prompt_and_mask_only_the_response(enc, prefs)
     cfg = dpo.Config(data=prefs, seq_len=80, eval_frac=0.0)
     train, held, truncated = dpo.load_examples(cfg, enc)
     assert len(train) == 24 and not held and truncated > 0  # 80 tokens cut some pairs
-    end = M.special_id(enc, "<|im_end|>")
-    records = M.read_jsonl(prefs, "pref")
+    end = C.special_id(enc, "<|im_end|>")
+    records = C.read_jsonl(prefs, "pref")
     for ex, rec in zip(train, records):
         (c, sc), (r, sr) = ex["seqs"]
         assert sc == sr and c[:sc] == r[:sr]  # the same (possibly truncated) prompt before both responses
@@ -280,14 +281,14 @@ def test_kto_mismatched_completion_is_the_previous_examples(enc, kto_data):
 
 
 def tiny_model_and_pairs(tiny_ckpt, prefs, enc):
-    model, _, _ = M.load_model(tiny_ckpt)
+    model, _, _ = C.load_model(tiny_ckpt)
     train, _, _ = dpo.load_examples(dpo.Config(data=prefs, seq_len=128, eval_frac=0.0), enc)
     return model.eval(), train
 
 
 def test_concatenated_forward_equals_two_separate_forwards(tiny_ckpt, prefs, enc):
     model, train = tiny_model_and_pairs(tiny_ckpt, prefs, enc)
-    cfg, pad = dpo.Config(), M.special_id(enc, "<|pad|>")
+    cfg, pad = dpo.Config(), C.special_id(enc, "<|pad|>")
     chosen, rejected = [ex["seqs"][0] for ex in train[:6]], [ex["seqs"][1] for ex in train[:6]]
     with torch.no_grad():
         together, n_together = dpo.forward_logps(model, chosen + rejected, torch.device("cpu"), cfg, pad)
@@ -302,9 +303,9 @@ def test_concatenated_forward_equals_two_separate_forwards(tiny_ckpt, prefs, enc
 
 def live_reference(path, examples, enc):
     """A fresh reference model's log-probs of each example, one sequence at a time: (N, 2)."""
-    ref, _, _ = M.load_model(path)
+    ref, _, _ = C.load_model(path)
     ref.eval()
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     with torch.no_grad():
         return torch.tensor([[dpo.forward_logps(ref, [s], torch.device("cpu"), dpo.Config(), pad)[0][0].item()
                               for s in ex["seqs"]] for ex in examples])
@@ -318,17 +319,17 @@ def test_cached_reference_equals_a_live_reference_forward(tmp_path, tiny_ckpt, p
     dpo.main(["--model", tiny_ckpt, "--data", prefs, "--out", out, "--steps", "2", "--seq-len", "128",
               "--batch-size", "4", "--eval-frac", "0", "--kl-prompts", "0", "--lr", "1e-2", "--warmup", "0",
               "--ref-batch-size", "7"] + (["--lora-rank", "4"] if lora else []))
-    cache = M.load_checkpoint(out)["train_state"]["ref_logps"]
+    cache = C.load_checkpoint(out)["train_state"]["ref_logps"]
     train, _, _ = dpo.load_examples(dpo.Config(data=prefs, seq_len=128, eval_frac=0.0), enc)
     live = live_reference(tiny_ckpt, train, enc)
     torch.testing.assert_close(cache, live, rtol=1e-5, atol=1e-4)
     trained = live_reference(out, train, enc)  # the policy moved away from the reference
     assert (trained - live).abs().max() > 1e-2
     if lora:
-        model, _, _ = M.load_model(tiny_ckpt)
+        model, _, _ = C.load_model(tiny_ckpt)
         M.apply_lora(model, 4)
-        model.load_state_dict(M.load_checkpoint(out)["train_state"]["lora"], strict=False)
-        pad = M.special_id(enc, "<|pad|>")
+        model.load_state_dict(C.load_checkpoint(out)["train_state"]["lora"], strict=False)
+        pad = C.special_id(enc, "<|pad|>")
         with M.lora_disabled(model), torch.no_grad():
             off = dpo.reference_logps(model, train, dpo.Config(ref_batch_size=5), torch.device("cpu"), pad)
         torch.testing.assert_close(off, live, rtol=1e-5, atol=1e-4)
@@ -363,10 +364,10 @@ def test_every_loss_trains_in_process(tmp_path, tiny_ckpt, prefs, kto_data, loss
     for key in ("loss", "reward_chosen", "reward_rejected", "margin", "eval_loss", "kl_ref", "grad_norm"):
         assert math.isfinite(last[key]), key
     assert ("kl" in last) == (loss == "kto") and ("accuracy" in last) == (loss != "kto")
-    ckpt = M.load_checkpoint(out)
+    ckpt = C.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["args"]["loss"] == loss
     assert ("ref_logps" in ckpt["train_state"]) == (loss not in dpo.REFERENCE_FREE)
-    before = M.load_checkpoint(tiny_ckpt)["model"]
+    before = C.load_checkpoint(tiny_ckpt)["model"]
     assert any(not torch.equal(before[k], ckpt["model"][k]) for k in before)
 
 
@@ -379,10 +380,10 @@ def test_resume_equals_straight_run(tmp_path, tiny_ckpt, prefs, kto_data, loss, 
         args += ["--lora-rank", "4", "--lora-dropout", "0.1"]
     dpo.main(args + ["--out", str(tmp_path / "straight.pt")])
     dpo.main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
-    assert M.load_checkpoint(str(tmp_path / "part.pt"))["step"] == 2
+    assert C.load_checkpoint(str(tmp_path / "part.pt"))["step"] == 2
     dpo.main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
-    a = M.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
-    b = M.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
+    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
+    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-exact on CPU
 
@@ -395,7 +396,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_ckpt, prefs, kto_data, l
     dpo.main(base + ["--out", str(tmp_path / "a.pt"), "--batch-size", "8", "--log", str(tmp_path / "a.jsonl")])
     dpo.main(base + ["--out", str(tmp_path / "b.pt"), "--batch-size", "2", "--grad-accum", "4",
                      "--log", str(tmp_path / "b.jsonl")])
-    a, b = M.load_checkpoint(str(tmp_path / "a.pt"))["model"], M.load_checkpoint(str(tmp_path / "b.pt"))["model"]
+    a, b = C.load_checkpoint(str(tmp_path / "a.pt"))["model"], C.load_checkpoint(str(tmp_path / "b.pt"))["model"]
     assert_same_first_step(tmp_path / "a.jsonl", tmp_path / "b.jsonl")  # summation order and padding widths differ
     assert_same_training(a, b, lr=1e-3, steps=2)
 
@@ -409,7 +410,7 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt, prefs):
                "--out", str(tmp_path / "ddp.pt"), "--batch-size", "4", "--log", str(log_ddp),
                env={"OMP_NUM_THREADS": "1"})
     dpo.main(base + ["--out", str(tmp_path / "one.pt"), "--batch-size", "8", "--log", str(log_one)])
-    a, b = M.load_checkpoint(str(tmp_path / "ddp.pt")), M.load_checkpoint(str(tmp_path / "one.pt"))
+    a, b = C.load_checkpoint(str(tmp_path / "ddp.pt")), C.load_checkpoint(str(tmp_path / "one.pt"))
     assert_same_first_step(log_ddp, log_one)
     assert_same_training(a["model"], b["model"], lr=1e-3, steps=2)
     torch.testing.assert_close(a["train_state"]["ref_logps"], b["train_state"]["ref_logps"], rtol=1e-5, atol=1e-4)
@@ -429,7 +430,7 @@ def test_smoke_subprocess_on_the_built_in_world(tmp_path, tiny_ckpt, toy_dir):
     assert "saved" in proc.stdout and "reference log-probs" in proc.stdout
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and "eval_accuracy" in records[1] and "kl_ref" in records[2]
-    ckpt = M.load_checkpoint(str(tmp_path / "d.pt"))
+    ckpt = C.load_checkpoint(str(tmp_path / "d.pt"))
     assert ckpt["lineage"][-1] == "dpo" and ckpt["config"]["head"] == "lm"
 
 
@@ -465,8 +466,8 @@ def test_impossible_flags_exit_2(tmp_path, tiny_ckpt, prefs, args, message):
 
 
 def test_reward_model_is_refused_as_policy(tmp_path, tiny_ckpt, prefs):
-    rm, enc, _ = M.load_model(tiny_ckpt, head="scalar")
-    M.save_checkpoint(str(tmp_path / "rm.pt"), rm, enc)
+    rm, enc, _ = C.load_model(tiny_ckpt, head="scalar")
+    C.save_checkpoint(str(tmp_path / "rm.pt"), rm, enc)
     proc = run_script("dpo.py", "--model", str(tmp_path / "rm.pt"), "--data", prefs, "--out",
                       str(tmp_path / "o.pt"), "--steps", "1", check=False)
     assert proc.returncode == 2 and "scalar head" in proc.stderr
@@ -496,12 +497,12 @@ def test_bench_dpo(toy_dir):
     uses its default threads (set OMP_NUM_THREADS=1 on a shared machine: oversubscribed threads thrash).
 
         OMP_NUM_THREADS=1 python -m pytest tests/test_dpo.py -q -s -m slow -k bench      (or: make bench)"""
-    enc = M.get_tokenizer("byte")
-    device = M.pick_device("auto")
+    enc = C.get_tokenizer("byte")
+    device = C.pick_device("auto")
     cfg = dpo.Config(data=os.path.join(toy_dir, "prefs.jsonl"), seq_len=256, eval_frac=0.0, batch_size=16,
                      ref_batch_size=64)
     train, _, _ = dpo.load_examples(cfg, enc)
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     rss_before = peak_memory_mb(torch.device("cpu"))
     torch.manual_seed(0)
     model = M.build_model("tiny", enc).to(device)
@@ -518,7 +519,7 @@ def test_bench_dpo(toy_dir):
               "batch_pairs": cfg.batch_size, "seq_len": cfg.seq_len,
               "mean_pair_tokens": sum(len(s) for ex in train for s, _ in ex["seqs"]) / len(train),
               "ref_cache_sequences_per_s": 2 * 512 / ref_seconds}
-    opt = M.make_optimizer(model, 1e-5)
+    opt = C.make_optimizer(model, 1e-5)
     steps = 10 if device.type == "cpu" else 50
     times = {"concatenated": [], "two_forwards": []}
     for step in range(steps + 1):

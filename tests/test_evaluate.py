@@ -12,6 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import evaluate as E
+import common as C
+import formats
 import model as M
 from conftest import ROOT, run_script
 
@@ -57,14 +59,14 @@ def test_contains_matches_naive_scan(response, answer):
 
 def test_build_prompt_shots_after_system_and_cot_on_last_user_turn():
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
-    shots = E.shot_messages([{"prompt": M.as_messages("What is 1 + 1?", "x"), "answer": "2"}], "x")
+    shots = E.shot_messages([{"prompt": C.as_messages("What is 1 + 1?", "x"), "answer": "2"}], "x")
     msgs = E.build_prompt(prompt, shots, cot=True)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert msgs[1]["content"] == "What is 1 + 1?" and msgs[2]["content"] == "2"
     assert msgs[3]["content"] == "What is 2 + 2? " + E.COT
     assert prompt[1]["content"] == "What is 2 + 2?" and shots[0]["content"] == "What is 1 + 1?"  # data untouched
     with pytest.raises(M.UserError, match="no 'answer'"):
-        E.shot_messages([{"prompt": M.as_messages("q", "x"), "answer": None}], "eval.jsonl")
+        E.shot_messages([{"prompt": C.as_messages("q", "x"), "answer": None}], "eval.jsonl")
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -97,7 +99,7 @@ def test_mc_eval_matches_naive_loop(tiny_model, enc):
                {"prompt": "Q: Sum of 2 and 2? A:", "choices": [" 4", " five", " 22"], "gold": 0}]
     shots = [{"prompt": "Q: Say x A:", "choices": [" x", " y"], "gold": 0}]
     contexts = {  # lm-eval's two contexts, written out by hand
-        True: lambda r: M.render_chat(enc, [{"role": "user", "content": "Q: Say x A:"},
+        True: lambda r: C.render_chat(enc, [{"role": "user", "content": "Q: Say x A:"},
                                             {"role": "assistant", "content": " x"},
                                             {"role": "user", "content": r["prompt"]}], True)[0],
         False: lambda r: enc.encode_ordinary("Q: Say x A: x\n\n" + r["prompt"])}
@@ -137,7 +139,7 @@ def test_sliding_windows_score_every_token_once(n, seq_len, data):
 
 def test_perplexity_matches_naive_loop(tiny_model, enc):
     doc = "the quick brown fox jumps over the lazy dog, twice: the quick brown fox."
-    ids = [M.special_id(enc, "<|endoftext|>")] + enc.encode_ordinary(doc)
+    ids = [C.special_id(enc, "<|endoftext|>")] + enc.encode_ordinary(doc)
     L = 16
     for stride in (1, 5, L // 2):
         ppl, bpb, n = E.perplexity(tiny_model, enc, "text", [doc], cfg(seq_len=L, stride=stride), CPU)
@@ -154,7 +156,7 @@ def test_perplexity_matches_naive_loop(tiny_model, enc):
 def test_chat_perplexity_scores_assistant_spans_only(tiny_model, enc):
     chats = [{"messages": [{"role": "user", "content": "hi é"}, {"role": "assistant", "content": "hello 日本"},
                            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}]
-    ids, mask = M.render_chat(enc, chats[0]["messages"])
+    ids, mask = C.render_chat(enc, chats[0]["messages"])
     ppl, bpb, n = E.perplexity(tiny_model, enc, "chat", chats, cfg(), CPU)
     nll = -sum(naive_logp(tiny_model, ids, t) for t in range(1, len(ids)) if mask[t])
     assert n == sum(mask) == len("hello 日本".encode()) + len("ok") + 2  # content bytes + two <|im_end|>
@@ -167,7 +169,7 @@ def test_chat_perplexity_scores_assistant_spans_only(tiny_model, enc):
 @pytest.mark.parametrize("template", [True, False])
 def test_generation_matches_naive_greedy_loop(tiny_model, enc, template):
     c = cfg(chat_template=template, max_new_tokens=6)
-    prompts = [M.as_messages(p, "x") for p in ["What is 2 + 3?", "Hi", "Reverse the word 'stop' please."]]
+    prompts = [C.as_messages(p, "x") for p in ["What is 2 + 3?", "Hi", "Reverse the word 'stop' please."]]
     texts, prompt_ids, responses = E.generate_responses(tiny_model, enc, prompts, c, CPU)
     stops = set(E.stop_ids(enc, template))
     for p, ids, r in zip(prompts, prompt_ids, responses):
@@ -182,12 +184,12 @@ def test_generation_matches_naive_greedy_loop(tiny_model, enc, template):
 
 
 def test_sampling_is_seeded_and_speed_size_are_reported(tiny_model, enc, tmp_path):
-    prompts = [M.as_messages("Hi", "x")] * 3
+    prompts = [C.as_messages("Hi", "x")] * 3
     runs = [E.generate_responses(tiny_model, enc, prompts, cfg(temperature=1.0, seed=s), CPU)[2] for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     prefill, decode = E.measure_speed(tiny_model, cfg(speed_batch=2, speed_prompt_len=300, speed_new_tokens=4), CPU)
     assert prefill > 0 and decode > 0  # the prompt was clipped to fit max_seq_len
-    M.save_safetensors(str(tmp_path / "m.safetensors"), tiny_model, enc)
+    formats.save_safetensors(str(tmp_path / "m.safetensors"), tiny_model, enc)
     assert E.size_on_disk(str(tmp_path / "m.safetensors")) == sum(f.stat().st_size for f in tmp_path.iterdir())
 
 
@@ -196,7 +198,7 @@ def test_kl_to_ref_matches_naive_loop(tiny_model, enc):
     ref = M.build_model("tiny", enc, n_layer=1).eval()
     prompt_ids = [enc.encode_ordinary("abc"), enc.encode_ordinary("hello there")]
     responses = [enc.encode_ordinary("xy"), enc.encode_ordinary("zzz!")]
-    got = E.kl_to_ref(tiny_model, ref, prompt_ids, responses, cfg(), CPU, M.special_id(enc, "<|pad|>"))
+    got = E.kl_to_ref(tiny_model, ref, prompt_ids, responses, cfg(), CPU, C.special_id(enc, "<|pad|>"))
     total = 0.0
     for p, r in zip(prompt_ids, responses):
         seq = p + r
@@ -241,14 +243,14 @@ def test_judge_two_orders_cancel_position_bias():
 
 
 def test_judge_margins_both_orders_and_naive_loop(tiny_model, enc):
-    prompts = [M.as_messages(p, "x") for p in ["What is 1 + 1?", "Say hi"]]
+    prompts = [C.as_messages(p, "x") for p in ["What is 1 + 1?", "Say hi"]]
     x, y = ["2", "hi there, friend"], ["The answer is 2.", "no"]
     first = E.judge_margins(tiny_model, enc, prompts, x, y, cfg(batch_size=2), CPU)
     second = E.judge_margins(tiny_model, enc, prompts, y, x, cfg(batch_size=2), CPU)
     for i in range(2):  # batched, left padded == one unpadded forward
         ask = (f"{E.JUDGE_QUESTION}\n\n[Prompt]\n{prompts[i][0]['content']}\n\n[Response A]\n{x[i]}\n\n"
                f"[Response B]\n{y[i]}\n\nAnswer with one letter, A or B.")
-        ids = M.render_chat(enc, [{"role": "user", "content": ask}], True)[0]
+        ids = C.render_chat(enc, [{"role": "user", "content": ask}], True)[0]
         with torch.no_grad():
             lp = torch.log_softmax(tiny_model(torch.tensor([ids]))[0, -1].double(), -1)
         assert first[i].item() == pytest.approx((lp[ord("A")] - lp[ord("B")]).item(), abs=1e-4)
@@ -263,7 +265,7 @@ def test_position_biased_judge_model_gives_half(enc):
     with torch.no_grad():
         judge.norm.weight.zero_()
         judge.norm.bias.copy_(judge.embed.weight[ord("A")] * 50)
-    prompts = [M.as_messages("Which?", "x")] * 2
+    prompts = [C.as_messages("Which?", "x")] * 2
     a, b = ["good", "bad answer"], ["bad", "good answer"]
     m1 = E.judge_margins(judge, enc, prompts, a, b, cfg(), CPU)
     m2 = E.judge_margins(judge, enc, prompts, b, a, cfg(), CPU)
@@ -303,15 +305,15 @@ def test_load_function_errors(tmp_path):
     good = tmp_path / "w.py"
     good.write_text("def score(prompt, response):\n    return len(response)\n"
                     "def text(prompt, response):\n    return 'yes'\n")
-    assert M.load_function(f"{good}:score")([], "abc") == 3
+    assert C.load_function(f"{good}:score")([], "abc") == 3
     bad = tmp_path / "broken.py"
     bad.write_text("import no_such_module_here\n")
     for spec, msg in [(str(good), "file.py:function"), (f"{tmp_path}/none.py:f", "no such file"),
                       (f"{good}:missing", "no function"), (f"{bad}:f", "failed to import")]:
         with pytest.raises(M.UserError, match=msg):
-            M.load_function(spec)
+            C.load_function(spec)
     with pytest.raises(M.UserError, match="w.py:text: prompt 0: returned str 'yes', expected one float"):
-        M.call_user(M.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
+        C.call_user(C.load_function(f"{good}:text"), "w.py:text", [[]], ["r"], float)
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -336,7 +338,7 @@ def tiny_ckpts(tmp_path, enc):
         if head == "scalar":
             torch.nn.init.normal_(m.score.weight, std=0.5)
         paths[name] = str(tmp_path / f"{name}.pt")
-        M.save_checkpoint(paths[name], m, enc)
+        C.save_checkpoint(paths[name], m, enc)
     return paths
 
 

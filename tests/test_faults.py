@@ -1,5 +1,5 @@
 """Faults a long run meets: SIGKILL at any moment (during saves too), Ctrl-C, an --out that cannot be written, a
-loss that diverges, two runs saving to one path. Every training script shares the mechanisms (model.py's
+loss that diverges, two runs saving to one path. Every training script shares the mechanisms (common.py's
 atomic_write, check_out, catch_interrupts / interrupted, check_finite); sft.py carries the heavier loops.
 
     python -m pytest tests/test_faults.py -q                # a few SIGKILL tries
@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import common as C
 import model as M
 from conftest import ROOT, assert_one_line_error, run_script
 from test_sft import write_chats
@@ -25,10 +26,10 @@ from test_sft import write_chats
 def setup(tmp_path_factory):
     """A small model (its checkpoint with AdamW state is ~6 MB, so a save takes a while) and a chats file."""
     out = tmp_path_factory.mktemp("faults")
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     torch.manual_seed(0)
     path = str(out / "init.pt")
-    M.save_checkpoint(path, M.build_model("tiny", enc, n_layer=4, d_model=128, d_ff=384, max_seq_len=128), enc)
+    C.save_checkpoint(path, M.build_model("tiny", enc, n_layer=4, d_model=128, d_ff=384, max_seq_len=128), enc)
     return path, write_chats(out / "c.jsonl", n=60)
 
 
@@ -67,10 +68,10 @@ def kill_and_resume(setup, tmp_path, want, tries, seed):
         proc.communicate()
         if not out.exists():
             continue  # killed before its first rename: nothing to resume, and nothing half-written either
-        step = M.load_checkpoint(str(out))["step"]  # loadable, whatever moment the kill hit
+        step = C.load_checkpoint(str(out))["step"]  # loadable, whatever moment the kill hit
         assert 1 <= step <= 12
         run_script(*sft_args(setup, out, "--resume", str(out)), env={"OMP_NUM_THREADS": "1"})
-        got = M.load_checkpoint(str(out))
+        got = C.load_checkpoint(str(out))
         assert got["step"] == 12
         for k in want:  # resuming is the same computation in the same order: bit-exact
             assert torch.equal(got["model"][k], want[k]), (i, step, k)
@@ -80,7 +81,7 @@ def kill_and_resume(setup, tmp_path, want, tries, seed):
 def straight(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "s.pt"
     run_script(*sft_args(setup, out, "--save-every", "1"), env={"OMP_NUM_THREADS": "1"})
-    return M.load_checkpoint(str(out))["model"]
+    return C.load_checkpoint(str(out))["model"]
 
 
 def test_sigkill_at_random_moments_leaves_a_resumable_checkpoint(setup, straight, tmp_path):
@@ -133,13 +134,13 @@ def test_ctrl_c_with_save_on_interrupt_saves_at_the_step_boundary(setup, toy_dir
     args = script_args(script, setup, toy_dir, policy_and_rm, out)
     line = interrupt(start(args + ["--save-on-interrupt"], log), log)
     logged = [json.loads(r) for r in open(log)]
-    ckpt = M.load_checkpoint(str(out))
+    ckpt = C.load_checkpoint(str(out))
     assert ckpt["step"] == logged[-1]["step"] >= 2  # the step that was running when the signal came, completed
     assert f"(step {ckpt['step']})" in line and f"--resume {out}" in line
     steps = ["--steps", str(ckpt["step"] + 1)]
     run_script(*args[:args.index("--steps")], *steps, *args[args.index("--steps") + 2:], "--resume", str(out),
                env={"OMP_NUM_THREADS": "1"})
-    assert M.load_checkpoint(str(out))["step"] == ckpt["step"] + 1  # and it continues from there
+    assert C.load_checkpoint(str(out))["step"] == ckpt["step"] + 1  # and it continues from there
 
 
 # ----------------------------------------------------------------------------- --out, divergence, two writers
@@ -167,14 +168,14 @@ def test_unwritable_out_fails_before_training(setup, tmp_path, where, message):
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_file(tmp_path, enc):
     model = M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64)
     path = str(tmp_path / "c.pt")
-    M.save_checkpoint(path, model, enc, step=1)
+    C.save_checkpoint(path, model, enc, step=1)
 
     def fill(f):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(M.UserError, match="c.pt: could not write it .No space left on device.; any earlier"):
-        M.atomic_write(path, fill)
-    assert M.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
+        C.atomic_write(path, fill)
+    assert C.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
 
 
 def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(setup, tmp_path):
@@ -184,17 +185,17 @@ def test_a_diverging_loss_stops_with_the_step_and_the_last_good_checkpoint(setup
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     logged = sum(1 for _ in open(log))  # the steps before the diverged one, each logged and saved
-    ckpt = M.load_checkpoint(str(out))
+    ckpt = C.load_checkpoint(str(out))
     assert f"step {logged + 1}: " in err and " is nan" in err and f"Last good checkpoint: {out} (step {logged})" in err
     assert ckpt["step"] == logged and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_nan_weights_from_the_start_name_no_checkpoint(tmp_path, setup, enc):
-    model, _, _ = M.load_model(setup[0])
+    model, _, _ = C.load_model(setup[0])
     with torch.no_grad():
         model.blocks[0].attn.q.weight[0, 0] = float("nan")
     bad = tmp_path / "nan.pt"
-    M.save_checkpoint(str(bad), model, enc)
+    C.save_checkpoint(str(bad), model, enc)
     proc = run_script(*sft_args((str(bad), setup[1]), tmp_path / "o.pt"), check=False)
     assert proc.returncode == 2 and "step 1: loss is nan" in proc.stderr and "Last good checkpoint: none yet" in proc.stderr
     assert not (tmp_path / "o.pt").exists()
@@ -209,11 +210,11 @@ def test_two_runs_saving_to_one_out_leave_one_valid_checkpoint(setup, straight, 
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
-    ckpt = M.load_checkpoint(str(out))
+    ckpt = C.load_checkpoint(str(out))
     assert ckpt["step"] == 12 and not [f for f in os.listdir(tmp_path) if ".tmp." in f]
     want = straight
     if ckpt["args"]["seed"] == 1:
         run_script(*sft_args(setup, tmp_path / "s1.pt", "--save-every", "1", "--seed", "1"),
                    env={"OMP_NUM_THREADS": "1"})
-        want = M.load_checkpoint(str(tmp_path / "s1.pt"))["model"]
+        want = C.load_checkpoint(str(tmp_path / "s1.pt"))["model"]
     assert all(torch.equal(ckpt["model"][k], want[k]) for k in want)

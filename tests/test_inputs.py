@@ -1,7 +1,7 @@
 """Bad input at volume: every JSONL record kind fuzzed with hypothesis, user functions that misbehave, and each
 script's exit code 2 with one line and no --out on bad data.
 
-The contract of `model.read_jsonl`: a line is either a valid record, which the project's own consumers (the chat
+The contract of `common.read_jsonl`: a line is either a valid record, which the project's own consumers (the chat
 template, the tokenizer) then take without error, or a `UserError` whose message starts with `file:line:`, never
 any other exception. Each kind is fuzzed with >= 1000 generated lines (arbitrary JSON values in every field,
 missing and extra keys, wrong types, empty strings, NaN and huge numbers, invalid UTF-8, a BOM, NUL bytes, deep
@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import common as C
 import model as M
 from conftest import assert_error_ends_run, assert_one_line_error, run_script
 
@@ -95,9 +96,9 @@ def consume(kind, rec, enc):
     if kind == "mc":
         msgs = [{"role": "user", "content": rec["prompt"]}]
         assert all(enc.decode(enc.encode_ordinary(c)) == c for c in rec["choices"])
-    ids, mask = M.render_chat(enc, msgs, add_generation_prompt=True)
+    ids, mask = C.render_chat(enc, msgs, add_generation_prompt=True)
     assert len(ids) == len(mask)
-    assert ids.count(M.special_id(enc, "<|im_start|>")) == len(msgs) + 1  # the template's, none from the text
+    assert ids.count(C.special_id(enc, "<|im_start|>")) == len(msgs) + 1  # the template's, none from the text
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -112,7 +113,7 @@ def test_read_jsonl_fuzz_gives_valid_records_or_file_line_errors(tmp_path, enc, 
             f.write(json.dumps(GOOD[kind]).encode() + b"\n" + line + b"\n")
         COUNTS[kind]["lines"] += 1
         try:
-            recs = M.read_jsonl(path, kind)
+            recs = C.read_jsonl(path, kind)
         except M.UserError as e:
             assert str(e).startswith(f"{path}:2: "), str(e)[:200]
             assert "\n" not in str(e)
@@ -132,12 +133,12 @@ def test_bom_and_crlf_are_accepted_and_bad_bytes_named_with_their_line(tmp_path)
     path = tmp_path / "d.jsonl"
     good = json.dumps(GOOD["pref"]).encode()
     path.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + good + b"\r\n")
-    assert len(M.read_jsonl(str(path), "pref")) == 2
+    assert len(C.read_jsonl(str(path), "pref")) == 2
     path.write_bytes(good + b"\n\n" + good[:5] + b"\xc3\x28" + good[5:] + b"\n")
     with pytest.raises(M.UserError, match=rf"^{path}:3: not UTF-8"):
-        M.read_jsonl(str(path), "pref")
+        C.read_jsonl(str(path), "pref")
     path.write_bytes(good + b"\n" + good + b"\n{broken\n\xff\n")
-    assert len(M.read_jsonl(str(path), "pref", skip_bad_lines=True)) == 2
+    assert len(C.read_jsonl(str(path), "pref", skip_bad_lines=True)) == 2
 
 
 @pytest.mark.parametrize("line, message", [
@@ -153,7 +154,7 @@ def test_values_json_allows_but_no_script_can_use(tmp_path, line, message):
     path.write_bytes(line + b"\n")
     kind = "mc" if b"gold" in line else "pref"
     with pytest.raises(M.UserError, match=message):
-        M.read_jsonl(str(path), kind)
+        C.read_jsonl(str(path), kind)
 
 
 # ----------------------------------------------------------------------------- user functions
@@ -163,9 +164,9 @@ def test_call_user_names_the_function_and_the_prompt(tmp_path):
     def fine(p, r):
         return len(r)
 
-    assert M.call_user(fine, "f.py:fine", ["a", "b"], ["xy", ""]) == [2.0, 0.0]
-    assert M.call_user(lambda p, r: torch.tensor(1.5), "t", ["a"], ["b"]) == [1.5]  # 0-d tensors are numbers
-    assert M.call_user(lambda p, r: r == "yes", "b", ["a", "a"], ["yes", "no"], bool) == [True, False]
+    assert C.call_user(fine, "f.py:fine", ["a", "b"], ["xy", ""]) == [2.0, 0.0]
+    assert C.call_user(lambda p, r: torch.tensor(1.5), "t", ["a"], ["b"]) == [1.5]  # 0-d tensors are numbers
+    assert C.call_user(lambda p, r: r == "yes", "b", ["a", "a"], ["yes", "no"], bool) == [True, False]
     cases = [(lambda p, r: 1 / 0, "raised ZeroDivisionError: division by zero"),
              (lambda p, r: float("nan"), "returned nan, expected a finite float"),
              (lambda p, r: float("inf"), "returned inf"),
@@ -175,7 +176,7 @@ def test_call_user_names_the_function_and_the_prompt(tmp_path):
              (lambda p, r: torch.ones(3), "returned Tensor that is not one number")]
     for fn, message in cases:
         with pytest.raises(M.UserError, match=r"^--reward w\.py:score: prompt 7: " + message.replace("(", r"\(")):
-            M.call_user(lambda p, r, fn=fn: fn(p, r) if r == "bad" else 1.0, "--reward w.py:score",
+            C.call_user(lambda p, r, fn=fn: fn(p, r) if r == "bad" else 1.0, "--reward w.py:score",
                         ["p"] * 3, ["ok", "bad", "ok"], indices=[3, 7, 9])
 
 

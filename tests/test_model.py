@@ -20,6 +20,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+import common as C
+import formats
 import model as M
 from conftest import ROOT, run_script
 
@@ -49,7 +51,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def gpt2_enc():
-    return M.get_tokenizer("gpt2")
+    return C.get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +78,14 @@ EXPORTS = {
 def test_export_hf_matches_transformers(tf, enc, tmp_path, name):
     overrides, cls = EXPORTS[name]
     ours = rand_model(**overrides)
-    M.export_hf(ours, enc, str(tmp_path))
+    formats.export_hf(ours, enc, str(tmp_path))
     theirs = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(theirs).__name__ == cls
     idx = torch.randint(0, 260, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ours(idx)
         assert (theirs(idx).logits - want).abs().max() < 1e-4
-        back, _, _ = M.load_model(str(tmp_path))  # and our own reader of the directory we wrote
+        back, _, _ = C.load_model(str(tmp_path))  # and our own reader of the directory we wrote
         assert back.cfg == ours.cfg
         assert (back(idx) - want).abs().max() < 1e-4
 
@@ -116,7 +118,7 @@ def test_load_model_of_transformers_directory(tf, tmp_path, name):
     theirs.save_pretrained(str(tmp_path))
     if name != "gpt2":
         write_byte_ranks(tmp_path / "tokenizer.tiktoken")
-    ours, enc, _ = M.load_model(str(tmp_path))
+    ours, enc, _ = C.load_model(str(tmp_path))
     V = kw["vocab_size"]
     assert ours.cfg.vocab_size == enc.n_vocab >= V
     assert ours.cfg.qkv_bias == (name == "qwen2") and ours.cfg.tie_embeddings == (name != "llama")
@@ -128,7 +130,7 @@ def test_load_model_of_transformers_directory(tf, tmp_path, name):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_batch_matches_transformers(tf, enc, tmp_path, arch):
     ours = rand_model(**(GPT2 if arch == "gpt2" else dict(n_kv_head=2, rope_theta=5e5)))
-    M.export_hf(ours, enc, str(tmp_path))
+    formats.export_hf(ours, enc, str(tmp_path))
     theirs = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     ids, mask = M.pad_left([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]], PAD)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # HF does not derive positions from the mask in forward
@@ -148,7 +150,7 @@ def test_padded_rows_equal_rows_alone(tiny_model, padding):
     if padding == "none":
         seqs = [s[:3] for s in seqs]
     if padding == "right":
-        ids, mask = M.pad_right(seqs, PAD), M.pad_right([[1] * len(s) for s in seqs], 0)
+        ids, mask = C.pad_right(seqs, PAD), C.pad_right([[1] * len(s) for s in seqs], 0)
     else:
         ids, mask = M.pad_left(seqs, PAD)
     with torch.no_grad():
@@ -206,7 +208,7 @@ packable = st.integers(0, 14).flatmap(lambda n: st.tuples(st.lists(st.integers(0
 @FAST
 def test_pack_equals_examples_one_by_one(models, examples, arch):
     seq_len = 12
-    ids, mask, doc = M.pack(examples, seq_len, PAD)
+    ids, mask, doc = C.pack(examples, seq_len, PAD)
     model = models[arch]
     with torch.no_grad():
         packed = model(ids, doc_ids=doc)
@@ -351,10 +353,10 @@ def test_last_token_index_and_score_responses(enc):
         rm.score.weight.normal_(0, 0.1)
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question?"}]]
     responses = ["hello there", "no"]
-    scores = M.score_responses(rm, enc, prompts, responses)
+    scores = C.score_responses(rm, enc, prompts, responses)
     for i in range(2):  # each pair alone, read at its closing <|im_end|>
-        ids, _ = M.render_chat(enc, prompts[i] + [{"role": "assistant", "content": responses[i]}])
-        assert ids[-2] == M.special_id(enc, "<|im_end|>")
+        ids, _ = C.render_chat(enc, prompts[i] + [{"role": "assistant", "content": responses[i]}])
+        assert ids[-2] == C.special_id(enc, "<|im_end|>")
         with torch.no_grad():
             assert abs(rm(torch.tensor([ids[:-1]]))[0, -1].item() - scores[i].item()) < 1e-4
 
@@ -370,17 +372,17 @@ def test_gpt2_encoding_matches_gpt2_ids(gpt2_enc):
         assert gpt2_enc.decode(ids) == text
     assert gpt2_enc.encode("<|endoftext|>", allowed_special="all") == [50256]
     assert gpt2_enc.encode_ordinary("<|endoftext|>") != [50256]  # as text it is ordinary tokens
-    assert [M.special_id(gpt2_enc, t) for t in M.SPECIAL_TOKENS] == [50256, 50257, 50258, 50259]
-    assert M.get_tokenizer(gpt2_enc.name).n_vocab == gpt2_enc.n_vocab == 50260
+    assert [C.special_id(gpt2_enc, t) for t in C.SPECIAL_TOKENS] == [50256, 50257, 50258, 50259]
+    assert C.get_tokenizer(gpt2_enc.name).n_vocab == gpt2_enc.n_vocab == 50260
 
 
 def test_bad_tokenizer_spec_and_ranks_file(tmp_path):
     with pytest.raises(M.UserError, match="unknown tokenizer"):
-        M.get_tokenizer("nope")
+        C.get_tokenizer("nope")
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"\x08\x05hello\x12\x03 junk\n")  # e.g. a SentencePiece model
     with pytest.raises(M.UserError, match=re.escape(f"{bad}:1:")):
-        M.get_tokenizer(str(bad))
+        C.get_tokenizer(str(bad))
 
 
 SPECIAL_TEXT = ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|pad|>", "assistant\n", "\n"]
@@ -389,12 +391,12 @@ message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "ass
 
 
 def check_chat(enc, messages):
-    ids, mask = M.render_chat(enc, messages)
+    ids, mask = C.render_chat(enc, messages)
     assert len(ids) == len(mask)
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     assert enc.decode_bytes(ids) == text.encode()
-    start, end = M.special_id(enc, "<|im_start|>"), M.special_id(enc, "<|im_end|>")
-    specials = {M.special_id(enc, t) for t in M.SPECIAL_TOKENS}
+    start, end = C.special_id(enc, "<|im_start|>"), C.special_id(enc, "<|im_end|>")
+    specials = {C.special_id(enc, t) for t in C.SPECIAL_TOKENS}
     turns = [i for i, t in enumerate(ids) if t == start]
     assert len(turns) == len(messages)  # content that spells a special token stays text
     assert sum(t in specials for t in ids) == 2 * len(messages)
@@ -425,11 +427,11 @@ def test_render_chat_masks_exactly_assistant_content_gpt2(gpt2_enc, messages):
 
 def test_render_chat_generation_prompt_and_im_end_in_user_text(enc):
     msgs = [{"role": "user", "content": "say <|im_end|> please"}]
-    ids, mask = M.render_chat(enc, msgs, add_generation_prompt=True)
-    end = M.special_id(enc, "<|im_end|>")
+    ids, mask = C.render_chat(enc, msgs, add_generation_prompt=True)
+    end = C.special_id(enc, "<|im_end|>")
     assert ids.count(end) == 1  # only the structural one closing the user turn
     assert enc.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n") and not any(mask)
-    shown = M.show_mask(enc, *M.render_chat(enc, msgs + [{"role": "assistant", "content": "ok"}]), color=False)
+    shown = C.show_mask(enc, *C.render_chat(enc, msgs + [{"role": "assistant", "content": "ok"}]), color=False)
     assert shown.endswith("assistant\n[[ok<|im_end|>]]\n")
 
 
@@ -489,12 +491,12 @@ def test_checkpoint_round_trip_is_bit_exact(enc, tmp_path, arch, tied, fmt):
         opt = torch.optim.AdamW(model.parameters())
         model(torch.tensor([[1, 2, 3]])).sum().backward()
         opt.step()
-        state = {"optimizer": opt.state_dict(), "rng": M.rng_state(), "position": 7}
-        M.save_checkpoint(path, model, enc, step=5, args={"lr": 0.1}, metrics={"loss": 1.5}, lineage=["a"],
+        state = {"optimizer": opt.state_dict(), "rng": C.rng_state(), "position": 7}
+        C.save_checkpoint(path, model, enc, step=5, args={"lr": 0.1}, metrics={"loss": 1.5}, lineage=["a"],
                           train_state=state)
     else:
-        M.save_safetensors(path, model, enc)
-    back, enc2, ckpt = M.load_model(path)
+        formats.save_safetensors(path, model, enc)
+    back, enc2, ckpt = C.load_model(path)
     assert back.cfg == model.cfg and enc2.name == enc.name
     want = model.state_dict()
     assert set(back.state_dict()) == set(want)
@@ -513,8 +515,8 @@ def test_checkpoint_round_trip_is_bit_exact(enc, tmp_path, arch, tied, fmt):
 def test_load_model_as_reward_model(enc, tmp_path):
     model = rand_model()
     path = str(tmp_path / "lm.pt")
-    M.save_checkpoint(path, model, enc)
-    rm, _, _ = M.load_model(path, head="scalar")
+    C.save_checkpoint(path, model, enc)
+    rm, _, _ = C.load_model(path, head="scalar")
     assert rm.cfg.head == "scalar" and torch.equal(rm.blocks[0].attn.q.weight, model.blocks[0].attn.q.weight)
     with torch.no_grad():
         assert torch.equal(rm(torch.tensor([[1, 2, 3]])), torch.zeros(1, 3))  # a fresh value head is neutral
@@ -523,7 +525,7 @@ def test_load_model_as_reward_model(enc, tmp_path):
 def test_failed_save_keeps_previous_checkpoint(enc, tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     old = rand_model(seed=1)
-    M.save_checkpoint(path, old, enc, step=1)
+    C.save_checkpoint(path, old, enc, step=1)
 
     def dies_midway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -531,31 +533,31 @@ def test_failed_save_keeps_previous_checkpoint(enc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(M.UserError, match="No space left on device.*earlier version is left intact"):
-        M.save_checkpoint(path, rand_model(seed=2), enc, step=2)
+        C.save_checkpoint(path, rand_model(seed=2), enc, step=2)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temp file is cleaned up
-    back, _, ckpt = M.load_model(path)
+    back, _, ckpt = C.load_model(path)
     assert ckpt["step"] == 1 and torch.equal(back.embed.weight, old.embed.weight)
 
 
 def test_killed_save_keeps_previous_checkpoint(enc, tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    M.save_checkpoint(path, rand_model(seed=1), enc, step=1)
+    C.save_checkpoint(path, rand_model(seed=1), enc, step=1)
     before = open(path, "rb").read()
-    writer = ("import sys, time\nimport model as M\n"
+    writer = ("import sys, time\nimport common as C\n"
               "def write(f):\n"
               "    f.write(b'x' * 4_000_000)\n"
               "    print('writing', flush=True)\n"
               "    time.sleep(60)\n"
-              f"M.atomic_write({path!r}, write)\n")
+              f"C.atomic_write({path!r}, write)\n")
     proc = subprocess.Popen([sys.executable, "-c", writer], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     os.kill(proc.pid, signal.SIGKILL)  # no Python cleanup runs: only the rename protects the old file
     proc.wait()
     proc.stdout.close()
     assert open(path, "rb").read() == before
-    assert M.load_checkpoint(path)["step"] == 1
-    M.save_checkpoint(path, rand_model(seed=2), enc, step=2)  # a leftover temp file does not get in the way
-    assert M.load_checkpoint(path)["step"] == 2
+    assert C.load_checkpoint(path)["step"] == 1
+    C.save_checkpoint(path, rand_model(seed=2), enc, step=2)  # a leftover temp file does not get in the way
+    assert C.load_checkpoint(path)["step"] == 2
 
 
 class Evil:
@@ -575,7 +577,7 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     with open(path, "wb") as f:
         pickle.dump(payload, f) if writer == "pickle" else torch.save(payload, f)
     with pytest.raises(M.UserError, match="refusing to load"):
-        M.load_model(str(path))
+        C.load_model(str(path))
     assert not marker.exists()
 
 
@@ -586,53 +588,53 @@ def test_random_bytes_are_a_user_error(tmp_path, data, prefix):
     path = tmp_path / "junk.pt"
     path.write_bytes(prefix + data)
     with pytest.raises(M.UserError):
-        M.load_model(str(path))
+        C.load_model(str(path))
 
 
 def test_truncated_and_bad_files_are_user_errors(enc, tmp_path):
     model = rand_model()
     pt, st_path = str(tmp_path / "c.pt"), str(tmp_path / "c.safetensors")
-    M.save_checkpoint(pt, model, enc)
-    M.save_safetensors(st_path, model, enc)
+    C.save_checkpoint(pt, model, enc)
+    formats.save_safetensors(st_path, model, enc)
     for path in (pt, st_path):
         data = open(path, "rb").read()
         for n in (0, 10, len(data) // 2, len(data) - 1):
             with open(path, "wb") as f:
                 f.write(data[:n])
             with pytest.raises(M.UserError, match=re.escape(path)):
-                M.load_model(path)
+                C.load_model(path)
     with pytest.raises(M.UserError, match="no such checkpoint"):
-        M.load_model(str(tmp_path / "missing.pt"))
+        C.load_model(str(tmp_path / "missing.pt"))
     torch.save({"weights": {}}, pt)
     with pytest.raises(M.UserError, match="not a checkpoint of this project"):
-        M.load_model(pt)
+        C.load_model(pt)
     sd = model.state_dict()
     torch.save({"model": sd, "config": {**asdict(model.cfg), "d_model": 64}}, pt)
     with pytest.raises(M.UserError, match="do not match"):
-        M.load_model(pt)
+        C.load_model(pt)
     torch.save({"model": sd, "config": {**asdict(model.cfg), "n_experts": 8}}, pt)
     with pytest.raises(M.UserError, match="unknown config fields"):
-        M.load_model(pt)
+        C.load_model(pt)
 
 
 def test_hf_directory_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     with pytest.raises(M.UserError, match="unknown architecture 'bert'"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
                                                       "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn"}}))
     with pytest.raises(M.UserError, match="RoPE scaling"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(M.UserError, match=re.escape(str(tmp_path / "config.json")) + ":1:"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
 
 
 def test_run_prints_one_line_and_exits_2(enc, tmp_path):
-    M.save_checkpoint(str(tmp_path / "bad.pt"), rand_model(), enc)
+    C.save_checkpoint(str(tmp_path / "bad.pt"), rand_model(), enc)
     data = (tmp_path / "bad.pt").read_bytes()
     (tmp_path / "bad.pt").write_bytes(data[:len(data) // 2])  # a save that died halfway on another machine
-    proc = subprocess.run([sys.executable, "-c", "import model; model.run(lambda: model.load_model('bad.pt'))"],
+    proc = subprocess.run([sys.executable, "-c", "import common; common.run(lambda: common.load_model('bad.pt'))"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2
@@ -667,35 +669,35 @@ def test_read_jsonl_names_the_bad_line(tmp_path, case):
     good = json.dumps(GOOD[kind])
     path.write_text("\n".join([good, "", bad, good]) + "\n")  # the blank line still counts
     with pytest.raises(M.UserError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(why)):
-        M.read_jsonl(str(path), kind)
-    assert len(M.read_jsonl(str(path), kind, skip_bad_lines=True)) == 2
+        C.read_jsonl(str(path), kind)
+    assert len(C.read_jsonl(str(path), kind, skip_bad_lines=True)) == 2
 
 
 def test_read_jsonl_good_records_and_skip_count(tmp_path, capsys):
     for kind, rec in GOOD.items():
         path = tmp_path / f"{kind}.jsonl"
         path.write_text(json.dumps(rec) + "\n")
-        out = M.read_jsonl(str(path), kind)
+        out = C.read_jsonl(str(path), kind)
         if "prompt" in rec and kind != "mc":
-            assert out[0]["prompt"] == M.as_messages(rec["prompt"], "x") and out[0]["prompt"][0]["role"] == "user"
+            assert out[0]["prompt"] == C.as_messages(rec["prompt"], "x") and out[0]["prompt"][0]["role"] == "user"
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([json.dumps(CHAT), "nope", json.dumps(CHAT), "{}", json.dumps({"messages": 3})]))
-    assert len(M.read_jsonl(str(path), "chat", skip_bad_lines=True)) == 2
+    assert len(C.read_jsonl(str(path), "chat", skip_bad_lines=True)) == 2
     assert "skipped 3 bad lines" in capsys.readouterr().err
     path.write_text("nope\n")
     with pytest.raises(M.UserError, match="no usable records"):
-        M.read_jsonl(str(path), "chat", skip_bad_lines=True)
+        C.read_jsonl(str(path), "chat", skip_bad_lines=True)
     path.write_bytes(b'{"text": "\xff"}\n')
     with pytest.raises(M.UserError, match="not UTF-8"):
-        M.read_jsonl(str(path), "text")
+        C.read_jsonl(str(path), "text")
     with pytest.raises(M.UserError, match="no such data file"):
-        M.read_jsonl(str(tmp_path / "missing.jsonl"), "text")
+        C.read_jsonl(str(tmp_path / "missing.jsonl"), "text")
 
 
 @given(st.lists(st.integers(0, 9), max_size=40), st.lists(st.integers(10, 19), max_size=40), st.integers(0, 60))
 @settings(max_examples=300, deadline=None)
 def test_truncate_fits_and_keeps_prompt_end_and_response_start(prompt, response, max_len):
-    p, r, cut = M.truncate(prompt, response, max_len)
+    p, r, cut = C.truncate(prompt, response, max_len)
     assert cut == (len(prompt) + len(response) > max_len)
     if not cut:
         assert (p, r) == (prompt, response)
@@ -709,8 +711,8 @@ def test_truncate_fits_and_keeps_prompt_end_and_response_start(prompt, response,
 def test_pad_left_and_pad_right():
     ids, mask = M.pad_left([[1, 2], [3], []], 0)
     assert ids.tolist() == [[1, 2], [0, 3], [0, 0]] and mask.tolist() == [[1, 1], [0, 1], [0, 0]]
-    assert M.pad_right([[1, 2], [3]], -100).tolist() == [[1, 2], [3, -100]]
-    assert M.pad_right([[1, 2, 3], [4]], 0, length=2).tolist() == [[1, 2], [4, 0]]
+    assert C.pad_right([[1, 2], [3]], -100).tolist() == [[1, 2], [3, -100]]
+    assert C.pad_right([[1, 2, 3], [4]], 0, length=2).tolist() == [[1, 2], [4, 0]]
 
 
 # ----------------------------------------------------------------------------- CLI, DDP, presets
@@ -728,22 +730,22 @@ class Flags:
 
 
 def test_parse_config_flags_bools_and_none():
-    assert M.parse_config(Flags, []) == Flags()
-    got = M.parse_config(Flags, ["--steps", "5", "--lr", "1e-3", "--name", "x", "--compile", "--no-shuffle",
+    assert C.parse_config(Flags, []) == Flags()
+    got = C.parse_config(Flags, ["--steps", "5", "--lr", "1e-3", "--name", "x", "--compile", "--no-shuffle",
                                  "--max-len", "7", "--init", "none"])
     assert got == Flags(steps=5, lr=1e-3, name="x", compile=True, shuffle=False, max_len=7, init=None)
-    assert M.parse_config(Flags, ["--max-len", "none"]).max_len is None
+    assert C.parse_config(Flags, ["--max-len", "none"]).max_len is None
     with pytest.raises(SystemExit):
-        M.parse_config(Flags, ["--steps", "many"])
+        C.parse_config(Flags, ["--steps", "many"])
 
 
 @pytest.mark.parametrize("cls", [Flags, M.Config])
 def test_parse_config_help_lists_every_field_with_its_comment(cls, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
-    docs = M.field_docs(cls)
+    docs = C.field_docs(cls)
     assert set(docs) == {f.name for f in fields(cls)} and all(docs.values())
     with pytest.raises(SystemExit) as exit_:
-        M.parse_config(cls, ["--help"], description="what the script does")
+        C.parse_config(cls, ["--help"], description="what the script does")
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "what the script does" in out

@@ -2,7 +2,7 @@
 file's path and fits on one line: never another exception, a traceback, or an attempt to build a model the size
 of a corrupt config (issue "Reliability", item 2).
 
-Families, fed to M.load_model in-process (hypothesis derandomized, or fixed seeds, so every run tries the same
+Families, fed to C.load_model in-process (hypothesis derandomized, or fixed seeds, so every run tries the same
 inputs): empty, text and random files; a real ckpt.pt / .safetensors / Hugging Face directory truncated at every
 10% and with bytes flipped; .safetensors headers that lie; configs (ckpt.pt "config", the .safetensors' .json,
 a directory's config.json) with absurd sizes, wrong types or missing keys; GGUF files; pickled Python objects;
@@ -26,6 +26,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import common as C
+import formats
 import model as M
 from conftest import assert_one_line_error, run_script
 
@@ -76,14 +78,14 @@ def guard_and_report():
 
 
 def attempt(family, path, allow_load=False, **kw):
-    """M.load_model(path) -> (outcome, message). outcome "UserError" only for a one-line message that starts
+    """C.load_model(path) -> (outcome, message). outcome "UserError" only for a one-line message that starts
     with the path; anything else is recorded under what it was. Asserts unless the outcome is clean."""
     path = str(path)
     message = ""
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.setitimer(signal.ITIMER_REAL, SLOW_S)
     try:
-        M.load_model(path, **kw)
+        C.load_model(path, **kw)
         outcome = "loaded"
     except M.UserError as e:
         message = str(e)
@@ -117,14 +119,14 @@ def files(tmp_path_factory, enc):
     model = tiny(enc)
     out = {"pt": str(d / "ckpt.pt"), "st": str(d / "w.safetensors"), "hf": str(d / "hf-llama"),
            "hf_gpt2": str(d / "hf-gpt2"), "dir": d}
-    M.save_checkpoint(out["pt"], model, enc)
-    M.save_safetensors(out["st"], model, enc)
-    M.export_hf(model, enc, out["hf"])
-    M.export_hf(tiny(enc, "tiny-gpt2"), enc, out["hf_gpt2"])
+    C.save_checkpoint(out["pt"], model, enc)
+    formats.save_safetensors(out["st"], model, enc)
+    formats.export_hf(model, enc, out["hf"])
+    formats.export_hf(tiny(enc, "tiny-gpt2"), enc, out["hf_gpt2"])
     for p in (out["pt"], out["st"], out["hf"], out["hf_gpt2"]):
-        M.load_model(p)  # the originals are usable: every failure below comes from the damage
+        C.load_model(p)  # the originals are usable: every failure below comes from the damage
     out["config"] = asdict(model.cfg)
-    out["sd"] = M.load_checkpoint(out["pt"])["model"]
+    out["sd"] = C.load_checkpoint(out["pt"])["model"]
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import common as C
 import model as M
 import ppo
 from conftest import ROOT, run_script
@@ -306,7 +307,7 @@ def test_whiten_and_kl_controller():
 def test_sampler_logprobs_equal_trainer_forward(tiny_model, enc):
     chats = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}],
              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse 'cat'."}]]
-    prompts = [M.render_chat(enc, c, add_generation_prompt=True)[0] for c in chats]  # different lengths
+    prompts = [C.render_chat(enc, c, add_generation_prompt=True)[0] for c in chats]  # different lengths
     cfg = ppo.Config(max_new_tokens=10, dtype="fp32")
     for temperature in (1.0, 0.7):
         gen = torch.Generator().manual_seed(0)
@@ -315,7 +316,7 @@ def test_sampler_logprobs_equal_trainer_forward(tiny_model, enc):
             logp, entropy = ppo.response_logprobs(tiny_model, r["seq"], r["attn"], r["P"], temperature, True)
         assert ((logp - r["logp"]).abs() * r["mask"]).max() < 1e-4 and (entropy >= 0).all()
     # rows that stop early (right padding after the stop token): a frequent stop set makes lengths differ
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     tokens, slogp, mask = M.generate(tiny_model, prompts, 10, 1.0, stop_ids=range(0, 120), pad_id=pad,
                                      generator=torch.Generator().manual_seed(1))
     p_ids, p_mask = M.pad_left(prompts, pad)
@@ -336,8 +337,8 @@ def tiny_ckpts(tmp_path, enc):
     policy, rm = M.build_model("tiny", enc, **shape), M.build_model("tiny", enc, head="scalar", **shape)
     torch.nn.init.normal_(rm.score.weight, std=0.1)
     paths = str(tmp_path / "policy.pt"), str(tmp_path / "rm.pt")
-    M.save_checkpoint(paths[0], policy, enc)
-    M.save_checkpoint(paths[1], rm, enc)
+    C.save_checkpoint(paths[0], policy, enc)
+    C.save_checkpoint(paths[1], rm, enc)
     return paths
 
 
@@ -367,9 +368,9 @@ def test_script_smoke(toy_dir, tiny_ckpts, tmp_path, advantage, extra):
         assert math.isfinite(records[-1][key]), key
     if advantage == "ppo":
         assert math.isfinite(records[-1]["value_loss"]) and "explained_var" in records[-1]
-    ckpt = M.load_checkpoint(out)
+    ckpt = C.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["lineage"][-1] == advantage and "train_state" in ckpt
-    M.load_model(out)  # a plain policy checkpoint, LoRA merged
+    C.load_model(out)  # a plain policy checkpoint, LoRA merged
 
 
 def test_resume_continues_exactly(toy_dir, tiny_ckpts, tmp_path):
@@ -379,7 +380,7 @@ def test_resume_continues_exactly(toy_dir, tiny_ckpts, tmp_path):
     parts = str(tmp_path / "parts.pt")
     run_script(*smoke_args(toy_dir, tiny_ckpts[0], parts, str(tmp_path / "b.jsonl"), *base, "--stop-at", "1"))
     run_script(*smoke_args(toy_dir, tiny_ckpts[0], parts, str(tmp_path / "b.jsonl"), *base, "--resume", parts))
-    a, b = M.load_checkpoint(straight), M.load_checkpoint(parts)
+    a, b = C.load_checkpoint(straight), C.load_checkpoint(parts)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=0)
     for k in a["train_state"]["critic"]:
@@ -396,7 +397,7 @@ def test_ddp_two_processes_run(toy_dir, tiny_ckpts, tmp_path, advantage):
     run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", args[0], "--", *args[1:],
                env={"OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in open(log)]
-    assert [r["step"] for r in records] == [0, 1, 2] and M.load_checkpoint(out)["step"] == 2
+    assert [r["step"] for r in records] == [0, 1, 2] and C.load_checkpoint(out)["step"] == 2
 
 
 def test_help_lists_every_field():
@@ -429,7 +430,7 @@ def test_bench_ppo(toy_dir, tmp_path, enc):
     """Rollout tokens/s and training (optimiser) steps/s of PPO on the tiny config, CPU. Measured, not asserted."""
     torch.manual_seed(0)
     policy = str(tmp_path / "tiny.pt")
-    M.save_checkpoint(policy, M.build_model("tiny", enc), enc)
+    C.save_checkpoint(policy, M.build_model("tiny", enc), enc)
     result = {"config": "tiny", "device": "cpu", "batch_size": 16, "max_new_tokens": 48,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
     for advantage, extra in (("ppo", []), ("grpo", ["--group-size", "4", "--batch-size", "4"])):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import common as C
 import model as M
 import reward
 from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, run_script
@@ -99,8 +100,8 @@ def test_score_entry_point_equals_the_training_read_out(rm_and_enc):
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}], "Reverse the word 'cat'.",
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
     responses = ["Sure! The answer is 4.", "tac", "Hello there, how can I help you today?"]
-    pad = M.special_id(enc, "<|pad|>")
-    pairs = [{"ids_c": reward.tokenize_response(enc, M.as_messages(p, "t"), r, 128)[0], "ids_r": [1, 2, 3]}
+    pad = C.special_id(enc, "<|pad|>")
+    pairs = [{"ids_c": reward.tokenize_response(enc, C.as_messages(p, "t"), r, 128)[0], "ids_r": [1, 2, 3]}
              for p, r in zip(prompts, responses)]
     with torch.no_grad():
         trained_c, _ = reward.pair_rewards(rm, *reward.collate(pairs, pad), torch.device("cpu"), reward.Config())
@@ -113,7 +114,7 @@ def test_score_entry_point_equals_the_training_read_out(rm_and_enc):
 def test_tokenized_response_ends_at_im_end(enc):
     prompt = [{"role": "user", "content": "What is 2 + 2?"}]
     ids, truncated = reward.tokenize_response(enc, prompt, "Sure! The answer is 4.", 128)
-    assert ids[-1] == M.special_id(enc, "<|im_end|>") and not truncated
+    assert ids[-1] == C.special_id(enc, "<|im_end|>") and not truncated
     assert enc.decode(ids).endswith("<|im_start|>assistant\nSure! The answer is 4.<|im_end|>")
     short, truncated = reward.tokenize_response(enc, prompt, "x" * 200, 64)
     assert truncated and len(short) == 64
@@ -137,7 +138,7 @@ def tiny_ckpt(tmp_path, enc):
     torch.manual_seed(0)
     m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
     path = str(tmp_path / "init.pt")
-    M.save_checkpoint(path, m, enc)
+    C.save_checkpoint(path, m, enc)
     return path
 
 
@@ -166,7 +167,7 @@ def test_smoke_subprocess_with_gold_ceiling(tmp_path, tiny_ckpt, toy_dir):
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # a fresh zero head ties every pair
     last = records[-1]
     assert 0.5 < last["gold_accuracy"] < 1 and 0 <= last["eval_accuracy"] <= 1 and "eval_accuracy" in records[1]
-    rm, enc, ckpt = M.load_model(out)
+    rm, enc, ckpt = C.load_model(out)
     assert ckpt["config"]["head"] == "scalar" and ckpt["lineage"][-1] == "rm" and ckpt["step"] == 3
     assert torch.isfinite(reward.score(rm, enc, ["What is 1 + 1?"], ["Sure! The answer is 2."])).all()
 
@@ -179,8 +180,8 @@ def test_resume_equals_straight_run(tmp_path, tiny_ckpt, prefs, lora):
     reward.main(args + ["--out", str(tmp_path / "straight.pt")])
     reward.main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
     reward.main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
-    a = M.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
-    b = M.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
+    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
+    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-exact on CPU
     assert a["score.weight"].abs().sum() > 0  # the head trained (in full, also under LoRA)
@@ -210,7 +211,7 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt, prefs):
                "--out", str(tmp_path / "ddp.pt"), "--log", str(log_ddp), env={"OMP_NUM_THREADS": "1"})
     args[args.index("--batch-size") + 1] = "4"
     reward.main(args + ["--out", str(tmp_path / "one.pt"), "--log", str(log_one)])
-    a, b = M.load_checkpoint(str(tmp_path / "ddp.pt"))["model"], M.load_checkpoint(str(tmp_path / "one.pt"))["model"]
+    a, b = C.load_checkpoint(str(tmp_path / "ddp.pt"))["model"], C.load_checkpoint(str(tmp_path / "one.pt"))["model"]
     # score.bias cancels in r_c - r_r: its gradient is pure float noise, which Adam scales up to a whole step
     # (within assert_same_training's hard bound, and one weight of the bulk)
     assert_same_first_step(log_ddp, log_one)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import common as C
 import model as M
 import sft
 from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, ROOT, run_script
@@ -35,12 +36,12 @@ def tiny_ckpt(tmp_path, enc):
     torch.manual_seed(0)
     m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
     path = str(tmp_path / "init.pt")
-    M.save_checkpoint(path, m, enc)
+    C.save_checkpoint(path, m, enc)
     return path
 
 
 def final_weights(path):
-    return M.load_checkpoint(path)["model"]
+    return C.load_checkpoint(path)["model"]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -67,13 +68,13 @@ def test_lm_loss_sum_matches_naive_loop(enc):
 def test_packed_loss_equals_padded_loss(lengths, seed):
     """Packing (block-diagonal mask, per-document positions) gives the same summed loss and token count as
     one padded example per row; so does each batch trimmed after its last supervised column (sft.batch_of)."""
-    enc = M.get_tokenizer("byte")
+    enc = C.get_tokenizer("byte")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64, max_seq_len=64).eval()
     examples = [(torch.randint(0, 256, (n,), generator=g).tolist(), torch.randint(0, 2, (n,), generator=g).tolist())
                 for n in lengths]
-    pad = M.special_id(enc, "<|pad|>")
+    pad = C.special_id(enc, "<|pad|>")
     results = []
     for packing in (True, False):
         rows = sft.make_rows(examples, sft.Config(seq_len=48, packing=packing), pad)
@@ -92,7 +93,7 @@ def test_packed_loss_equals_padded_loss(lengths, seed):
 def test_chat_mask_never_covers_user_tokens_and_covers_each_im_end(enc, tmp_path):
     cfg = sft.Config(data=write_chats(tmp_path / "c.jsonl"), seq_len=256)
     examples, _ = sft.tokenize(cfg, enc)
-    end = M.special_id(enc, "<|im_end|>")
+    end = C.special_id(enc, "<|im_end|>")
     for ids, mask in examples:
         text = enc.decode(ids)
         n_assistant_turns = text.count("<|im_start|>assistant\n")
@@ -115,9 +116,9 @@ def test_eval_loss_runs_without_autograd(enc):
 def test_row_indices_cover_every_row_each_epoch():
     seen = []
     for step in range(5):
-        seen += M.step_indices(step, 10, 4, slice(0, 4), seed=3)
+        seen += C.step_indices(step, 10, 4, slice(0, 4), seed=3)
     assert sorted(seen[:10]) == list(range(10))  # first epoch is a permutation
-    assert M.step_indices(7, 10, 4, slice(0, 4), 3) == M.step_indices(7, 10, 4, slice(0, 4), 3)
+    assert C.step_indices(7, 10, 4, slice(0, 4), 3) == C.step_indices(7, 10, 4, slice(0, 4), 3)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -156,7 +157,7 @@ def test_resume_equals_straight_run(tmp_path, tiny_ckpt, lora):
               "--eval-every", "0", "--warmup", "1"] + (["--lora-rank", "4", "--lora-dropout", "0.1"] if lora else [])
     sft.main(common + ["--out", str(tmp_path / "straight.pt")])
     sft.main(common + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
-    assert M.load_checkpoint(str(tmp_path / "part.pt"))["step"] == 2
+    assert C.load_checkpoint(str(tmp_path / "part.pt"))["step"] == 2
     sft.main(common + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
     a, b = final_weights(tmp_path / "straight.pt"), final_weights(tmp_path / "resumed.pt")
     for k in a:
@@ -174,7 +175,7 @@ def test_text_pretraining_smoke_and_log(tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert "eval_loss" in records[1] and all(r["loss"] > 0 for r in records)
-    ckpt = M.load_checkpoint(str(tmp_path / "base.pt"))
+    ckpt = C.load_checkpoint(str(tmp_path / "base.pt"))
     assert ckpt["lineage"] == ["init:tiny", "pretrain"] and ckpt["step"] == 4
 
 

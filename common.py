@@ -1,0 +1,954 @@
+"""
+common.py: the plumbing every script shares, written once.
+
+In reading order:
+  1. Tokenizer and chat template: tiktoken Encodings (`byte`, `gpt2`, any `.tiktoken` ranks file), the
+     ChatML special tokens declared once, `render_chat -> (ids, mask)`, reward-model scores of responses.
+  2. Checkpoints: atomic `save_checkpoint`; `load_checkpoint` / `load_model` of our `ckpt.pt` (every size and
+     shape checked before anything is built), or through formats.py a `.safetensors` + JSON or a Hugging Face
+     GPT-2 / Llama / Qwen2 directory.
+  3. Data: JSONL loading that validates every line and reports `file:line: what is wrong`, user functions
+     (`file.py:fn`), truncation, padding and packing.
+  4. Training plumbing: device / dtype, DDP, the dataclass CLI, errors and signals, resume, LR schedule,
+     optimiser, JSONL log, RNG.
+
+    python common.py --show-chat      # render a chat and colour the tokens the loss is on
+"""
+
+import argparse
+import ast
+import base64
+import bisect
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import sys
+from dataclasses import asdict, fields
+
+import tiktoken
+import torch
+
+from model import Config, Transformer, UserError, apply_lora, pad_left, plain_state_dict
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM seen at a step boundary under --save-on-interrupt, after the checkpoint was saved.
+    `run()` prints it on one line and exits with 130, the shell's code for an interrupted command."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # document separator in raw-text training (GPT-2's own id 50256 under the gpt2 encoding)
+    "<|im_start|>",  # ChatML: opens a turn, followed by the role and a newline
+    "<|im_end|>",  # ChatML: closes a turn; the model learns to emit it to stop
+    "<|pad|>",  # fills batches; always masked out, never trained on
+]
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the cl100k / Llama-3 split pattern, the default for other ranks files
+CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def read_ranks(path):
+    """A `.tiktoken` ranks file: one `base64(token) rank` per line."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:  # binascii.Error is a ValueError too (e.g. a SentencePiece tokenizer.model is not a ranks file)
+                if len(parts) != 2:
+                    raise ValueError("wrong number of fields")
+                ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+            except ValueError:
+                raise UserError(f"{path}:{lineno}: expected 'base64-token rank' (not a .tiktoken ranks file?)")
+    return ranks
+
+
+def get_tokenizer(spec="byte"):
+    """'byte' (256 byte tokens, fully offline), 'gpt2' (GPT-2's BPE from data/gpt2.tiktoken), or a path to a
+    `.tiktoken` ranks file. The ChatML special tokens follow the last ordinary id. The Encoding's name is the
+    spec, so `get_tokenizer(enc.name)` rebuilds it (checkpoints store that name)."""
+    if spec == "byte":
+        ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,256}"
+    elif spec == "gpt2":
+        ranks, pattern = read_ranks(os.path.join(HERE, "data", "gpt2.tiktoken")), GPT2_PATTERN
+    elif os.path.isfile(spec):
+        ranks, pattern = read_ranks(spec), CL100K_PATTERN
+    else:
+        raise UserError(f"unknown tokenizer {spec!r}: use 'byte', 'gpt2' or a path to a .tiktoken ranks file")
+    first = max(ranks.values()) + 1
+    specials = {tok: first + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    if spec == "gpt2":  # keep GPT-2's own <|endoftext|> id
+        specials = {"<|endoftext|>": 50256, **{t: 50257 + i for i, t in enumerate(SPECIAL_TOKENS[1:])}}
+    return tiktoken.Encoding(name=spec, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def special_id(enc, token):
+    return enc.encode_single_token(token)
+
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+    Returns (ids, mask) as lists: mask is 1 on assistant content and its `<|im_end|>` (so the model learns to
+    stop), 0 elsewhere. Content is encoded with encode_ordinary, so text that spells a special token stays
+    text. add_generation_prompt appends `<|im_start|>assistant\\n` for sampling a reply."""
+    start, end = special_id(enc, "<|im_start|>"), special_id(enc, "<|im_end|>")
+    newline = enc.encode_ordinary("\n")
+    ids, mask = [], []
+    for m in messages:
+        head = [start] + enc.encode_ordinary(m["role"] + "\n")
+        body = enc.encode_ordinary(m["content"])
+        on = int(m["role"] == "assistant")
+        ids += head + body + [end] + newline
+        mask += [0] * len(head) + [on] * (len(body) + 1) + [0] * len(newline)
+    if add_generation_prompt:
+        head = [start] + enc.encode_ordinary("assistant\n")
+        ids += head
+        mask += [0] * len(head)
+    return ids, mask
+
+
+def render_plain(enc, messages, add_generation_prompt=False):
+    """The no-template ablation: `User: ...\nAssistant: ...\n` as plain text, no special tokens, same
+    (ids, mask) contract as render_chat; the assistant's closing newline is its stop signal and is supervised."""
+    ids, mask = [], []
+    for m in messages:
+        head = enc.encode_ordinary(m["role"].capitalize() + ": ")
+        body = enc.encode_ordinary(m["content"] + "\n")
+        ids += head + body
+        mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    if add_generation_prompt:
+        head = enc.encode_ordinary("Assistant: ")
+        ids += head
+        mask += [0] * len(head)
+    return ids, mask
+
+
+def show_mask(enc, ids, mask, color=None):
+    """The chat as text with supervised tokens highlighted (green on a terminal, [[...]] otherwise)."""
+    color = sys.stdout.isatty() if color is None else color
+    on, off = ("\033[42m", "\033[0m") if color else ("[[", "]]")
+    out, prev = [], 0
+    for t, m in zip(ids, mask):
+        if m != prev:
+            out.append(on if m else off)
+            prev = m
+        out.append(enc.decode_single_token_bytes(t).decode("utf-8", errors="replace"))
+    if prev:
+        out.append(off)
+    return "".join(out)
+
+
+@torch.no_grad()
+def score_responses(rm, enc, prompts, responses, batch_size=32):
+    """Reward-model scores, (N,) fp32: each prompt (message list) + response rendered as a chat, the value read
+    at the response's closing `<|im_end|>` (the last real token, never a pad). Used by ppo.py and evaluate.py."""
+    device = next(rm.parameters()).device
+    pad = special_id(enc, "<|pad|>")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [render_chat(enc, p + [{"role": "assistant", "content": r}])[0][:-len(enc.encode_ordinary("\n"))]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [s[-rm.cfg.max_seq_len:] for s in seqs]  # keep the end: the score is read there
+        ids, mask = pad_left(seqs, pad)
+        values = rm(ids.to(device), attention_mask=mask.to(device))  # (B, T)
+        out.append(values[:, -1].float().cpu())  # left padding: the last column is every row's last token
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_write(path, write):
+    """write(file) into a temp file beside `path`, fsync, rename: a crash or a full disk leaves the old file intact,
+    and two processes saving to one path leave one of their files whole (each writes its own temp file)."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: could not write it ({e.strerror or e}); any earlier version is left intact")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(), train_state=None):
+    """Our checkpoint schema, plain tensors and values only (loadable with weights_only=True).
+
+    train_state (optimiser, RNG, data position, LoRA tensors) is what --resume needs; it is optional."""
+    raw = getattr(model, "module", model)
+    sd = plain_state_dict(raw)
+    dtype = next(iter(sd.values())).dtype
+    ckpt = {
+        "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name, "step": int(step),
+        "args": dict(args or {}), "metrics": dict(metrics or {}),
+        "format": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype)),
+        "lineage": list(lineage),
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+# Far above any released model (Llama 3.1 405B: d_model 16384, d_ff 53248, 126 layers, 128 heads; Gemma 3: 262k
+# ids; Llama 4 Scout: 10M positions). A file's config beyond them is corrupt, and sizes are checked before anything
+# is built: even load_model's meta-device twin costs milliseconds per layer.
+SIZE_LIMITS = {"vocab_size": 2**22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "d_model": 2**16,
+               "d_ff": 2**20, "max_seq_len": 2**24}
+
+
+def _show(value):
+    """repr() for an error message, cut short; an int too long for repr (over 4300 digits raise) by its size."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)[:40]
+
+
+def _one_line(e, n=120):
+    """An exception's message on one line (library messages span several), cut to n characters."""
+    return " ".join(str(e).split())[:n]
+
+
+def _check_size(where, name, value, limit):
+    """A model size read from a file: an int (not a bool) from 1 to limit, else a UserError naming it."""
+    if type(value) is not int or not 0 < value <= limit:
+        raise UserError(f"{where}: {name} = {_show(value)}: expected a whole number from 1 to {limit}")
+
+
+def config_from_dict(d, where):
+    """A config read from a file -> Config. Types and ranges are checked field by field first, so a corrupt value
+    is a UserError naming it, not a TypeError or ZeroDivisionError from Config, nor an absurd allocation later."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: 'config' is {_show(d)}, expected a dict of the model's sizes")
+    kinds = {f.name: f.type for f in fields(Config)}
+    unknown = [k for k in d if k not in kinds]
+    if unknown:
+        raise UserError(f"{where}: unknown config fields {sorted(map(str, unknown))} "
+                        "(not a checkpoint of this project?)")
+    d = dict(d)
+    for k, v in d.items():
+        if k in SIZE_LIMITS:
+            _check_size(where, k, v, SIZE_LIMITS[k])
+        elif kinds[k] is float:
+            number = type(v) in (int, float) and -1e300 < v < 1e300  # finite; unlike float(), never overflows
+            if not number or (v <= 0 if k == "rope_theta" else not 0 <= v < 1):
+                want = "a positive number" if k == "rope_theta" else "a number in [0, 1)"
+                raise UserError(f"{where}: {k} = {_show(v)}: expected {want}")
+            d[k] = float(v)
+        elif type(v) is not kinds[k]:  # the str and bool fields
+            raise UserError(f"{where}: {k} = {_show(v)}: expected a {kinds[k].__name__}")
+    try:
+        cfg = Config(**d)
+    except UserError as e:  # Config's own checks (architecture, head, heads dividing d_model) do not know the file
+        raise UserError(f"{where}: {e}")
+    if cfg.arch == "llama" and cfg.d_model // cfg.n_head % 2:
+        raise UserError(f"{where}: head size d_model / n_head = {cfg.d_model // cfg.n_head} is odd: RoPE rotates "
+                        "pairs of channels")
+    return cfg
+
+
+def _foreign_globals(path, magic):
+    """The Python callables and classes (module.name) that the pickle in `path` (a torch zip's data.pkl, else the
+    file itself) names, leaving out torch's own: what weights_only refuses. [] for bytes that are no whole pickle.
+    pickletools only parses the opcodes: nothing in the file runs."""
+    import pickletools
+    import zipfile
+    names, strings = [], []
+    try:
+        if magic.startswith(b"PK"):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read(2**26)
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # module and name were pushed just before
+                names.append(".".join(strings[-2:]))
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # no zip, no data.pkl, a bad opcode or a pickle cut short: no pickle of objects
+        return []
+    return [n for n in names if not n.startswith("torch.") and n != "collections.OrderedDict"]
+
+
+def load_checkpoint(path):
+    """Read a checkpoint into our dict schema without building the model. Every failure is a UserError."""
+    import warnings
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        import formats  # lazily: only a Hugging Face directory needs it
+        return formats.load_hf_dir(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file (a checkpoint is a file or a model directory)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the checkpoint ({e.strerror})")
+    if not magic:
+        raise UserError(f"{path}: empty file (0 bytes), not a checkpoint")
+    # llama.cpp's format: b"GGUF", then a uint32 version. torch.load would call it corrupt or a pickle
+    if magic[:4] == b"GGUF":
+        raise UserError(f"{path}: a GGUF file (llama.cpp); reading GGUF is not implemented yet: load the model's "
+                        "Hugging Face directory or .safetensors instead")
+    if path.endswith(".gguf"):
+        raise UserError(f"{path}: not a GGUF file (bad magic {magic[:4]!r}, expected b'GGUF')")
+    if path.endswith(".safetensors"):
+        import formats
+        return formats.load_safetensors(path)
+    try:
+        with warnings.catch_warnings():  # e.g. on a pickle's protocol: a second stderr line beside our one-line error
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # random or bit-flipped bytes fail in any way inside the unpickler (UnpicklingError, RuntimeError, EOFError,
+    # IndexError, KeyError, struct.error...); the bytes themselves tell refused objects from damage and from junk
+    except Exception as e:
+        foreign = _foreign_globals(path, magic) if isinstance(e, pickle.UnpicklingError) else []
+        if foreign:
+            raise UserError(f"{path}: refusing to load: the file holds Python objects, not just tensors "
+                            f"(it names {', '.join(sorted(set(foreign))[:3])[:120]})")
+        if magic.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip or a pickle: damaged
+            detail = str(e).split("WeightsUnpickler error:")[-1]  # torch's text before it is about its defaults
+            raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {_one_line(detail)})")
+        raise UserError(f"{path}: not a checkpoint (not a PyTorch file, .safetensors or model directory; it "
+                        f"starts with {magic!r})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'config')")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path}: 'model' is {_show(ckpt['model'])}, expected a dict of tensors")
+    return ckpt
+
+
+def load_model(path, device="cpu", head=None):
+    """Checkpoint (ckpt.pt, .safetensors + .json, or HF directory) -> (model, tokenizer, ckpt dict).
+
+    head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"], path)
+    sd = ckpt["model"]
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise UserError(f"{path}: model entry {_show(k)}: weight names must be strings")
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"{path}: weight {k} is of type {type(v).__name__}, expected a tensor")
+        if not v.is_floating_point():  # copied into float weights, ints or bools would load as silent nonsense
+            raise UserError(f"{path}: weight {k} holds {v.dtype}, expected floating-point values")
+        if v.layout != torch.strided or v.is_meta:
+            raise UserError(f"{path}: weight {k} is a {'meta' if v.is_meta else v.layout} tensor, expected a dense one")
+    if head is not None and head != cfg.head:
+        cfg = dataclasses.replace(cfg, head=head)
+        sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "score."))}
+    # The weights against a twin of the config built on the meta device (no memory), before the real model: a
+    # corrupt size is then a UserError, not an allocation of its size. Blocks are counted first: the twin of a
+    # 1000-layer config would take seconds to build
+    blocks = _layer_ids(sd, "blocks")
+    if len(blocks) != cfg.n_layer:
+        raise UserError(f"{path}: weights do not match the config (n_layer={cfg.n_layer}, the weights hold "
+                        f"{len(blocks)} blocks)")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{path}: weights do not match the config ({k} is {list(sd[k].shape)}, the config makes "
+                        f"it {list(expected[k])})")
+    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
+    if cfg.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    allowed = {"score.weight", "score.bias", "lm_head.weight"} if head is not None else set()
+    missing = [k for k in missing if k not in allowed]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    enc = _tokenizer_of(ckpt.get("tokenizer", "byte"), path)
+    if enc.n_vocab > cfg.vocab_size:
+        raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
+        raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
+    return model.to(device), enc, ckpt
+
+
+def _layer_ids(keys, marker):
+    """The layer numbers in weight names: the integers right after a `marker` component ("blocks", "h", "layers")."""
+    ids = set()
+    for k in keys:
+        parts = k.split(".")
+        ids.update(int(b) for a, b in zip(parts, parts[1:]) if a == marker and b.isdigit())
+    return ids
+
+
+def _tokenizer_of(spec, where):
+    """get_tokenizer(spec) for a spec read from a file: every failure a UserError naming that file."""
+    if not isinstance(spec, str):
+        raise UserError(f"{where}: tokenizer {_show(spec)} is not a name ('byte', 'gpt2') or a path")
+    try:
+        return get_tokenizer(spec)
+    except UserError as e:
+        raise UserError(f"{where}: {e}")
+    except (OSError, ValueError) as e:  # an unreadable or empty ranks file
+        raise UserError(f"{where}: tokenizer {spec!r} unreadable ({_one_line(e)})")
+
+
+# -----------------------------------------------------------------------------
+# Data: validated JSONL, truncation, padding, packing
+
+
+def as_messages(prompt, where):
+    """A prompt is a string (one user turn) or a list of {"role", "content"} messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
+    for m in prompt:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: each message needs a string 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: message role must be system, user or assistant, got {m.get('role')!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def _check_record(obj, kind, where):
+    """Validate one JSONL record of a given kind; raise UserError naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+
+    def need(field, types):
+        if field not in obj:
+            raise UserError(f"{where}: missing field '{field}'")
+        if not isinstance(obj[field], types):
+            raise UserError(f"{where}: field '{field}' has the wrong type ({type(obj[field]).__name__})")
+        return obj[field]
+
+    if kind == "chat":
+        msgs = as_messages(need("messages", list), where)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{where}: a chat needs at least one assistant message")
+        return {**obj, "messages": msgs}
+    if kind == "text":
+        need("text", str)
+        return obj
+    if kind == "mc":
+        obj = {**obj, "prompt": obj.get("prompt", obj.get("context"))}
+        need("prompt", str)
+        choices = need("choices", list)
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise UserError(f"{where}: 'choices' must be a list of at least two strings")
+        gold = need("gold", int)
+        if isinstance(gold, bool) or not 0 <= gold < len(choices):  # JSON true is a Python int too
+            raise UserError(f"{where}: 'gold' {gold} is out of range for {len(choices)} choices")
+        return obj
+    obj = {**obj, "prompt": as_messages(need("prompt", (str, list)), where)}
+    if kind == "pref":
+        need("chosen", str), need("rejected", str)
+        m = obj.get("margin")  # optional: how much better chosen is (reward.py's margin loss)
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
+            raise UserError(f"{where}: 'margin' must be a finite number, got {str(m)[:40]!r}")
+    elif kind == "kto":
+        need("completion", str), need("label", bool)
+    elif kind == "prompt":
+        if obj.get("answer") is not None and not isinstance(obj["answer"], str):
+            raise UserError(f"{where}: 'answer' must be a string or null")
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
+    return obj
+
+
+def parse_json(raw, where, whole_file=False):
+    """JSON text (bytes: a JSONL line, or a whole file such as config.json) -> the value; every way it can be
+    unreadable is a UserError. For a whole file the line of a syntax error joins `where` (`path:line:`)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if whole_file else where
+        raise UserError(f"{at}: invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        raise UserError(f"{where}: invalid JSON (nested too deeply)")
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"{where}: invalid JSON ({str(e)[:80]})")
+    try:  # "\ud800" is valid JSON but no valid text: the tokenizer could not encode it later
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: a string holds a lone UTF-16 surrogate (an escape like \\ud800), not valid text")
+    return obj
+
+
+def read_jsonl(path, kind, skip_bad_lines=False):
+    """Load and validate a JSONL file. kind: chat | text | pref | kto | prompt | mc.
+
+    A bad line raises UserError("path:line: what is wrong"); with skip_bad_lines it is counted instead and the
+    count reported on stderr. Returns the list of records (prompts normalised to message lists). Lines are split
+    on b"\\n" (JSON strings cannot hold a raw newline) and decoded one by one, so even a bad byte is reported
+    with its line; a UTF-8 byte-order mark at the start of the file is allowed."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+    with open(path, "rb") as f:
+        data = f.read()
+    out, bad = [], 0
+    for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            out.append(_check_record(parse_json(raw, where), kind, where))
+        except UserError:
+            if not skip_bad_lines:
+                raise
+            bad += 1
+    if bad:
+        print(f"{path}: skipped {bad} bad lines (--skip-bad-lines)", file=sys.stderr)
+    if not out:
+        raise UserError(f"{path}: no usable records")
+    return out
+
+
+def read_text(path):
+    """Raw text for language-model training, as a list of documents: a .txt file is one document (one stream),
+    a .jsonl file one document per {"text"} line."""
+    if path.endswith(".jsonl"):
+        return [r["text"] for r in read_jsonl(path, "text")]
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such data file")
+    with open(path, encoding="utf-8") as f:
+        return [f.read()]
+
+
+def held_out(prompt, frac, seed):
+    """Whether a prompt belongs to the held-out split: a hash of (seed, prompt), so every example of one prompt
+    lands on the same side and the split does not depend on the file's order."""
+    key = f"{seed}:{json.dumps(prompt, sort_keys=True)}".encode()
+    return int(hashlib.sha1(key).hexdigest()[:8], 16) / 2**32 < frac
+
+
+def load_function(spec, flag=""):
+    """'path/to/file.py:function' -> the callable, imported from the file path (its folder goes on sys.path, so
+    it may import its neighbours). Scorers, verifiers and gold rewards are passed this way (--scorer, --reward)."""
+    where = f"{flag} {spec}".strip()
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name:
+        raise UserError(f"{where!r}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: no such file {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    mod_name = "userfn_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(mod_name, path))
+    sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
+    try:
+        module.__loader__.exec_module(module)
+    except Exception as e:  # the user's file: any failure to import it is theirs to fix
+        raise UserError(f"{path}: failed to import ({type(e).__name__}: {e})")
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{where}: {path} has no function {name!r}")
+    return fn
+
+
+def call_user(fn, spec, prompts, responses, kind=float, indices=None):
+    """fn(prompt, response) for each pair -> a list of `kind` (float or bool), for scorers, verifiers and gold
+    rewards given as file.py:fn. Whatever the user's code does wrong (raises, returns a string, None, NaN, a list)
+    is a UserError naming the function (`spec`) and the prompt's index (`indices[i]`, default i) in its data."""
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        where = f"{spec}: prompt {indices[i] if indices is not None else i}"
+        try:
+            v = fn(p, r)
+        except Exception as e:  # user code: any exception is theirs, shown with the prompt that caused it
+            raise UserError(f"{where}: raised {type(e).__name__}: {str(e)[:120]}")
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):  # bool, int, float, numpy / 0-d tensors pass
+            n = f" of {len(v)} values" if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else ""
+            raise UserError(f"{where}: returned {type(v).__name__}{n} {str(v)[:40]!r}, expected one {kind.__name__}")
+        try:
+            x = float(v)
+        except (TypeError, ValueError) as e:  # e.g. a tensor of several values
+            raise UserError(f"{where}: returned {type(v).__name__} that is not one number ({str(e)[:80]})")
+        if kind is float and not math.isfinite(x):
+            raise UserError(f"{where}: returned {x}, expected a finite float")
+        out.append(kind(x))
+    return out
+
+
+def pad_right(seqs, pad_value, length=None):
+    """Lists -> (B, T) tensor padded on the right with pad_value."""
+    T = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s[:T], dtype=torch.long)
+    return out
+
+
+def truncate(prompt_ids, response_ids, max_len):
+    """Fit prompt + response into max_len: the prompt loses tokens from the left (its end, nearest the reply,
+    is kept), the response from the right (its start is kept). The prompt keeps at least half of max_len if it
+    is that long. Returns (prompt, response, truncated)."""
+    if len(prompt_ids) + len(response_ids) <= max_len:
+        return prompt_ids, response_ids, False
+    keep_prompt = min(len(prompt_ids), max(max_len // 2, max_len - len(response_ids)))
+    keep_response = max_len - keep_prompt
+    return prompt_ids[len(prompt_ids) - keep_prompt:], response_ids[:keep_response], True
+
+
+def pack(examples, seq_len, pad_id):
+    """Pack (ids, mask) examples into rows of seq_len with no cross-example attention.
+
+    Best-fit decreasing bin packing: longest examples first, each into the fullest row that still has room,
+    so short examples fill the gaps long ones leave (greedy in-order packing wastes ~25% on chats).
+    Returns ids, mask, doc_ids, each (N, seq_len). An example longer than seq_len is cut to seq_len. The first
+    token of each document is never a target (it has no prediction inside its document), and pads form their
+    own document with mask 0."""
+    examples = [(ids[:seq_len], mask[:seq_len]) for ids, mask in examples if len(ids)]  # empty: nothing to place
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    rows, free = [], []  # free: sorted (room left, row index)
+    for i in order:
+        n = len(examples[i][0])
+        j = bisect.bisect_left(free, (n, -1))  # the row with the least room that still fits n tokens
+        if j == len(free):
+            rows.append([])
+            room, r = seq_len, len(rows) - 1
+        else:
+            room, r = free.pop(j)
+        rows[r].append(examples[i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    out_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    out_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    out_doc = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    for r, docs in enumerate(rows):
+        t = 0
+        for d, (ids, mask) in enumerate(docs):
+            out_ids[r, t:t + len(ids)] = torch.tensor(ids)
+            out_mask[r, t:t + len(ids)] = torch.tensor(mask)
+            out_mask[r, t] = 0
+            out_doc[r, t:t + len(ids)] = d
+            t += len(ids)
+        out_doc[r, t:] = len(docs)  # the padding tail is a document of its own
+    return out_ids, out_mask, out_doc
+
+
+# -----------------------------------------------------------------------------
+# Training plumbing: device, DDP, CLI, schedule, optimiser, logging, RNG
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def step_indices(step, n, per_step, mine, seed):
+    """The examples an optimiser step reads: this rank's slice `mine` of the step's `per_step` positions in a
+    stream that is a fresh permutation each epoch, a pure function of (seed, epoch). So the data position is just
+    the step number, and resuming continues the same stream."""
+    start = step * per_step
+    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start + mine.start, start + mine.stop)]
+
+
+def pick_device(spec="auto"):
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device, dtype="auto"):
+    """bf16 autocast on GPU by default; fp32 on CPU unless --dtype bf16 asks for it."""
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def setup_ddp(device_spec="auto"):
+    """Under torchrun (RANK in the environment) join the process group: NCCL on GPU, gloo on CPU.
+    Returns (rank, world_size, device). Without torchrun: (0, 1, pick_device(device_spec))."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_spec)
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_spec)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over DDP ranks (no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def cleanup_ddp(finished=False):
+    """Leave the process group. After a clean finish (`finished`), first collect garbage and wait at a barrier:
+    a DDP wrapper still alive at interpreter exit holds the gloo group and aborts the process ("terminate
+    called without an active exception"), and a rank that tears down while another still talks to it can too.
+    After an error there is no barrier (the other ranks may be gone)."""
+    import gc
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def field_docs(cls):
+    """The trailing `# comment` of each dataclass field, read from the source: these become --help."""
+    docs = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return docs
+    for node in ast.parse("\n".join(lines).lstrip()).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            if "#" in line:
+                docs[node.target.id] = line.split("#", 1)[1].strip()
+    return docs
+
+
+def parse_config(cls, argv=None, description=None):
+    """A dataclass -> argparse CLI: `--field-name value` per field, bools as --flag / --no-flag,
+    `none` for optional values, and each field's comment as its help."""
+    docs = field_docs(cls)
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Field defaults in --help, and the script's docstring kept as written."""
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = docs.get(f.name, " ").replace("%", "%%")  # argparse %-formats help ("10% of steps" would crash)
+        types = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)]
+        base = types[0] if types else str
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            def convert(s, base=base):
+                return None if s.lower() == "none" else base(s)
+            parser.add_argument(flag, dest=f.name, type=convert, default=default, help=help_, metavar=base.__name__.upper())
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def run(main):
+    """Call main(); a UserError becomes one line on stderr and exit code 2, never a traceback; Ctrl-C one line and
+    exit code 130."""
+    finished = False
+    try:
+        main()
+        finished = True
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once, nothing saved since the last checkpoint "
+              "(--save-on-interrupt saves one at the end of the current step)", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        cleanup_ddp(finished)
+
+
+def check_out(path, model=None):
+    """Fail before training, not after it: --out must be a regular file or not exist yet, in a folder where a file
+    can be written, on a disk with room for the checkpoint (weights + AdamW's two moments, ~3x the weights)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path}: --out exists and is not a regular file")
+    folder = os.path.dirname(path)
+    probe = f"{path}.probe.{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{path}: cannot write --out there ({e.strerror or e})")
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+    if model is not None:
+        need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise UserError(f"{path}: the checkpoint needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+
+
+_STOP = []  # signals seen under --save-on-interrupt
+
+
+def catch_interrupts(enabled):
+    """--save-on-interrupt: Ctrl-C (SIGINT) and SIGTERM (a scheduler's pre-emption) no longer stop the process at
+    once; they are noted, and the training loop saves at the end of the current step and stops (`interrupted`).
+    A second Ctrl-C stops at once. Saving mid-step could write half-updated weights; a step boundary cannot."""
+    if not enabled:  # Ctrl-C raises KeyboardInterrupt even when started with SIGINT ignored (`cmd &` in a script)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return
+
+    def note(signum, frame):
+        if _STOP:  # the second one: the user means it
+            raise KeyboardInterrupt
+        _STOP.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+
+
+def interrupted(device):
+    """Whether a signal was noted on any rank (every rank then stops at the same step)."""
+    return bool(all_reduce_sum(torch.tensor([float(bool(_STOP))], device=device)).item())
+
+
+def check_finite(record, keys, last_saved):
+    """Stop a diverged run: a loss or gradient norm that is NaN or inf ends it with the step and the last good
+    checkpoint (`last_saved`, e.g. "out/sft.pt (step 40)", or None) named, before anything non-finite is saved.
+    The metrics are all-reduced, so every rank stops at the same step."""
+    bad = [k for k in keys if k in record and not math.isfinite(record[k])]
+    if bad:
+        raise UserError(f"step {record['step']}: {', '.join(f'{k} is {record[k]}' for k in bad)}; stopped without "
+                        f"saving. Last good checkpoint: {last_saved or 'none yet'}. Lower --lr or check the data")
+
+
+def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+    """--resume and --lora-rank, the same in every training script -> (start step, train_state or None).
+
+    Full fine-tuning resumes the saved weights; with LoRA the starting model is wrapped again and its adapters
+    restored from the train state (the saved weights have the adapters merged in)."""
+    state, step = None, 0
+    if resume:
+        ckpt = load_checkpoint(resume)
+        state, step = ckpt.get("train_state"), ckpt.get("step")
+        if not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool):
+            raise UserError(f"{resume}: no train_state and step to resume from (not written by a training script?)")
+    try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
+        if resume and not lora_rank:
+            model.load_state_dict(ckpt["model"])
+        if lora_rank:
+            apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
+            if state is not None:
+                model.load_state_dict(state["lora"], strict=False)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise UserError(f"{resume}: does not fit the model being trained, resume with the flags of the run that "
+                        f"wrote it ({' '.join(str(e).split())[:120]})")
+    return step, state
+
+
+def wrap_for_training(model, cfg, state, world, device):
+    """AdamW (restored, with the RNG, from a resumed train_state), then DDP and torch.compile as cfg asks.
+    Returns (the module to call, the raw module to save, the optimiser)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"--resume: its optimiser state does not fit this model ({' '.join(str(e).split())[:120]})")
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model, raw, optimizer
+
+
+def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
+    """Linear warmup for `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+    """AdamW over the trainable parameters; weight decay on matrices only, never on norms, biases, heads' bias."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+
+
+def log_jsonl(path, record):
+    """Append one metrics record as a JSON line (rank 0 only calls this)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    enc = get_tokenizer("byte")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "The answer is 5."}]
+    print(show_mask(enc, *render_chat(enc, chat)))
+
+
+if __name__ == "__main__":
+    run(main)
