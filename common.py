@@ -825,6 +825,7 @@ def check_out(path, model=None):
 
 
 _STOP = []  # signals seen under --save-on-interrupt
+_CATCHING = []  # non-empty once catch_interrupts(True) ran: only then is there anything for interrupted() to ask
 
 
 def catch_interrupts(enabled):
@@ -842,10 +843,14 @@ def catch_interrupts(enabled):
 
     signal.signal(signal.SIGINT, note)
     signal.signal(signal.SIGTERM, note)
+    _CATCHING.append(True)
 
 
 def interrupted(device):
-    """Whether a signal was noted on any rank (every rank then stops at the same step)."""
+    """Whether a signal was noted on any rank (every rank then stops at the same step). Without
+    --save-on-interrupt there is nothing to ask, so no all-reduce and no device sync per step."""
+    if not _CATCHING:
+        return False
     return bool(all_reduce_sum(torch.tensor([float(bool(_STOP))], device=device)).item())
 
 
