@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import importlib.util
 import inspect
 import json
@@ -37,7 +38,8 @@ from dataclasses import asdict, fields
 import tiktoken
 import torch
 
-from model import Config, Transformer, UserError, apply_lora, pad_left, plain_state_dict
+from model import (Config, Transformer, UserError, apply_lora, last_token_values, lora_state_dict, pad_left,
+                   plain_state_dict)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,20 +159,29 @@ def show_mask(enc, ids, mask, color=None):
     return "".join(out)
 
 
+def render_response(enc, prompt, response):
+    """prompt (messages) + response string -> (prompt ids, response ids) in ChatML. The response is its content and
+    its closing `<|im_end|>`, not the newline after it: the tokens a preference loss scores and the last one the
+    point where a reward model reads its score (TRL also counts that newline; see dpo.py's departures)."""
+    prompt_ids, _ = render_chat(enc, prompt, add_generation_prompt=True)
+    full, _ = render_chat(enc, prompt + [{"role": "assistant", "content": response}])
+    return prompt_ids, full[len(prompt_ids):len(full) - len(enc.encode_ordinary("\n"))]
+
+
 @torch.no_grad()
 def score_responses(rm, enc, prompts, responses, batch_size=32):
     """Reward-model scores, (N,) fp32: each prompt (message list) + response rendered as a chat, the value read
-    at the response's closing `<|im_end|>` (the last real token, never a pad). Used by ppo.py and evaluate.py."""
+    at the response's closing `<|im_end|>` (the last real token, never a pad). Used by evaluate.py."""
     device = next(rm.parameters()).device
     pad = special_id(enc, "<|pad|>")
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [render_chat(enc, p + [{"role": "assistant", "content": r}])[0][:-len(enc.encode_ordinary("\n"))]
-                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [sum(render_response(enc, p, r), []) for p, r in zip(prompts[i:i + batch_size],
+                                                                     responses[i:i + batch_size])]
         seqs = [s[-rm.cfg.max_seq_len:] for s in seqs]  # keep the end: the score is read there
         ids, mask = pad_left(seqs, pad)
         values = rm(ids.to(device), attention_mask=mask.to(device))  # (B, T)
-        out.append(values[:, -1].float().cpu())  # left padding: the last column is every row's last token
+        out.append(last_token_values(values, mask.to(device)).float().cpu())
     return torch.cat(out)
 
 
@@ -202,6 +213,9 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
 def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(), train_state=None):
     """Our checkpoint schema, plain tensors and values only (loadable with weights_only=True).
 
@@ -212,7 +226,7 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
     ckpt = {
         "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name, "step": int(step),
         "args": dict(args or {}), "metrics": dict(metrics or {}),
-        "format": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype)),
+        "format": DTYPE_NAMES.get(dtype, str(dtype)),
         "lineage": list(lineage),
     }
     if train_state is not None:
@@ -354,10 +368,25 @@ def load_checkpoint(path):
 
 
 def load_model(path, device="cpu", head=None):
-    """Checkpoint (ckpt.pt, .safetensors + .json, or HF directory) -> (model, tokenizer, ckpt dict).
+    """Checkpoint (ckpt.pt, .safetensors + .json, or HF directory) -> (model, tokenizer, ckpt dict), built by the
+    loader of its weight format (WEIGHT_FORMATS).
 
     head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
     ckpt = load_checkpoint(path)
+    fmt = ckpt.get("format", "fp32")
+    if not isinstance(fmt, str) or fmt not in WEIGHT_FORMATS:
+        raise UserError(f"{path}: weight format {_show(fmt)} is not one this project reads "
+                        f"({', '.join(WEIGHT_FORMATS)})")
+    loader = WEIGHT_FORMATS[fmt]
+    if isinstance(loader, str):
+        module, name = loader.split(":")
+        loader = getattr(importlib.import_module(module), name)
+    return loader(ckpt, path, device, head)
+
+
+def load_dense(ckpt, path, device="cpu", head=None):
+    """A checkpoint dict of float weights (load_checkpoint's) -> (model, tokenizer, ckpt), every name, dtype and
+    shape checked against the config before the model is allocated."""
     cfg = config_from_dict(ckpt["config"], path)
     sd = ckpt["model"]
     for k, v in sd.items():
@@ -403,6 +432,12 @@ def load_model(path, device="cpu", head=None):
     except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
         raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
     return model.to(device), enc, ckpt
+
+
+# How a checkpoint's weights become a model, by its "format": our dense floats here. A technique that stores its
+# weights another way (quantize.py's integer formats) adds an entry, a function or a "module:function" imported
+# only when a file of that format is loaded; every entry has load_dense's signature and return value.
+WEIGHT_FORMATS = {name: load_dense for name in DTYPE_NAMES.values()}
 
 
 def _layer_ids(keys, marker):
@@ -864,22 +899,29 @@ def check_finite(record, keys, last_saved):
                         f"saving. Last good checkpoint: {last_saved or 'none yet'}. Lower --lr or check the data")
 
 
-def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0):
+def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, train_also=()):
     """--resume and --lora-rank, the same in every training script -> (start step, train_state or None).
 
     Full fine-tuning resumes the saved weights; with LoRA the starting model is wrapped again and its adapters
-    restored from the train state (the saved weights have the adapters merged in)."""
+    restored from the train state (the saved weights have the adapters merged in). `train_also` names modules
+    trained in full beside the adapters (a reward model's fresh head)."""
     state, step = None, 0
     if resume:
         ckpt = load_checkpoint(resume)
         state, step = ckpt.get("train_state"), ckpt.get("step")
         if not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool):
             raise UserError(f"{resume}: no train_state and step to resume from (not written by a training script?)")
+        head = ckpt["config"].get("head", "lm") if isinstance(ckpt["config"], dict) else None
+        if head != model.cfg.head:
+            raise UserError(f"{resume}: a checkpoint with head {_show(head)}, but this run trains a "
+                            f"{model.cfg.head!r} head (resume a checkpoint of the same script)")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
         if resume and not lora_rank:
             model.load_state_dict(ckpt["model"])
         if lora_rank:
             apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
+            for name in train_also:
+                getattr(model, name).requires_grad_(True)
             if state is not None:
                 model.load_state_dict(state["lora"], strict=False)
     except (RuntimeError, KeyError, TypeError) as e:
@@ -888,14 +930,15 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
     return step, state
 
 
-def wrap_for_training(model, cfg, state, world, device):
-    """AdamW (restored, with the RNG, from a resumed train_state), then DDP and torch.compile as cfg asks.
-    Returns (the module to call, the raw module to save, the optimiser)."""
+def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-8):
+    """AdamW (restored from a resumed train_state[key], the RNG with it), then DDP and torch.compile as cfg asks.
+    Returns (the module to call, the raw module to save, the optimiser). A second model (ppo.py's critic) is
+    wrapped by a second call with its own key; restoring the RNG again sets the same state."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=eps)
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(state[key])
             set_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"--resume: its optimiser state does not fit this model ({' '.join(str(e).split())[:120]})")
@@ -907,6 +950,26 @@ def wrap_for_training(model, cfg, state, world, device):
     return model, raw, optimizer
 
 
+def reduce_sums(sums, device):
+    """{name: this rank's sum (a scalar tensor or float)} -> {name: the sum over all ranks} as floats, in one
+    all-reduce: the statistics a training step logs, named rather than kept in positional slots."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in sums.values()])
+    return dict(zip(sums, all_reduce_sum(t).tolist()))
+
+
+def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=None):
+    """The checkpoint of a training run after `step` steps: the weights (LoRA merged in) and the train_state
+    --resume reads (optimiser, RNG, data position, LoRA adapters, plus `extra`), written by rank 0 only.
+    -> "path (step n)", what a later error names as the last good checkpoint."""
+    if rank == 0:
+        train_state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data_position": step, **(extra or {})}
+        if cfg.lora_rank:
+            train_state["lora"] = lora_state_dict(raw)
+        save_checkpoint(cfg.out, raw, enc, step=step, args=asdict(cfg), metrics=metrics, lineage=lineage,
+                        train_state=train_state)
+    return f"{cfg.out} (step {step})"
+
+
 def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
     """Linear warmup for `warmup` steps, then cosine decay to lr * min_ratio at `total`."""
     if step < warmup:
@@ -915,13 +978,13 @@ def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8):
     """AdamW over the trainable parameters; weight decay on matrices only, never on norms, biases, heads' bias."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=False)
 
 
 def log_jsonl(path, record):

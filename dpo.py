@@ -15,40 +15,17 @@ One loop, the loss picked by --loss:
   unpaired: kto (`kto_loss`, Ethayarajh et al. 2024) on {"prompt", "completion", "label"} data
 Each loss function's docstring gives its formula, its paper and, where checked, the equation number.
 
-How it runs (the DPO reference code's layout):
-  * log-probs: a response's log-probability is sum_t log pi(y_t | x, y_<t) over its content and closing
-    `<|im_end|>` (model.token_logprobs, fp32). ipo, simpo and orpo use the per-token average instead: the loop
-    divides policy and reference sums by the response length before calling the loss, so `preference_loss`
-    itself only ever sees the log-probs it is given (TRL's `average_log_prob`; its newer code divides the
-    log-ratios by the length inside the IPO branch, which is the same number).
-  * one forward per micro-batch: the B chosen and B rejected sequences are right-padded together into one
-    (2B, T) batch (right pads cannot change causal attention on the real tokens before them).
-  * the reference: its log-probs are computed once, before the first step, over the whole data set (no_grad,
-    eval mode) and kept as an (N, 2) tensor indexed by example; no reference model stays in memory during
-    training. With --lora-rank the reference is the same network with its adapters switched off
-    (model.lora_disabled), otherwise the starting weights themselves before the first update. The cache is saved
-    in the checkpoint's train_state, so --resume does not recompute it.
-  * KTO's reference point z0 (the "batch KL estimate"): each example is paired once, at load time, with the
-    completion of the example before it (TRL's mismatched pairs); per optimiser step
-    z0 = max(0, mean over the step's examples of log pi(y'|x) - log ref(y'|x)), gathered over ranks and
-    micro-batches (a no_grad forward, so grad-accumulation equals one big batch), never differentiated.
-  * gradient accumulation and DDP: every rank holds batch_size * grad_accum examples per step, the loss is the
-    sum of per-example losses over that number, and DDP's gradient mean makes it the mean over the global batch.
-
-Metrics (tqdm and one JSON line per step in --log): loss, reward_chosen / reward_rejected (beta * log-ratio
-to the reference, TRL's "rewards/chosen"; beta * log pi for simpo and orpo), margin (their difference),
-accuracy (fraction of pairs with margin > 0), logp_chosen / logp_rejected (policy sums), kl (KTO's z0). At
---eval-every and at the end on the held-out --eval-frac of prompts: eval_loss, eval_accuracy, eval_margin, and
-kl_ref: sum_t KL(pi(.|x, y_<t) || ref(.|x, y_<t)) along responses the policy samples (temperature 1) for up to
---kl-prompts held-out prompts, nats per response: the exact per-token KL of the two distributions (as
-evaluate.py's kl_ref). Without LoRA that evaluation loads the reference from --model for its duration.
+A response's log-probability is sum_t log pi(y_t | x, y_<t) over its content and closing `<|im_end|>` (fp32);
+ipo, simpo and orpo use the per-token average (`loss_terms`). The chosen and rejected sequences go through one
+forward (`forward_logps`). The reference's log-probs are computed once, before the first step, and cached
+(`reference_cache`): no reference model stays in memory, and with --lora-rank the reference is the same network
+with its adapters off. KTO's reference point z0 is estimated per step on mismatched pairs (`kto_reference_point`).
 
 Departures: sigmoid's label smoothing is cDPO as in the DPO reference code and TRL up to v0.28 (TRL v0.29 on
 ignores label_smoothing in sigmoid; with e = 0 the two agree; robust is the unbiased rDPO loss either way).
 bco_pair omits BCO's running reward shift delta, as TRL's current DPOTrainer does. orpo's NLL term is each
 example's per-token mean NLL of the chosen response (the paper's L_SFT); TRL averages over all chosen tokens of
-the batch instead. A prompt is truncated from the left by the same amount for chosen and rejected
-(model.truncate against the longer response).
+the batch instead. A prompt is truncated from the left by the same amount for chosen and rejected (`fit`).
 
     python dpo.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/dpo.pt                  # CPU, DPO
     python dpo.py --model out/sft.pt --loss ipo --beta 0.5 --out out/ipo.pt                         # IPO
@@ -64,7 +41,7 @@ the batch instead. A prompt is truncated from the left by the same amount for ch
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,14 +94,10 @@ class Config:
     log: str = ""  # JSONL metrics file (one line per step)
 
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
-LOSSES = LOSS_TYPES + ("simpo", "orpo", "kto")
-REFERENCE_FREE = ("simpo", "orpo")
-AVERAGED = ("ipo", "simpo", "orpo")  # losses defined on per-token average log-probs
-SMOOTHED = ("sigmoid", "robust", "simpo")  # losses that read label_smoothing
-
 # -----------------------------------------------------------------------------
-# The losses: pure functions of (B,) sequence log-probs
+# The losses: pure functions of (B,) sequence log-probs, torch and math only (this block can be copied alone)
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
@@ -244,26 +217,17 @@ def kto_loss(policy_logps, ref_logps, labels, kl, beta=0.1, desirable_weight=1.0
     return torch.where(labels, desirable, undesirable), beta * logratios.detach()
 
 
-def sequence_logps(logits, ids, mask):
-    """Summed log-probs of the masked tokens and their count: logits (B, T, V), ids, mask (B, T) -> (B,), (B,)."""
-    return M.token_logprobs(logits, ids, mask).sum(-1), mask[:, 1:].sum(-1)
-
-
 # -----------------------------------------------------------------------------
 # Data: (prompt, response) sequences, the held-out split, batches
 
-
-def render_response(enc, prompt, response):
-    """prompt (messages) + response -> (prompt ids, response ids): ChatML, the response's content and its
-    `<|im_end|>` (the tokens whose log-probs count), without the newline after it."""
-    prompt_ids, _ = C.render_chat(enc, prompt, add_generation_prompt=True)
-    full, _ = C.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
-    newline = len(enc.encode_ordinary("\n"))
-    return prompt_ids, full[len(prompt_ids):len(full) - newline]
+LOSSES = LOSS_TYPES + ("simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
+AVERAGED = ("ipo", "simpo", "orpo")  # losses defined on per-token average log-probs
+SMOOTHED = ("sigmoid", "robust", "simpo")  # losses that read label_smoothing
 
 
 def fit(prompt_ids, responses, seq_len):
-    """Cut prompt + each response to seq_len with one prompt cut for all (model.truncate against the longest
+    """Cut prompt + each response to seq_len with one prompt cut for all (common.truncate against the longest
     response), so a pair's responses are scored after the same context. -> [(ids, response start)], truncated."""
     longest = max(responses, key=len)
     p, _, truncated = C.truncate(prompt_ids, longest, seq_len)
@@ -289,7 +253,7 @@ def load_examples(cfg, enc):
                 responses = [rec["chosen"], rec["rejected"]]
             p, rendered = None, []
             for resp in responses:
-                p, r = render_response(enc, rec["prompt"], resp)
+                p, r = C.render_response(enc, rec["prompt"], resp)
                 rendered.append(r)
             seqs, t = fit(p, rendered, cfg.seq_len)
             truncated += t
@@ -312,8 +276,15 @@ def collate(seqs, pad_id):
 # Forwards: the policy, the cached reference, the sampled KL
 
 
+def sequence_logps(logits, ids, mask):
+    """Summed log-probs of the masked tokens and their count: logits (B, T, V), ids, mask (B, T) -> (B,), (B,)."""
+    return M.token_logprobs(logits, ids, mask).sum(-1), mask[:, 1:].sum(-1)
+
+
 def forward_logps(model, seqs, device, cfg, pad_id):
-    """One forward over all sequences (concatenated, right-padded) -> summed response log-probs (N,), lengths (N,)."""
+    """One forward over all sequences (concatenated, right-padded) -> summed response log-probs (N,), lengths (N,).
+    The loop passes the B chosen and B rejected sequences of a micro-batch together, as the DPO reference code
+    does: right pads cannot change causal attention on the real tokens before them."""
     ids, mask = collate(seqs, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     with C.autocast(device, cfg.dtype):
@@ -341,9 +312,14 @@ def reference_logps(model, examples, cfg, device, pad_id, rank=0, world=1):
     return C.all_reduce_sum(out).cpu()
 
 
-def loss_terms(cfg, examples, sums, counts, ref):
-    """The loss of one batch from the policy's summed log-probs (2B,) [all firsts, all seconds], their lengths and
-    the cached reference rows (B, 2) -> (losses (B,), chosen_rewards, rejected_rewards). Not for kto."""
+def loss_terms(cfg, sums, counts, ref):
+    """The paired loss of one batch from the policy's summed log-probs (2B,) [all chosen, all rejected], their
+    lengths and the cached reference rows (B, 2) -> (losses (B,), chosen_rewards, rejected_rewards). Not for kto.
+
+    ipo, simpo and orpo are defined on per-token average log-probs: policy and reference sums are divided by the
+    response length here, so the loss functions only ever see the log-probs they are given (TRL's
+    `average_log_prob`; its newer code divides the log-ratios by the length inside the IPO branch, the same
+    number)."""
     pc, pr = sums.chunk(2)
     if cfg.loss in AVERAGED:
         nc, nr = counts.clamp(min=1).chunk(2)
@@ -367,7 +343,10 @@ def gather_rows(values, rows, n, device):
 
 @torch.no_grad()
 def kto_reference_point(model, examples, idx, ref, cfg, device, pad_id, rank, world):
-    """z0 for an optimiser step: the mismatched sequences of every example the step reads on every rank."""
+    """KTO's reference point for an optimiser step (the "batch KL estimate"):
+        z0 = max(0, mean over the step's examples of log pi(y'|x) - log ref(y'|x)),
+    y' the completion of the example before it (paired once, at load time: TRL's mismatched pairs), gathered over
+    ranks and micro-batches; a no_grad forward, so grad accumulation equals one big batch, never differentiated."""
     logratios = []
     for k in range(0, len(idx), cfg.batch_size):
         b = idx[k:k + cfg.batch_size]
@@ -381,7 +360,8 @@ def kto_reference_point(model, examples, idx, ref, cfg, device, pad_id, rank, wo
 
 @torch.no_grad()
 def evaluate_held_out(model, held, ref_held, cfg, device, pad_id, rank, world):
-    """Loss, accuracy and margin on the held-out examples (kto: loss, z0 and mean reward by label), eval mode."""
+    """eval_loss, eval_accuracy, eval_margin on the held-out --eval-frac of prompts (kto: eval_loss, eval_kl = z0
+    and the mean reward by label), eval mode."""
     if not held:
         return {}
     was_training = model.training
@@ -412,16 +392,18 @@ def evaluate_held_out(model, held, ref_held, cfg, device, pad_id, rank, world):
         return out
     sums = torch.cat([cols["first"], cols["second"]])
     counts = torch.cat([cols["count1"], cols["count2"]])
-    losses, rc, rr = loss_terms(cfg, held, sums, counts, ref)
+    losses, rc, rr = loss_terms(cfg, sums, counts, ref)
     return {"eval_loss": losses.mean().item(), "eval_accuracy": (rc > rr).double().mean().item(),
             "eval_margin": (rc - rr).mean().item()}
 
 
 @torch.no_grad()
 def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, rank=0, world=1):
-    """Mean over prompts of sum_t KL(pi(.|x, y_<t) || ref(.|x, y_<t)) along a response y sampled from the policy
-    at temperature 1, in nats. `reference` is a model, or the policy itself under LoRA (then it runs with its
-    adapters off). A fixed generator: the same random stream at every evaluation, no global RNG consumed."""
+    """kl_ref: the mean over up to --kl-prompts held-out prompts of sum_t KL(pi(.|x, y_<t) || ref(.|x, y_<t))
+    along a response y sampled from the policy at temperature 1, in nats per response: the exact per-token KL of
+    the two distributions (as evaluate.py's kl_ref). `reference` is a model (without LoRA the loop loads it for
+    the evaluation's duration), or the policy itself under LoRA (then it runs with its adapters off). A fixed
+    generator: the same random stream at every evaluation, no global RNG consumed."""
     if not prompts:
         return float("nan")
     was_training = policy.training
@@ -442,8 +424,7 @@ def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, ra
             logits_p = policy(ids, attention_mask=att)[:, P - 1:-1]  # (B, N, V): the distributions tokens came from
             with M.lora_disabled(policy) if reference is policy else contextlib.nullcontext():
                 logits_q = reference(ids, attention_mask=att)[:, P - 1:-1]
-        logp, logq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, N)
+        kl = M.kl_divergence(logits_p, logits_q)  # (B, N)
         total += torch.stack([(kl * resp_mask).sum().double(), torch.tensor(float(len(batch)), device=device,
                                                                              dtype=torch.float64)])
     policy.train(was_training)
@@ -487,7 +468,10 @@ def load_start(cfg, device):
 
 def reference_cache(model, cfg, train, held, state, device, pad_id, rank, world):
     """(N, 2) reference log-probs for train and held-out examples: from the resumed train state, else one pass
-    of the reference now (the untouched starting weights, or the LoRA model with its adapters off)."""
+    of the reference now (no_grad, eval mode), before the first update: the untouched starting weights, or the
+    LoRA model with its adapters off (model.lora_disabled). Kept as a tensor indexed by example, so no reference
+    model stays in memory during training; saved in the checkpoint's train_state, so --resume does not recompute
+    it."""
     if cfg.loss in REFERENCE_FREE:
         return None, None
     if state is not None:
@@ -504,6 +488,39 @@ def reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
         print(f"reference log-probs of {2 * (len(train) + len(held))} sequences cached in "
               f"{time.perf_counter() - t0:.1f}s")
     return ref, ref_held
+
+
+def kl_prompt_ids(enc, held, cfg, max_seq_len):
+    """Up to --kl-prompts distinct held-out prompts, in file order, rendered for sampling and cut to leave room for
+    --kl-max-new-tokens."""
+    out = []
+    for ex in held:
+        ids = C.render_chat(enc, ex["prompt"], add_generation_prompt=True)[0][-(max_seq_len - cfg.kl_max_new_tokens):]
+        if ids not in out and len(out) < cfg.kl_prompts:
+            out.append(ids)
+    return out
+
+
+def kto_batch(model, examples, b, ref, z0, cfg, device, pad_id):
+    """KTO's micro-batch: one forward over the completions of examples b, each scored against the step's reference
+    point z0 -> (losses (B,), this batch's sums by name: rewards and log-probs by label, label counts)."""
+    logps, _ = forward_logps(model, [examples[i]["seqs"][0] for i in b], device, cfg, pad_id)
+    labels = torch.tensor([examples[i]["label"] for i in b], device=device)
+    losses, rewards = kto_loss(logps, ref[b, 0].to(device), labels, z0, cfg.beta, cfg.desirable_weight,
+                               cfg.undesirable_weight)
+    good, logps = labels.double(), logps.detach().double()
+    return losses, {"reward_desirable": rewards.double() @ good, "reward_undesirable": rewards.double() @ (1 - good),
+                    "logp_desirable": logps @ good, "logp_undesirable": logps @ (1 - good),
+                    "desirable": good.sum(), "undesirable": (1 - good).sum()}
+
+
+def kto_record(sums, z0):
+    """The logged KTO statistics, in the paired losses' names: chosen = desirable, rejected = undesirable."""
+    n_good, n_bad = max(sums["desirable"], 1), max(sums["undesirable"], 1)
+    reward_good, reward_bad = sums["reward_desirable"] / n_good, sums["reward_undesirable"] / n_bad
+    return dict(reward_chosen=reward_good, reward_rejected=reward_bad, margin=reward_good - reward_bad,
+                logp_chosen=sums["logp_desirable"] / n_good, logp_rejected=sums["logp_undesirable"] / n_bad,
+                kl=z0.item())
 
 
 def main(argv=None):
@@ -523,24 +540,17 @@ def main(argv=None):
         raise M.UserError(f"{cfg.data}: no training examples left after holding out --eval-frac")
     if rank == 0:
         kind = "examples" if cfg.loss == "kto" else "pairs"
-        extra = ""
-        if cfg.loss == "kto":
-            n_good = sum(ex["label"] for ex in train)
-            extra = f" ({n_good} desirable, {len(train) - n_good} undesirable)"
+        n_good = sum(ex.get("label", 0) for ex in train)
+        extra = f" ({n_good} desirable, {len(train) - n_good} undesirable)" if cfg.loss == "kto" else ""
         print(f"--loss {cfg.loss}: {len(train)} train / {len(held)} held-out {kind}{extra}, {n_truncated} truncated; "
-              f"{model.num_params():,} params, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-              f"trainable")
+              f"{model.num_params():,} params, {model.num_params(trainable=True):,} trainable")
     ref, ref_held = reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
-    kl_prompts = []
-    for ex in held:  # distinct held-out prompts, in file order
-        ids = C.render_chat(enc, ex["prompt"], add_generation_prompt=True)[0]
-        ids = ids[-(model.cfg.max_seq_len - cfg.kl_max_new_tokens):]
-        if ids not in kl_prompts and len(kl_prompts) < cfg.kl_prompts:
-            kl_prompts.append(ids)
+    kl_prompts = kl_prompt_ids(enc, held, cfg, model.cfg.max_seq_len)
 
     model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
     per_rank = cfg.batch_size * cfg.grad_accum
+    n_all = per_rank * world  # examples per optimiser step, over all ranks
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     metrics = {}
     model.train()
@@ -552,49 +562,44 @@ def main(argv=None):
         lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        idx = C.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
-        kl = kto_reference_point(raw, train, idx, ref, cfg, device, pad_id, rank, world) if cfg.loss == "kto" else None
-        # sums over this rank's examples: loss, reward_chosen, reward_rejected, accuracy, logp_chosen,
-        # logp_rejected, then (kto) desirable count, undesirable count
-        sums = torch.zeros(8, device=device, dtype=torch.float64)
+        idx = C.step_indices(step, len(train), n_all, mine, cfg.seed)
+        z0 = kto_reference_point(raw, train, idx, ref, cfg, device, pad_id, rank, world) if cfg.loss == "kto" else None
+        # Every rank holds batch_size * grad_accum examples per step, the loss is the sum of per-example losses over
+        # that number, and DDP's gradient mean makes it the mean over the global batch. Logged: loss, reward_chosen
+        # / reward_rejected (beta * log-ratio to the reference, TRL's "rewards/chosen"; beta * log pi for simpo and
+        # orpo), margin (their difference), accuracy (pairs with margin > 0), logp_chosen / logp_rejected (policy
+        # sums), kl (KTO's z0); at --eval-every and the end, evaluate_held_out's and kl_to_reference's
+        sums = {}  # over this rank's examples, by name
         for j in range(cfg.grad_accum):
             b = idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]
             sync = j == cfg.grad_accum - 1 or world == 1
             with model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
                 if cfg.loss == "kto":
-                    logps, _ = forward_logps(model, [train[i]["seqs"][0] for i in b], device, cfg, pad_id)
-                    labels = torch.tensor([train[i]["label"] for i in b], device=device)
-                    losses, rewards = kto_loss(logps, ref[b, 0].to(device), labels, kl, cfg.beta,
-                                               cfg.desirable_weight, cfg.undesirable_weight)
-                    good = labels.double()
-                    stats = [rewards.double() @ good, rewards.double() @ (1 - good), torch.zeros((), device=device),
-                             logps.detach().double() @ good, logps.detach().double() @ (1 - good),
-                             good.sum(), (1 - good).sum()]
-                else:
+                    losses, stats = kto_batch(model, train, b, ref, z0, cfg, device, pad_id)
+                else:  # the B chosen and the B rejected sequences in one (2B, T) forward
                     seqs = [train[i]["seqs"][0] for i in b] + [train[i]["seqs"][1] for i in b]
-                    s, n = forward_logps(model, seqs, device, cfg, pad_id)
-                    losses, rc, rr = loss_terms(cfg, train, s, n, ref[b] if ref is not None else None)
-                    pc, pr = s.detach().chunk(2)
-                    stats = [rc.sum(), rr.sum(), (rc > rr).sum(), pc.sum(), pr.sum(), torch.zeros((), device=device),
-                             torch.zeros((), device=device)]
+                    logps, lengths = forward_logps(model, seqs, device, cfg, pad_id)  # (2B,) sums, token counts
+                    losses, reward_c, reward_r = loss_terms(cfg, logps, lengths, ref[b] if ref is not None else None)
+                    logp_c, logp_r = logps.detach().chunk(2)
+                    stats = {"reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(),
+                             "accuracy": (reward_c > reward_r).sum(), "logp_chosen": logp_c.sum(),
+                             "logp_rejected": logp_r.sum()}
                 (losses.sum() / per_rank).backward()  # DDP's gradient mean over ranks makes it the global mean
-            sums += torch.stack([losses.detach().sum().double()] + [torch.as_tensor(v).double() for v in stats])
+            for k, v in {"loss": losses.detach().sum(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.double()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        sums = C.all_reduce_sum(sums).tolist()
-        n_all = per_rank * world
-        record = {"step": step + 1, "loss": sums[0] / n_all, "lr": lr, "grad_norm": grad_norm.item()}
+        sums = C.reduce_sums(sums, device)
+        record = {"step": step + 1, "loss": sums["loss"] / n_all, "lr": lr, "grad_norm": grad_norm.item()}
         if cfg.loss == "kto":
-            n_good, n_bad = max(sums[6], 1), max(sums[7], 1)
-            record.update(reward_chosen=sums[1] / n_good, reward_rejected=sums[2] / n_bad,
-                          margin=sums[1] / n_good - sums[2] / n_bad, logp_chosen=sums[4] / n_good,
-                          logp_rejected=sums[5] / n_bad, kl=kl.item())
+            record.update(kto_record(sums, z0))
         else:
-            record.update(reward_chosen=sums[1] / n_all, reward_rejected=sums[2] / n_all,
-                          margin=(sums[1] - sums[2]) / n_all, accuracy=sums[3] / n_all, logp_chosen=sums[4] / n_all,
-                          logp_rejected=sums[5] / n_all)
+            record.update(reward_chosen=sums["reward_chosen"] / n_all, reward_rejected=sums["reward_rejected"] / n_all,
+                          margin=(sums["reward_chosen"] - sums["reward_rejected"]) / n_all,
+                          accuracy=sums["accuracy"] / n_all, logp_chosen=sums["logp_chosen"] / n_all,
+                          logp_rejected=sums["logp_rejected"] / n_all)
         record["examples_s"] = n_all / (time.perf_counter() - t0)
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
@@ -607,33 +612,21 @@ def main(argv=None):
                 del reference
         if rank == 0:
             post = {"loss": f"{record['loss']:.3f}", "margin": f"{record['margin']:.2f}"}
-            if "accuracy" in record:
-                post["acc"] = f"{record['accuracy']:.2f}"
-            if "kl_ref" in record:
-                post["kl_ref"] = f"{record['kl_ref']:.2f}"
+            post.update({short: f"{record[k]:.2f}" for k, short in (("accuracy", "acc"), ("kl_ref", "kl_ref"))
+                         if k in record})
             bar.set_postfix(post)
             C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
-            if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
-                if ref is not None:
-                    train_state["ref_logps"] = ref
-                    if ref_held is not None:
-                        train_state["ref_logps_held"] = ref_held
-                if cfg.lora_rank:
-                    train_state["lora"] = M.lora_state_dict(raw)
-                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                                  lineage=lineage + [cfg.loss if cfg.loss in ("kto", "simpo", "orpo") else "dpo"],
-                                  train_state=train_state)
-            last_saved = f"{cfg.out} (step {step + 1})"
+            cache = {"ref_logps": ref, "ref_logps_held": ref_held} if ref is not None else {}
+            last_saved = C.save_training(cfg, raw, enc, optimizer, step + 1, metrics,
+                                         lineage + [cfg.loss if cfg.loss in ("kto", "simpo", "orpo") else "dpo"],
+                                         rank, extra={k: v for k, v in cache.items() if v is not None})
         if stop:
             raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
         parts = [f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}"]
-        for key in ("eval_accuracy", "eval_margin", "kl_ref"):
-            if key in metrics:
-                parts.append(f"{key} {metrics[key]:.3f}")
+        parts += [f"{key} {metrics[key]:.3f}" for key in ("eval_accuracy", "eval_margin", "kl_ref") if key in metrics]
         print(", ".join(parts))
 
 

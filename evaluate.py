@@ -3,54 +3,18 @@ evaluate.py: measure any checkpoint the way the field measures models; many chec
 
 Every metric is optional and computed when its data flag is given; one row per --model checkpoint, printed as
 a markdown table on stdout and written as JSON {"results": [{"model": path, metric: value}], "args", "notes"}
-to --out (atomically). The metrics, and exactly what they mean:
+to --out (atomically). Each metric is defined exactly in the docstring of the function that computes it:
+  ppl, bpb              --text, `perplexity` (sliding windows, lm-eval's loglikelihood_rolling)
+  exact_match, contains --data with answers, `exact_match` / `contains_answer`
+  accuracy, gold_reward --data with --correct / --scorer file.py:fn(prompt, response)
+  safety                --redteam: the fraction of responses --safety file.py:fn judges safe
+  mc_acc, mc_acc_norm, mc_acc_bytes   --mc, `mc_choice` and `mc_context` (lm-evaluation-harness semantics)
+  win_rate, win_rate_lc --baseline judged by --reward-model or --judge, both orders (`judge_preference`),
+                        length-controlled by `length_controlled_win_rate` (AlpacaEval's idea, Dubois et al. 2024)
+  kl_ref                --ref, `kl_to_ref`: the exact per-token KL along the policy's own responses
+  prefill_tok_s, decode_tok_s, peak_mem_mb, params, size_mb   `measure_speed`, `peak_memory_mb`, `size_on_disk`
 
-  ppl, bpb        --text: a .txt file or {"text"} JSONL scores every token (each document preceded by
-                  <|endoftext|> as context, as lm-eval's loglikelihood_rolling does); a chats JSONL scores only
-                  the assistant spans (content + <|im_end|>, the render_chat mask). Sequences longer than
-                  --seq-len are cut into sliding windows: the first window scores its tokens 1..L-1, each later
-                  window ends --stride tokens further and scores only those, so every token is scored exactly
-                  once with at least L - stride tokens of context (stride 1 = the most context, the slowest).
-                  ppl = exp(total NLL / scored tokens) (tokenizer dependent); bpb = total NLL / ln 2 / UTF-8
-                  bytes of the scored tokens (special tokens count 0 bytes; comparable across tokenizers).
-  exact_match     --data {"prompt", "answer"}: normalize(response) == normalize(answer); normalize collapses
-                  whitespace and drops it and trailing .!? at the ends. Departure from SQuAD's rule: case and
-                  articles are kept (upper-casing is a task). Only records with an answer count.
-  contains        the normalized answer occurs in the normalized response as a whole word.
-  accuracy        mean of --correct file.py:fn(prompt, response) -> bool (the world's own checker).
-  gold_reward     mean of --scorer file.py:fn(prompt, response) -> float over --data.
-  safety          fraction of --redteam responses that --safety file.py:fn(prompt, response) judges safe.
-  mc_acc, mc_acc_norm, mc_acc_bytes
-                  --mc {"prompt", "choices", "gold"}, lm-evaluation-harness semantics: the continuation is the
-                  choice string as written (the data carries its delimiter, e.g. " 9" after "Q: ... A:"), only its
-                  tokens are scored; the context is the raw prompt with --no-chat-template (shots before it as
-                  "prompt + gold choice\\n\\n"), else a ChatML user turn + generation prompt (shots as earlier
-                  turns), as lm-eval's --apply_chat_template. acc = argmax sum log p; acc_norm = argmax
-                  sum log p / len(choice) in characters; acc_bytes = argmax sum log p / len(choice.encode());
-                  ties go to the first. Departure: context and choice are tokenized separately, not jointly
-                  (identical for the byte tokenizer).
-  win_rate        --baseline B judged by --reward-model (a scalar head: 1 if r(A) > r(B), 0.5 on a tie) or by
-                  --judge (an LM asked in ChatML "Which response is better, A or B?"; its verdict is log p("A")
-                  vs log p("B") at its first token), asked in both orders (the policy shown as A, then as B) and
-                  the two verdicts averaged: a pure position bias gives 0.5 (MT-Bench's swap rule).
-  win_rate_lc     length-controlled: the logistic regression P(win) = sigmoid(t0 + t1 tanh(dlen / std(dlen))),
-                  dlen = the responses' length difference in characters, fit to the pair outcomes (L2 1e-3), read
-                  at dlen = 0: sigmoid(t0). The idea of AlpacaEval's LC win rate (Dubois et al. 2024) with length
-                  as the only covariate.
-  kl_ref          --ref R: mean over --data prompts of sum_t KL(pi(.|x,y<t) || ref(.|x,y<t)) along the policy's
-                  own response y (greedy or sampled), nats per sequence: the exact per-token KL of the two models'
-                  temperature-1 distributions summed over the response; over sampled y its mean is the sequence
-                  KL ("KL to SFT" of RLHF papers) without the noise of the sampled log-ratio estimate.
-  prefill_tok_s, decode_tok_s
-                  a fixed random batch (--speed-batch x --speed-prompt-len) timed with perf_counter (CUDA
-                  synchronised): one prefill forward, then --speed-new-tokens one-token steps on the KV cache;
-                  the second of two runs counts (the first warms up).
-  peak_mem_mb     CUDA: torch.cuda.max_memory_allocated while this checkpoint is evaluated, less what was
-                  resident before it was loaded (judge, reference). CPU: the process's peak RSS so far (getrusage
-                  ru_maxrss), so it never decreases down the table. MiB.
-  params, size_mb parameters (tied weights once); bytes on disk (file, directory or .safetensors + .json), MiB.
-
-Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\\nAssistant: ", the base
+Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\nAssistant: ", the base
 model's format) and stops at a newline; --shots k prepends k solved examples as earlier turns (from
 --shots-data, else the first k records of --data / --mc, which are then not scored); --cot appends "Think step
 by step." to the last user turn. Red-team prompts get neither. Generation is batched on the KV cache
@@ -58,10 +22,13 @@ by step." to the last user turn. Red-team prompts get neither. Generation is bat
 the same for every checkpoint. Prompts longer than max_seq_len - --max-new-tokens lose their beginning.
 --limit N evaluates the first N records of each file (raw text: the first N windows).
 
-    python evaluate.py --model out/base.pt,out/sft.pt --data data/toy/eval.jsonl --mc data/toy/mc.jsonl \\
-        --text data/toy/pretrain.txt --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \\
+Departures: exact_match keeps case and articles (SQuAD's rule drops them; upper-casing is a task); multiple
+choice tokenizes context and choice separately, not jointly (identical for the byte tokenizer).
+
+    python evaluate.py --model out/base.pt,out/sft.pt --data data/toy/eval.jsonl --mc data/toy/mc.jsonl \
+        --text data/toy/pretrain.txt --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \
         --redteam data/toy/redteam.jsonl --safety data/toyworld.py:is_safe --out out/results.json      # CPU
-    python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \\
+    python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \
         --reward-model out/rm.pt --ref out/sft.pt --device cuda                       # one GPU (bf16 autocast)
     python evaluate.py --model out/base.pt --data data/toy/eval.jsonl --no-chat-template --shots 3   # ablation
 Evaluation is a single process: no torchrun.
@@ -129,27 +96,31 @@ COT = "Think step by step."
 JUDGE_QUESTION = "Which response is better, A or B?"
 
 # -----------------------------------------------------------------------------
-# Pure metric functions
+# The metrics: pure functions, torch, math and re only (this block can be copied alone)
 
 
 def normalize_answer(s):
-    """Collapse whitespace, strip, drop trailing sentence punctuation. Case is kept on purpose."""
+    """Collapse whitespace, strip, drop trailing sentence punctuation. Case and articles are kept on purpose (a
+    departure from SQuAD's rule: upper-casing is a task)."""
     return re.sub(r"[\s.!?]+$", "", re.sub(r"\s+", " ", s).strip())
 
 
 def exact_match(response, answer):
+    """exact_match: normalize(response) == normalize(answer); only records with an answer count."""
     return normalize_answer(response) == normalize_answer(answer)
 
 
 def contains_answer(response, answer):
-    """The normalized answer occurs in the response as a whole word ("5" is not in "15")."""
+    """contains: the normalized answer occurs in the normalized response as a whole word ("5" is not in "15")."""
     a = normalize_answer(answer)
     return bool(a) and re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", normalize_answer(response)) is not None
 
 
 def mc_choice(logps, choices):
     """lm-eval's three multiple-choice predictions. logps (C,) summed log p of each choice's tokens, choices (C,)
-    strings -> (acc, acc_norm, acc_bytes) argmax indices of logp, logp / chars, logp / UTF-8 bytes."""
+    strings -> (acc, acc_norm, acc_bytes) argmax indices of logp, logp / chars, logp / UTF-8 bytes; ties go to
+    the first. The continuation is the choice string as written (the data carries its delimiter, e.g. " 9" after
+    "Q: ... A:"), and only its tokens are scored (`mc_context` gives the context)."""
     logps = torch.as_tensor(logps, dtype=torch.float64)
     chars = torch.tensor([len(c) for c in choices], dtype=torch.float64)
     nbytes = torch.tensor([len(c.encode("utf-8")) for c in choices], dtype=torch.float64)
@@ -157,7 +128,8 @@ def mc_choice(logps, choices):
 
 
 def bits_per_byte(nll, n_bytes):
-    """Total NLL in nats over the scored text -> bits per UTF-8 byte."""
+    """bpb: total NLL in nats over the scored text -> bits per UTF-8 byte of the scored tokens (special tokens
+    count 0 bytes); comparable across tokenizers, unlike ppl."""
     return nll / math.log(2) / n_bytes
 
 
@@ -180,20 +152,23 @@ def sliding_windows(ids, mask, seq_len, stride):
 
 
 def preference(scores_a, scores_b):
-    """Per pair: 1 where A scores higher, 0.5 on a tie, 0 where B does. (N,), (N,) -> (N,) float64."""
+    """Per pair: 1 where A scores higher, 0.5 on a tie, 0 where B does. (N,), (N,) -> (N,) float64. With
+    --reward-model the scores are its scalar head's; with --judge, see `judge_preference`."""
     a, b = torch.as_tensor(scores_a, dtype=torch.float64), torch.as_tensor(scores_b, dtype=torch.float64)
     return (a > b).double() + 0.5 * (a == b).double()
 
 
 def win_rate(scores_a, scores_b):
-    """Fraction of pairs where A beats B, ties counting half."""
+    """win_rate: the fraction of pairs where A (the policy) beats B (--baseline), ties counting half."""
     return preference(scores_a, scores_b).mean().item()
 
 
 def judge_preference(margin_first, margin_swapped):
     """A judge asked twice per pair. margin = log p("A") - log p("B"); first: the policy shown as A, swapped: the
     policy shown as B. -> (N,) in {0, 0.5, 1}: the mean of the two verdicts for the policy, so a judge that
-    always names one position scores every pair 0.5 and the bias cancels."""
+    always names one position scores every pair 0.5 and the bias cancels (MT-Bench's swap rule). The judge is an
+    LM asked in ChatML "Which response is better, A or B?", its verdict log p("A") vs log p("B") at its first
+    answer token (`judge_margins`)."""
     zero = torch.zeros(len(margin_first))
     return (preference(margin_first, zero) + preference(zero, margin_swapped)) / 2
 
@@ -202,7 +177,8 @@ def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
     """Win rate with the length difference regressed out. prefs (N,) in [0, 1], len_a, len_b (N,) characters.
 
     Fits P(A wins) = sigmoid(t0 + t1 x), x = tanh((len_a - len_b) / std), by L-BFGS on the L2-regularised
-    cross-entropy with soft labels, and returns sigmoid(t0): the predicted win rate at equal lengths."""
+    cross-entropy with soft labels, and returns sigmoid(t0): the predicted win rate at equal lengths. win_rate_lc:
+    the idea of AlpacaEval's length-controlled win rate (Dubois et al. 2024) with length as the only covariate."""
     y = torch.as_tensor(prefs, dtype=torch.float64)
     d = torch.as_tensor(len_a, dtype=torch.float64) - torch.as_tensor(len_b, dtype=torch.float64)
     std = d.std() if len(d) > 1 else torch.tensor(0.0, dtype=torch.float64)
@@ -219,12 +195,6 @@ def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
 
     opt.step(closure)
     return torch.sigmoid(theta[0]).item()
-
-
-def kl_divergence(logits_p, logits_q):
-    """KL(p || q) per position from two logit tensors (..., V) -> (...), in nats, computed in fp32."""
-    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +278,11 @@ def sequence_logprobs(model, seqs, masks, cfg, device, pad_id):
 
 
 def perplexity(model, enc, kind, items, cfg, device):
-    """(ppl, bpb, n_tokens) of --text under the sliding-window rule."""
+    """(ppl, bpb, n_tokens) of --text. A .txt file or {"text"} JSONL scores every token (each document preceded
+    by <|endoftext|> as context, as lm-eval's loglikelihood_rolling does); a chats JSONL scores only the assistant
+    spans (content + <|im_end|>, the render_chat mask). Longer sequences are cut by `sliding_windows` (--seq-len,
+    --stride): every token is scored exactly once with at least L - stride tokens of context (stride 1 = the most
+    context, the slowest). ppl = exp(total NLL / scored tokens), tokenizer dependent; bpb by `bits_per_byte`."""
     L = cfg.seq_len or model.cfg.max_seq_len
     stride = cfg.stride or L // 2
     if not 2 <= L <= model.cfg.max_seq_len or not 1 <= stride < L:
@@ -336,7 +310,8 @@ def perplexity(model, enc, kind, items, cfg, device):
 
 def mc_context(enc, record, shots, cfg):
     """lm-eval's context ids. Chat template: the prompt as a user turn after the shots as earlier turns, then the
-    generation prompt. Without: raw text, each shot "prompt + gold choice" and "\\n\\n", then the prompt."""
+    generation prompt (lm-eval's --apply_chat_template). Without: raw text, each shot "prompt + gold choice" and
+    "\\n\\n", then the prompt. Departure: context and choice are tokenized separately, not jointly."""
     if cfg.chat_template:
         return render(enc, build_prompt(C.as_messages(record["prompt"], cfg.mc), shot_messages(shots, cfg.mc),
                                         False), cfg)
@@ -360,7 +335,8 @@ def mc_logprobs(model, enc, records, shots, cfg, device):
 
 
 def mc_eval(model, enc, records, shots, cfg, device):
-    """(acc, acc_norm, acc_bytes) over multiple-choice records."""
+    """(mc_acc, mc_acc_norm, mc_acc_bytes) over multiple-choice records {"prompt", "choices", "gold"}, each the
+    fraction whose `mc_choice` prediction is the gold index."""
     hits = torch.zeros(3, dtype=torch.float64)
     for r, logps in zip(records, mc_logprobs(model, enc, records, shots, cfg, device)):
         hits += torch.tensor([float(i == r["gold"]) for i in mc_choice(logps, r["choices"])])
@@ -393,7 +369,10 @@ def generate_responses(model, enc, prompts, cfg, device):
 
 @torch.no_grad()
 def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
-    """Mean over responses of sum_t KL(model || ref) at each response token's position, in nats."""
+    """kl_ref: the mean over responses of sum_t KL(pi(.|x, y<t) || ref(.|x, y<t)) along the policy's own response
+    y (greedy or sampled), nats per sequence: the exact KL of the two models' temperature-1 next-token
+    distributions summed over the response; over sampled y its mean is the sequence KL ("KL to SFT" of RLHF
+    papers) without the noise of the sampled log-ratio estimate."""
     total = []
     for i in range(0, len(prompt_ids), cfg.batch_size):
         pairs = list(zip(prompt_ids[i:i + cfg.batch_size], responses[i:i + cfg.batch_size]))
@@ -402,7 +381,7 @@ def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
         with C.autocast(device, cfg.dtype):
             logits_p, logits_q = model(ids), ref(ids)
         # the logits at t-1 are the distribution response token t was drawn from
-        total.append((kl_divergence(logits_p[:, :-1], logits_q[:, :-1]) * mask[:, 1:]).sum(-1).double().cpu())
+        total.append((M.kl_divergence(logits_p[:, :-1], logits_q[:, :-1]) * mask[:, 1:]).sum(-1).double().cpu())
     return torch.cat(total).mean().item()
 
 
@@ -435,7 +414,9 @@ def judge_margins(judge, enc, prompts, first, second, cfg, device):
 
 @torch.no_grad()
 def measure_speed(model, cfg, device):
-    """(prefill tokens/s, decode tokens/s) on a fixed random batch; the second of two runs counts."""
+    """(prefill_tok_s, decode_tok_s): a fixed random batch (--speed-batch x --speed-prompt-len) timed with
+    perf_counter (CUDA synchronised): one prefill forward, then --speed-new-tokens one-token steps on the KV cache;
+    the second of two runs counts (the first warms up)."""
     N = max(1, min(cfg.speed_new_tokens, model.cfg.max_seq_len - 1))
     P = max(1, min(cfg.speed_prompt_len, model.cfg.max_seq_len - N))  # prompt + decode fit the position table
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -461,6 +442,7 @@ def measure_speed(model, cfg, device):
 
 
 def size_on_disk(path):
+    """size_mb's bytes: the file, the directory's files, or a .safetensors with its .json."""
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     extra = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else None
@@ -468,6 +450,9 @@ def size_on_disk(path):
 
 
 def peak_memory_mb(device, resident=0):
+    """peak_mem_mb, MiB. CUDA: torch.cuda.max_memory_allocated while this checkpoint is evaluated, less what was
+    resident before it was loaded (judge, reference). CPU: the process's peak RSS so far (getrusage ru_maxrss), so
+    it never decreases down the table."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS

@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-IGNORE = -100  # target id that F.cross_entropy skips; the one masking convention in the project
 
 
 class UserError(Exception):
@@ -262,8 +261,10 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def num_params(self):
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_params(self, trainable=False):
+        """Parameters counted once (tied embeddings are one tensor); trainable=True: only those requiring grad."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        return sum(p.numel() for p in unique if p.requires_grad or not trainable)
 
     def new_cache(self, batch_size, max_len):
         p = next(self.parameters())
@@ -403,6 +404,19 @@ def last_token_index(mask):
     return T - 1 - mask.flip(1).long().argmax(1)
 
 
+def last_token_values(values, mask):
+    """values (B, T) from a scalar head, mask (B, T) 1 on real tokens -> (B,) the value at each row's last real
+    token: a reward model's score of the response ending there (right or left padding; a pad is never read)."""
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+
+def kl_divergence(logits_p, logits_q):
+    """KL(p || q) per position from two logit tensors (..., V) -> (...), in nats, computed in fp32: the exact KL of
+    two next-token distributions (not a sampled estimate)."""
+    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): W x + (alpha / r) B A x, with A (r, in) random and B (out, r) zero at the start
 
@@ -489,8 +503,11 @@ def plain_state_dict(model):
 
 
 def lora_state_dict(model):
+    """What LoRA training changes, for --resume: the adapters and any parameter left trainable beside them (the
+    fresh value head of a reward model)."""
     model = getattr(model, "module", model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k or k in trainable}
 
 
 

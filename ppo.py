@@ -2,83 +2,41 @@
 ppo.py: RLHF with PPO, and its critic-free group-relative family (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
 One loop. Each step samples responses to a batch of prompts with the KV cache (model.generate), scores them,
-turns the scores into advantages by the chosen estimator, and takes --ppo-epochs passes of clipped
-policy-gradient updates over --minibatches shuffled minibatches of that rollout.
+turns the scores into advantages (`compute_advantages`), and takes --ppo-epochs passes of the clipped policy
+gradient (Schulman et al. 2017, Eq. 7: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old) over
+--minibatches shuffled minibatches of that rollout (`ppo_update`).
 
-Reward. `--reward-model rm.pt` (reward.py): the scalar head read at the response's closing `<|im_end|>`, in one
-forward over the very token ids that were sampled (no decode / re-encode). Or `--reward file.py:fn`, a verifier
-fn(prompt_messages, response_text) -> float, such as the built-in world's `data/toyworld.py:gold_reward`. A
-response that never emits `<|im_end|>` within --max-new-tokens loses --missing-eos-penalty. `--whiten-rewards`
-standardises the batch's scores. Every --eval-every steps the greedy responses to --eval-data are scored with
-the gold reward (--gold) and the proxy (the training reward), both logged, so over-optimisation of a learned
-reward model (proxy up, gold down; Gao et al. 2023) shows in the JSONL log.
-
-KL to the frozen reference pi_ref (the starting checkpoint; with --lora-rank the base under lora_disabled, no
-copy), estimated on samples y ~ pi with log r = log pi_ref(y_t|.) - log pi(y_t|.) (Schulman 2020,
-"Approximating KL divergence"):
-    k1 = -log r            unbiased, can be negative;   k2 = (log r)^2 / 2   biased (its mean is not the KL);
-    k3 = r - 1 - log r     unbiased and >= 0
-    --kl-penalty reward: -beta * k_t is added to every token's reward (InstructGPT, Ouyang et al. 2022, Eq. 2;
-                         Ziegler et al. 2019). Default for ppo, rloo, reinforce_pp, with k1.
-    --kl-penalty loss:   beta * k_t is added to the per-token loss (GRPO, Shao et al. 2024, Eq. 3-4). Default for
-                         grpo / dr_grpo, with k3. As a loss, k1 has zero expected gradient, k2's gradient is that
-                         of KL(pi || ref) and k3's that of KL(ref || pi) (tests/test_ppo.py checks all three).
-beta is fixed, or adaptive with --kl-target (Ziegler et al. 2019, Sec. 2.2):
-    e = clip(KL / KL_target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon),  n = sequences per step.
-
-Advantages (`--advantage`):
-  ppo          GAE (Schulman et al. 2016, Eq. 16) on token rewards r_t = -beta k1_t + [t = last] score, with a
-               learned critic V: delta_t = r_t + gamma V_{t+1} - V_t, A_t = sum_l (gamma lam)^l delta_{t+l},
-               returns A_t + V_t. Clipped value loss 0.5 max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2).
-  grpo         A_i = (R_i - mean_g R) / (std_g R + eps) over the --group-size responses to one prompt (Shao et al.
-               2024, Sec. 4.1.2; std with Bessel's correction, eps 1e-4 as TRL), the same for every token.
-  dr_grpo      A_i = R_i - mean_g R, no std (Liu et al. 2025, "Understanding R1-Zero-like training").
-  rloo         A_i = R_i - mean_{j != i} R_j, the leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024).
-               For grpo, dr_grpo and rloo a KL in the reward is a sequence-level penalty: R = score - beta sum_t k_t.
-  reinforce_pp REINFORCE++ (Hu 2025) exactly as OpenRLHF's `reinforce` / `reinforce_baseline` estimators: the score
-               (minus its group mean when --group-size > 1, the "-baseline" variant) at the last token, -beta k1_t
-               at every token, returns-to-go G_t = sum_{s>=t} gamma^(s-t) r_s, then whitened over all response
-               tokens of the rollout batch ("global batch normalisation"; of this process under DDP).
-Policy loss, all variants (Schulman et al. 2017, Eq. 7): -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi/pi_old.
-How per-token losses become one number, `--loss-type` (TRL GRPOTrainer's names; auto picks the paper's):
-  grpo     mean over each sequence's tokens, then over sequences (DeepSeekMath Eq. 3) - auto for grpo
-  bnpo     mean over the tokens of each micro-batch, averaged over micro-batches
-  dapo     mean over all tokens of the minibatch, across micro-batches and ranks (Yu et al. 2025, token-level
-           loss) - auto for ppo, rloo, reinforce_pp (TRL PPOTrainer's masked mean)
-  dr_grpo  sum over tokens / (sequences * --max-new-tokens), a length-independent constant - auto for dr_grpo
+Reward: `--reward-model rm.pt` (reward.py), the scalar head read at the response's closing `<|im_end|>` in one
+forward over the very token ids that were sampled; or `--reward file.py:fn`, a verifier fn(prompt_messages,
+response) -> float such as `data/toyworld.py:gold_reward`. A response that never emits `<|im_end|>` loses
+--missing-eos-penalty. KL to the frozen reference (the starting checkpoint; with --lora-rank the base under
+lora_disabled, no copy): estimator k1 / k2 / k3 (`kl_estimate`), added to the reward (InstructGPT) or to the
+loss (GRPO) by --kl-penalty, its coefficient fixed or adaptive with --kl-target (`update_kl_coef`).
+--advantage ppo (GAE with a learned critic, `gae`), grpo / dr_grpo / rloo (`group_advantages`) or reinforce_pp;
+--loss-type, how per-token losses become one number (`aggregate`). Each function's docstring gives its formula and
+paper. Every --eval-every steps the greedy responses to --eval-data are scored by the gold reward (--gold) and the
+proxy, so over-optimisation of a learned reward model (proxy up, gold down; Gao et al. 2023) shows in the log.
 
 Implementation details that matter (Huang et al. 2024, "The N+ implementation details of RLHF with PPO" = N+;
-Huang et al. 2022, "The 37 implementation details of PPO", core list = CleanRL #):
-  - the critic is a separate network initialised from the reward model (N+; CleanRL #13), its value for token t read
-    at position t-1 (the state before the action), trained on [prompt|response]
-  - dropout is switched off in policy, reference, critic and reward model (N+)
-  - the score is read at <|im_end|>, never at a pad; a response without it is penalised (N+, "EOS trick")
-  - the KL is a per-token reward with the score at the last token (N+); logits are divided by the sampling
-    temperature in every forward, so the trainer scores tokens with the distribution they were drawn from (N+)
-  - old log-probs are recomputed by the trainer's forward, not taken from the sampler; `--debug-logprobs-every N`
-    asserts the two agree (max |diff| < 1e-4, fp32) before the rollout's first update
-  - advantage whitening over the rollout batch (N+; CleanRL #7, there per minibatch), reward whitening optional
-  - clipped surrogate (CleanRL #8), clipped value loss (CleanRL #9), several epochs of shuffled minibatches
-    (CleanRL #6), global gradient-norm clipping per network (CleanRL #11), Adam eps 1e-5 (CleanRL #3), learning-rate
-    annealing (CleanRL #4), and the debug metrics approx_kl = mean(rho - 1 - log rho), clipfrac and explained
-    variance (CleanRL #12)
+Huang et al. 2022, "The 37 implementation details of PPO", core list = CleanRL #): the critic is a separate
+network initialised from the reward model, its value for token t read at position t-1 (N+; CleanRL #13); dropout
+off in all four networks (N+); the score read at <|im_end|>, never a pad (N+, "EOS trick"); the KL a per-token
+reward with the score at the last token (N+); logits divided by the sampling temperature in every forward (N+);
+old log-probs recomputed by the trainer's forward (`--debug-logprobs-every N` asserts they match the sampler's);
+advantage whitening over the rollout (N+; CleanRL #7, there per minibatch); clipped value loss (#9), epochs of
+shuffled minibatches (#6), gradient-norm clipping per network (#11), Adam eps 1e-5 (#3), LR annealing (#4),
+approx_kl, clipfrac and explained variance logged (#12).
+
 Departures: no entropy bonus (RLHF sets it to 0); the critic is always trained in full, LoRA applies to the policy;
 no top-k / top-p in rollouts (a truncated nucleus makes a sampled token's reference log-prob -inf); under DDP each
 rank samples its own prompts and whitens / normalises over its own rollout (groups never straddle ranks), while
 loss denominators and logged metrics are summed over ranks; only rank 0 evaluates.
 
-Logged per step: score (reward before KL), reward (score - beta sum k1), kl (sum_t k1 per response), kl_coef,
-entropy, clipfrac, approx_kl, pg_loss, value_loss, explained_var, response_len, ended, rollout_tok_s, update_s,
-step_s; before training and every --eval-every: eval_gold, eval_proxy, eval_len, eval_ended (greedy, on --eval-data;
-with several files also eval_gold_<file>). Measured runs on the built-in world: README.md.
-
     python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --out out/ppo_gold.pt \
         --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo_gold.jsonl              # CPU, verifier
-    python ppo.py --model out/sft.pt --reward-model out/rm.pt --out out/ppo.pt \
-        --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo.jsonl                   # CPU, learned RM
+    python ppo.py --model out/sft.pt --reward-model out/rm.pt --out out/ppo.pt --log out/ppo.jsonl   # learned RM
     python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --advantage grpo --group-size 4 \
         --batch-size 8 --out out/grpo.pt                                                              # critic-free
-    python ppo.py --model out/sft.pt --reward-model out/rm.pt --device cuda --batch-size 64           # one GPU
     torchrun --nproc_per_node=2 ppo.py --model out/sft.pt --reward-model out/rm.pt                    # DDP
     python ppo.py --resume out/ppo.pt --steps 400 ...                                                 # continue
 """
@@ -87,10 +45,9 @@ import contextlib
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common as C
@@ -156,14 +113,20 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# The math: pure functions, tensor in, tensor out
+# The math: pure functions, tensor in, tensor out, torch and math only (this block can be copied alone)
 
 
 def kl_estimate(logp, ref_logp, kind="k1"):
-    """Per-sample KL(pi || ref) estimators (Schulman 2020) from log-probs of tokens drawn from pi.
-
-    logp, ref_logp: same shape (e.g. (B, T)) -> same shape. With log r = ref_logp - logp:
-    k1 = -log r; k2 = (log r)^2 / 2; k3 = exp(log r) - 1 - log r."""
+    """Per-sample KL(pi || ref) estimators (Schulman 2020, "Approximating KL divergence") from log-probs of tokens
+    drawn from pi. logp, ref_logp: same shape (e.g. (B, T)) -> same shape. With log r = ref_logp - logp:
+        k1 = -log r              unbiased, can be negative
+        k2 = (log r)^2 / 2       biased (its mean is not the KL)
+        k3 = r - 1 - log r       unbiased and >= 0
+    --kl-penalty reward adds -beta k_t to every token's reward (InstructGPT, Ouyang et al. 2022, Eq. 2; Ziegler et
+    al. 2019), the default for ppo, rloo and reinforce_pp, with k1. --kl-penalty loss adds beta k_t to the per-token
+    loss (GRPO, Shao et al. 2024, Eqs. 3-4), the default for grpo and dr_grpo, with k3. As a loss, k1 has zero
+    expected gradient, k2's gradient is that of KL(pi || ref) and k3's that of KL(ref || pi) (tests/test_ppo.py
+    checks all three by exact enumeration)."""
     log_r = ref_logp - logp
     if kind == "k1":
         return -log_r
@@ -175,7 +138,8 @@ def kl_estimate(logp, ref_logp, kind="k1"):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16) over response tokens.
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16) over response tokens:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = sum_l (gamma lam)^l delta_{t+l},  returns A_t + V_t.
 
     rewards, values, mask: (B, T), mask 1 on each row's first len_i tokens (right padded); values[:, t] is V of
     the state before token t; the state after the last token is terminal (value 0). -> advantages, returns (B, T),
@@ -213,9 +177,11 @@ def group_advantages(rewards, group_size, kind, eps=1e-4):
     """Sequence-level advantages from the rewards of groups of responses to the same prompt.
 
     rewards: (B,) with B = n_groups * group_size, each group's rows consecutive -> (B,).
-      grpo          (r - mean_g) / (std_g + eps), std with Bessel's correction (GRPO; TRL, OpenRLHF group_norm)
-      dr_grpo       r - mean_g (Dr. GRPO)
-      rloo          r - (sum_g - r) / (k - 1), the leave-one-out mean (RLOO); = k/(k-1) (r - mean_g)
+      grpo          (r - mean_g) / (std_g + eps), std with Bessel's correction, eps 1e-4 (Shao et al. 2024,
+                    Sec. 4.1.2; TRL, OpenRLHF group_norm)
+      dr_grpo       r - mean_g (Liu et al. 2025, "Understanding R1-Zero-like training")
+      rloo          r - (sum_g - r) / (k - 1), the leave-one-out mean (Kool et al. 2019; Ahmadian et al. 2024);
+                    = k/(k-1) (r - mean_g)
       reinforce_pp  r - mean_g if group_size > 1 (REINFORCE++-baseline), else r unchanged (plain REINFORCE++, whose
                     baseline is the batch whitening applied later to the token returns)"""
     g = rewards.view(-1, group_size)  # (n_groups, k)
@@ -257,8 +223,12 @@ def aggregate(x, mask, kind, max_len=None, n_seqs=None, n_tokens=None):
 
     n_seqs, n_tokens: totals of the whole minibatch this micro-batch belongs to (all micro-batches and ranks;
     default: this one), so that summing the micro-batches' results gives the minibatch's loss.
-      grpo     sum_i mean_t x_it / n_seqs       bnpo  mean_t x over this micro-batch, weighted B / n_seqs
-      dapo     sum x / n_tokens                 dr_grpo  sum x / (n_seqs * max_len)"""
+      grpo     sum_i mean_t x_it / n_seqs: each sequence's token mean, then the mean over sequences (DeepSeekMath
+               Eq. 3); --loss-type auto for grpo
+      bnpo     mean_t x over this micro-batch, weighted B / n_seqs
+      dapo     sum x / n_tokens: the mean over all tokens of the minibatch, across micro-batches and ranks (Yu et
+               al. 2025's token-level loss; TRL PPOTrainer's masked mean); auto for ppo, rloo, reinforce_pp
+      dr_grpo  sum x / (n_seqs * max_len), a length-independent constant (Liu et al. 2025); auto for dr_grpo"""
     mask = mask.to(x.dtype)
     n_seqs = x.shape[0] if n_seqs is None else n_seqs
     n_tokens = mask.sum() if n_tokens is None else n_tokens
@@ -275,7 +245,8 @@ def aggregate(x, mask, kind, max_len=None, n_seqs=None, n_tokens=None):
 
 
 def update_kl_coef(coef, kl, target, n, horizon):
-    """Adaptive KL controller (Ziegler et al. 2019): beta * (1 + clip(kl/target - 1, -0.2, 0.2) * n / horizon)."""
+    """Adaptive KL controller (Ziegler et al. 2019, Sec. 2.2), n the sequences of the step:
+        e = clip(kl / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n / horizon)
 
@@ -315,8 +286,7 @@ def score(seq, attn, texts, messages, rm, fn, spec, indices):
     response ended; the sequence is right padded after it), or the verifier fn(messages, text); `indices` are the
     prompts' positions in their data file, named when the verifier fails."""
     if rm is not None:
-        values = rm(seq, attention_mask=attn)  # (B, T)
-        return values.gather(1, M.last_token_index(attn)[:, None]).squeeze(1).float()
+        return M.last_token_values(rm(seq, attention_mask=attn), attn).float()  # rm(...) is (B, T)
     return torch.tensor(C.call_user(fn, f"--reward {spec}", messages, texts, float, indices), device=seq.device)
 
 
@@ -423,8 +393,16 @@ def load_models(cfg, device):
 
 
 def compute_advantages(cfg, scores, kl_penalty, values, mask):
-    """Rollout -> (advantages (B, N), returns (B, N) or None) by --advantage; see the module docstring.
-    scores (B,), kl_penalty (B, N) = beta * k_t per token (zeros with --kl-penalty loss), values (B, N) or None."""
+    """Rollout -> (advantages (B, N), returns (B, N) or None) by --advantage. scores (B,), kl_penalty (B, N) =
+    beta * k_t per token (zeros with --kl-penalty loss), values (B, N) or None.
+      ppo           GAE (`gae`) on token rewards r_t = -beta k_t + [t = last] score with the critic's values;
+                    whitened over the rollout unless --no-whiten-advantages
+      grpo, dr_grpo, rloo   `group_advantages` of the sequence reward R = score - beta sum_t k_t, the same
+                    for every token of a response (a KL in the reward is a sequence-level penalty here)
+      reinforce_pp  REINFORCE++ (Hu 2025) as OpenRLHF's `reinforce` / `reinforce_baseline`: the score (minus its
+                    group mean when --group-size > 1) at the last token, -beta k_t at every token, returns-to-go
+                    G_t = sum_{s>=t} gamma^(s-t) r_s, whitened over all response tokens of the rollout ("global
+                    batch normalisation"; of this process under DDP)"""
     if cfg.advantage not in ("ppo", "reinforce_pp"):
         seq_reward = scores - kl_penalty.sum(1)  # the KL as a sequence-level penalty (RLOO)
         return group_advantages(seq_reward, cfg.group_size, cfg.advantage)[:, None] * mask, None
@@ -487,20 +465,12 @@ def main(argv=None):
     C.catch_interrupts(cfg.save_on_interrupt)
     fn = C.load_function(cfg.reward, "--reward") if cfg.reward else None
     gold = C.load_function(cfg.gold, "--gold") if cfg.gold else None
-    state, start_step, kl_coef = None, 0, cfg.kl_coef
-    if cfg.resume:
-        ckpt = C.load_checkpoint(cfg.resume)
-        if "kl_coef" not in ckpt.get("train_state", {}):
-            raise M.UserError(f"{cfg.resume}: no PPO train_state to resume from (not written by ppo.py?)")
-        state, start_step, kl_coef = ckpt["train_state"], ckpt["step"], ckpt["train_state"]["kl_coef"]
-        if not cfg.lora_rank:
-            policy.load_state_dict(ckpt["model"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
-    if cfg.lora_rank:
-        M.apply_lora(policy, cfg.lora_rank, cfg.lora_alpha or None)
-        if state is not None:
-            policy.load_state_dict(state["lora"], strict=False)
+    start_step, state = C.resume_and_lora(policy, cfg.resume, cfg.lora_rank, cfg.lora_alpha)
+    if state is not None and "kl_coef" not in state:
+        raise M.UserError(f"{cfg.resume}: no PPO train_state to resume from (not written by ppo.py?)")
+    kl_coef = cfg.kl_coef if state is None else state["kl_coef"]
+    if critic is not None and state is not None:
+        critic.load_state_dict(state["critic"])
     policy.to(device)
 
     max_len = min(m.cfg.max_seq_len for m in (policy, critic, rm) if m is not None)
@@ -516,25 +486,14 @@ def main(argv=None):
     eval_sets = {os.path.splitext(os.path.basename(p))[0]: read_prompts(p, cfg.eval_limit)
                  for p in filter(None, cfg.eval_data.split(","))}
 
-    def new_optimizer(model, key):
-        opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
-        for g in opt.param_groups:
-            g["eps"] = 1e-5  # CleanRL #3
-        if state is not None:
-            opt.load_state_dict(state[key])
-        return opt
-
-    opts = [(policy, new_optimizer(policy, "optimizer"))]
+    # AdamW with eps 1e-5 (CleanRL #3) for the policy and the critic, each restored from a resumed train_state
+    policy, raw_policy, policy_opt = C.wrap_for_training(policy, cfg, state, world, device, eps=1e-5)
+    opts = [(raw_policy, policy_opt)]
+    raw_critic = critic
     if critic is not None:
-        opts.append((critic, new_optimizer(critic, "critic_optimizer")))
-    if state is not None:
-        C.set_rng_state(state["rng"])
-    raw_policy, raw_critic = policy, critic
-    if world > 1:
-        wrap = [device.index] if device.type == "cuda" else None
-        policy, critic = DDP(policy, device_ids=wrap), critic and DDP(critic, device_ids=wrap)
-    if cfg.compile:
-        policy, critic = torch.compile(policy), critic and torch.compile(critic)
+        critic, raw_critic, critic_opt = C.wrap_for_training(critic, cfg, state, world, device,
+                                                             key="critic_optimizer", eps=1e-5)
+        opts.append((raw_critic, critic_opt))
 
     def run_eval():
         if not eval_sets or rank != 0:
@@ -542,7 +501,7 @@ def main(argv=None):
         return evaluate(raw_policy, eval_sets, rm, fn, gold, cfg, enc, device)
 
     if rank == 0:
-        n_train = sum(p.numel() for p in raw_policy.parameters() if p.requires_grad)
+        n_train = raw_policy.num_params(trainable=True)
         print(f"{len(prompts)} prompts, {sum(len(v[1]) for v in eval_sets.values())} held out; {cfg.advantage}: "
               f"{cfg.batch_size * world} prompts x {cfg.group_size} per step, KL {cfg.kl_estimator} in the "
               f"{cfg.kl_penalty}, loss {cfg.loss_type}; {n_train:,} trainable policy params"
@@ -596,15 +555,18 @@ def main(argv=None):
         raw_policy.train()
         local = ppo_update(cfg, policy, critic, opts, roll, kl_coef, world, torch.Generator().manual_seed(seed))
 
-        # --- metrics averaged over ranks, the adaptive KL controller, evaluation, checkpoint
+        # --- metrics averaged over ranks, the adaptive KL controller, evaluation, checkpoint. Logged: score (the
+        # reward before the KL), reward (score - beta sum k1), kl (sum_t k1 per response), kl_coef, entropy, and
+        # ppo_update's pg_loss, value_loss, clipfrac, approx_kl; before training and every --eval-every (greedy,
+        # on --eval-data): eval_gold, eval_proxy, eval_len, eval_ended, with several files eval_gold_<file>
         local.update(score=scores.mean().item(), kl=kl1.sum(1).mean().item(),
                      reward=(scores - kl_coef * kl1.sum(1)).mean().item(),
                      entropy=((entropy.float() * mask).sum() / mask.sum().clamp(min=1)).item(),
                      response_len=mask.sum(1).mean().item(), ended=roll["ended"].float().mean().item(),
                      explained_var=explained_variance(values, returns, mask) if critic else float("nan"),
                      rollout_tok_s=mask.sum().item() / max(t_gen, 1e-9))
-        reduced = C.all_reduce_sum(torch.tensor(list(local.values()), dtype=torch.float64, device=device)) / world
-        record = {"step": step + 1, **dict(zip(local, reduced.tolist())), "kl_coef": kl_coef, "lr": lr,
+        means = {k: v / world for k, v in C.reduce_sums(local, device).items()}
+        record = {"step": step + 1, **means, "kl_coef": kl_coef, "lr": lr,
                   "update_s": time.perf_counter() - t_update, "step_s": time.perf_counter() - t0}
         if cfg.kl_target > 0:
             kl_coef = update_kl_coef(kl_coef, record["kl"], cfg.kl_target, len(idx) * world, cfg.kl_horizon)
@@ -617,16 +579,11 @@ def main(argv=None):
             C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last_step or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
-            if rank == 0:
-                train_state = {"optimizer": opts[0][1].state_dict(), "rng": C.rng_state(),
-                               "data_position": step + 1, "kl_coef": kl_coef}
-                if raw_critic is not None:
-                    train_state.update(critic=raw_critic.state_dict(), critic_optimizer=opts[1][1].state_dict())
-                if cfg.lora_rank:
-                    train_state["lora"] = M.lora_state_dict(raw_policy)
-                C.save_checkpoint(cfg.out, raw_policy, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                                  lineage=lineage + [cfg.advantage], train_state=train_state)
-            last_saved = f"{cfg.out} (step {step + 1})"
+            extra = {"kl_coef": kl_coef}
+            if raw_critic is not None:
+                extra.update(critic=raw_critic.state_dict(), critic_optimizer=critic_opt.state_dict())
+            last_saved = C.save_training(cfg, raw_policy, enc, policy_opt, step + 1, metrics,
+                                         lineage + [cfg.advantage], rank, extra)
         if stop:
             raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:

@@ -23,10 +23,10 @@ model can beat in expectation (the built-in world samples its labels from Bradle
 and how often the reward model orders held-out pairs as the gold reward does (`rm_gold_agreement`, gold ties left
 out).
 
-`score(rm, enc, prompts, responses)` is the entry point ppo.py and evaluate.py use (model.score_responses: left
-padded, read at the last column, which equals this file's right-padded, last-real-token read-out).
+evaluate.py scores responses with `common.score_responses` (left padded), ppo.py its rollouts (right padded):
+both read the value with `model.last_token_values`, as this file does.
 
-Departures: truncation follows model.truncate (prompt cut from the left, response from the right), so the score
+Departures: truncation follows common.truncate (prompt cut from the left, response from the right), so the score
 of an over-long example is read at its last kept token instead of `<|im_end|>` (counted and reported). With
 --lora-rank the scalar head is trained in full beside the adapters (a fresh head has nothing to adapt).
 
@@ -40,7 +40,7 @@ of an over-long example is read at its last kept token instead of `<|im_end|>` (
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# The loss
+# The loss: pure functions of tensors, torch and math only (this block can be copied alone)
 
 
 def bradley_terry_loss(chosen, rejected, margin=None):
@@ -109,30 +109,14 @@ def preference_accuracy(chosen, rejected):
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
 
-def rewards_at_last_token(values, mask):
-    """values (B, T) from the scalar head, mask (B, T) 1 on real tokens -> (B,) the value at each row's last
-    real token (right or left padding; a pad is never read)."""
-    return values.gather(1, M.last_token_index(mask)[:, None]).squeeze(1)
-
-
-def score(rm, enc, prompts, responses, batch_size=32):
-    """Reward-model scores (N,) fp32 for prompts (strings or message lists) and response strings: the entry point
-    ppo.py and evaluate.py use."""
-    prompts = [C.as_messages(p, "score") for p in prompts]
-    return C.score_responses(rm, enc, prompts, responses, batch_size)
-
-
 # -----------------------------------------------------------------------------
 # Data
 
 
 def tokenize_response(enc, prompt, response, seq_len):
     """prompt (message list) + response string -> (ids, truncated): ChatML up to and including the response's
-    `<|im_end|>` (the token the score is read at), cut to seq_len by model.truncate."""
-    prompt_ids, _ = C.render_chat(enc, prompt, add_generation_prompt=True)
-    full, _ = C.render_chat(enc, prompt + [{"role": "assistant", "content": response}])
-    newline = len(enc.encode_ordinary("\n"))
-    response_ids = full[len(prompt_ids):len(full) - newline]  # content + <|im_end|>, without the trailing "\n"
+    `<|im_end|>` (the token the score is read at), cut to seq_len by common.truncate."""
+    prompt_ids, response_ids = C.render_response(enc, prompt, response)
     p, r, truncated = C.truncate(prompt_ids, response_ids, seq_len)
     return p + r, truncated
 
@@ -181,7 +165,7 @@ def pair_rewards(model, ids, mask, device, cfg):
     """One forward over the concatenated (2B, T) batch -> chosen (B,), rejected (B,) rewards in fp32."""
     with C.autocast(device, cfg.dtype):
         values = model(ids.to(device))  # (2B, T); right padding with plain causal attention
-    rewards = rewards_at_last_token(values.float(), mask.to(device))  # (2B,)
+    rewards = M.last_token_values(values.float(), mask.to(device))  # (2B,)
     return rewards.chunk(2)
 
 
@@ -213,21 +197,8 @@ def load_start(cfg, device):
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    state, step = None, 0
-    if cfg.resume:
-        resumed = C.load_checkpoint(cfg.resume)
-        if "train_state" not in resumed:
-            raise M.UserError(f"{cfg.resume}: no train_state to resume from (not written by a training script?)")
-        if resumed["config"].get("head") != "scalar":
-            raise M.UserError(f"{cfg.resume}: not a reward-model checkpoint (head is not 'scalar')")
-        state, step = resumed["train_state"], resumed["step"]
-        if not cfg.lora_rank:  # full fine-tuning: the saved weights are the state; LoRA resumes its adapters
-            model.load_state_dict(resumed["model"])
-    if cfg.lora_rank:
-        M.apply_lora(model, cfg.lora_rank, cfg.lora_alpha or None, cfg.lora_dropout)
-        model.score.requires_grad_(True)  # a fresh head must be learnt in full
-        if state is not None:
-            model.load_state_dict(state["lora"], strict=False)
+    step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                    train_also=("score",))  # a fresh head must be learnt in full
     return model.to(device), enc, lineage, step, state
 
 
@@ -250,10 +221,10 @@ def main(argv=None):
     train, held, n_truncated, has_margin = load_pairs(cfg, enc)
     if not train:
         raise M.UserError(f"{cfg.data}: no training pairs left after holding out --eval-frac")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         print(f"{len(train)} train / {len(held)} held-out pairs, {n_truncated} sequences truncated, margins "
-              f"{'from the data' if has_margin else 'off'}; {model.num_params():,} params, {trainable:,} trainable")
+              f"{'from the data' if has_margin else 'off'}; {model.num_params():,} params, "
+              f"{model.num_params(trainable=True):,} trainable")
 
     model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
@@ -270,7 +241,7 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g["lr"] = lr
         idx = C.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, accuracy, margin, mean reward
+        sums = {}  # over this rank's pairs
         for j in range(cfg.grad_accum):
             batch = [train[i] for i in idx[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
             sync = j == cfg.grad_accum - 1 or world == 1
@@ -282,15 +253,17 @@ def main(argv=None):
                 if cfg.center_rewards_coef:
                     loss = loss + cfg.center_rewards_coef * center_penalty(r_c, r_r) / cfg.grad_accum
                 loss.backward()
-            sums += torch.stack([losses.detach().sum(), preference_accuracy(r_c, r_r).sum(), (r_c - r_r).detach().sum(),
-                                 (r_c + r_r).detach().sum() / 2]).double()
+            r_c, r_r = r_c.detach(), r_r.detach()
+            for k, v in (("loss", losses.detach().sum()), ("accuracy", preference_accuracy(r_c, r_r).sum()),
+                         ("margin", (r_c - r_r).sum()), ("mean_reward", (r_c + r_r).sum() / 2)):
+                sums[k] = sums.get(k, 0.0) + v.double()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss, acc, margin, mean_r = (C.all_reduce_sum(sums) / (per_rank * world)).tolist()
-        record = {"step": step + 1, "loss": loss, "accuracy": acc, "margin": margin, "mean_reward": mean_r,
-                  "lr": lr, "grad_norm": grad_norm.item(), "pairs_s": per_rank * world / (time.perf_counter() - t0)}
+        means = {k: v / (per_rank * world) for k, v in C.reduce_sums(sums, device).items()}
+        record = {"step": step + 1, **means, "lr": lr, "grad_norm": grad_norm.item(),
+                  "pairs_s": per_rank * world / (time.perf_counter() - t0)}
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
@@ -300,18 +273,11 @@ def main(argv=None):
                 record.update(gold_report(gold, f"--gold {cfg.gold}", held, held_c, held_r))
         if rank == 0:
             held_acc = record.get("eval_accuracy", metrics.get("eval_accuracy", float("nan")))  # the latest
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", eval_acc=f"{held_acc:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", eval_acc=f"{held_acc:.2f}")
             C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
-            if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
-                if cfg.lora_rank:
-                    head = {f"score.{k}": v.detach().clone() for k, v in raw.score.state_dict().items()}
-                    train_state["lora"] = {**M.lora_state_dict(raw), **head}
-                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                                  lineage=lineage + ["rm"], train_state=train_state)
-            last_saved = f"{cfg.out} (step {step + 1})"
+            last_saved = C.save_training(cfg, raw, enc, optimizer, step + 1, metrics, lineage + ["rm"], rank)
         if stop:
             raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:

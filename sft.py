@@ -35,7 +35,7 @@ raw text is cut into --seq-len windows.
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,17 +85,19 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# The loss
+# The loss: a pure function of tensors, torch and math only (this block can be copied alone)
+
+IGNORE = -100  # the target id F.cross_entropy skips
 
 
 def lm_loss_sum(logits, ids, mask):
     """Summed next-token NLL over supervised tokens and their count.
 
     logits (B, T, V), ids (B, T), mask (B, T) aligned with ids (1 = ids[t] is a target) -> (sum, count)."""
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, M.IGNORE)  # (B, T-1)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # (B, T-1)
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                          ignore_index=M.IGNORE, reduction="sum")
-    return nll, (targets != M.IGNORE).sum()
+                          ignore_index=IGNORE, reduction="sum")
+    return nll, (targets != IGNORE).sum()
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +181,8 @@ def load_start(cfg, device):
             raise M.UserError("--init trains a fresh model: use it with --format text (pre-training)")
         torch.manual_seed(cfg.seed)
         enc = C.get_tokenizer(cfg.tokenizer)
-        model, lineage = M.build_model(cfg.init, enc, max_seq_len=max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))), [f"init:{cfg.init}"]
+        max_seq_len = max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))
+        model, lineage = M.build_model(cfg.init, enc, max_seq_len=max_seq_len), [f"init:{cfg.init}"]
     else:
         model, enc, ckpt = C.load_model(cfg.model)
         lineage = ckpt.get("lineage", [])
@@ -213,7 +216,7 @@ def main(argv=None):
         n_tok = sum(int(m.sum()) for m in rows[1])
         print(f"{len(train)} train / {len(held_out)} eval examples -> {n_rows} rows of {cfg.seq_len} "
               f"({n_tok / rows[1].numel():.0%} supervised), {n_truncated} truncated; "
-              f"{model.num_params():,} params, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable")
+              f"{model.num_params():,} params, {model.num_params(trainable=True):,} trainable")
 
     model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
@@ -261,18 +264,13 @@ def main(argv=None):
             C.log_jsonl(cfg.log, record)
         metrics = {**metrics, **record}
         if last or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
-            if rank == 0:
-                train_state = {"optimizer": optimizer.state_dict(), "rng": C.rng_state(), "data_position": step + 1}
-                if cfg.lora_rank:
-                    train_state["lora"] = M.lora_state_dict(raw)
-                stage = "pretrain" if cfg.format == "text" else "sft"
-                C.save_checkpoint(cfg.out, raw, enc, step=step + 1, args=asdict(cfg), metrics=metrics,
-                                  lineage=lineage + [stage], train_state=train_state)
-            last_saved = f"{cfg.out} (step {step + 1})"
+            stage = "pretrain" if cfg.format == "text" else "sft"
+            last_saved = C.save_training(cfg, raw, enc, optimizer, step + 1, metrics, lineage + [stage], rank)
         if stop:
             raise C.Interrupted(f"saved {last_saved}; continue with --resume {cfg.out}")
     if rank == 0 and metrics:
-        eval_part = f", eval loss {metrics['eval_loss']:.4f}" if not math.isnan(metrics.get("eval_loss", float("nan"))) else ""
+        eval_loss_ = metrics.get("eval_loss", float("nan"))
+        eval_part = "" if math.isnan(eval_loss_) else f", eval loss {eval_loss_:.4f}"
         print(f"saved {cfg.out}: step {metrics['step']}, loss {metrics['loss']:.4f}{eval_part}")
 
 

@@ -36,6 +36,31 @@ def tiny_model(request, enc):
     return model
 
 
+def save_tiny(path, enc, std=None, score_std=None, preset="tiny", **overrides):
+    """A tiny random model saved as a checkpoint (seed 0): 2 layers, d_model 64 unless `overrides` say otherwise;
+    std re-draws every weight from N(0, std) (so a policy and its reference visibly differ after a step);
+    score_std gives a scalar head (head="scalar") something to read. Returns path as a string."""
+    torch.manual_seed(0)
+    model = M.build_model(preset, enc, **{"n_layer": 2, "d_model": 64, "d_ff": 128, "max_seq_len": 128, **overrides})
+    if std is not None:
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=std)
+    if score_std is not None:
+        torch.nn.init.normal_(model.score.weight, std=score_std)
+    C.save_checkpoint(str(path), model, enc)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, enc):
+    return save_tiny(tmp_path / "init.pt", enc)
+
+
+def assert_refused(script, *args, message):
+    """The script run with impossible flags: exit code 2 and one line on stderr that contains `message`."""
+    assert_one_line_error(run_script(script, *args, check=False), "", message)
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """The built-in world, generated once per test session."""

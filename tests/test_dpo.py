@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dpo
 import common as C
 import model as M
-from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, ROOT, run_script
+from conftest import (assert_one_line_error, assert_refused, save_tiny, assert_same_first_step, assert_same_training,
+                      ROOT, run_script)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 logp = st.floats(-40.0, -0.01)
@@ -197,7 +198,7 @@ def test_ipo_in_the_loop_is_trl_per_token_normalisation(rows, beta):
     """The loop divides sums by lengths before preference_loss: TRL's IPO, (c/|y_c| - r/|y_r| - 1/(2 beta))^2."""
     pc, pr, rc, rr, nc, nr = tensors(*zip(*rows))
     cfg = dpo.Config(loss="ipo", beta=beta)
-    losses, _, _ = dpo.loss_terms(cfg, None, torch.cat([pc, pr]), torch.cat([nc, nr]), torch.stack([rc, rr], 1))
+    losses, _, _ = dpo.loss_terms(cfg, torch.cat([pc, pr]), torch.cat([nc, nr]), torch.stack([rc, rr], 1))
     for i, (a, b, c, d, n1, n2) in enumerate(rows):
         want = ((a - c) / n1 - (b - d) / n2 - 1 / (2 * beta)) ** 2
         assert losses[i].item() == pytest.approx(want, rel=1e-9, abs=1e-9)
@@ -219,14 +220,8 @@ def test_sequence_logps_sums_the_masked_tokens(enc):
 
 
 @pytest.fixture
-def tiny_ckpt(tmp_path, enc):
-    torch.manual_seed(0)
-    m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
-    for p in m.parameters():  # larger than the init so that policy and reference visibly differ after a step
-        torch.nn.init.normal_(p, std=0.05)
-    path = str(tmp_path / "init.pt")
-    C.save_checkpoint(path, m, enc)
-    return path
+def tiny_ckpt(tmp_path, enc):  # larger weights than the init: policy and reference visibly differ after a step
+    return save_tiny(tmp_path / "init.pt", enc, std=0.05)
 
 
 def head(path, n, out):
@@ -460,9 +455,8 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_ckpt, kind, line, me
     (["--model", "missing.pt"], "no such checkpoint"),
 ])
 def test_impossible_flags_exit_2(tmp_path, tiny_ckpt, prefs, args, message):
-    proc = run_script("dpo.py", "--model", tiny_ckpt, "--data", prefs, "--out", str(tmp_path / "o.pt"),
-                      "--steps", "1", *args, check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert_refused("dpo.py", "--model", tiny_ckpt, "--data", prefs, "--out", str(tmp_path / "o.pt"), "--steps", "1",
+                   *args, message=message)
 
 
 def test_reward_model_is_refused_as_policy(tmp_path, tiny_ckpt, prefs):
@@ -533,7 +527,7 @@ def test_bench_dpo(toy_dir):
             else:
                 (s1, n1), (s2, n2) = (dpo.forward_logps(model, x, device, cfg, pad) for x in (chosen, rejected))
                 s, n = torch.cat([s1, s2]), torch.cat([n1, n2])
-            losses, _, _ = dpo.loss_terms(cfg, train, s, n, ref[b])
+            losses, _, _ = dpo.loss_terms(cfg, s, n, ref[b])
             losses.mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -527,6 +527,8 @@ def test_wrong_structure(tmp_path, files):
         "tokenizer None": {**good, "tokenizer": None}, "tokenizer a list": {**good, "tokenizer": ["byte"]},
         "tokenizer not a ranks file": {**good, "tokenizer": not_ranks},
         "tokenizer too big for the model": {**good, "tokenizer": "gpt2"},
+        "format unknown": {**good, "format": "int3"}, "format a list": {**good, "format": ["fp32"]},
+        "format None": {**good, "format": None},
     }
     for i, (case, ckpt) in enumerate(cases.items()):
         path = str(tmp_path / f"s{i}.pt")
@@ -535,6 +537,35 @@ def test_wrong_structure(tmp_path, files):
     attempt("wrong structure", tmp_path / "missing.pt")
     os.makedirs(tmp_path / "a-dir")
     attempt("wrong structure", tmp_path / "a-dir")
+
+
+def test_load_model_dispatches_on_the_weight_format(tmp_path, files, monkeypatch):
+    """A checkpoint's "format" picks its loader from C.WEIGHT_FORMATS: a function, or a "module:function" imported
+    only then (how quantize.py's formats plug in); an unknown format is one line naming the file and the format."""
+    ckpt = {**C.load_checkpoint(files["pt"]), "format": "toy-int4"}
+    path = str(tmp_path / "q.pt")
+    torch.save(ckpt, path)
+    with pytest.raises(M.UserError, match=r"q\.pt: weight format 'toy-int4' is not one this project reads"):
+        C.load_model(path)
+    seen = []
+    monkeypatch.setitem(C.WEIGHT_FORMATS, "toy-int4", lambda c, p, d, h: seen.append((c["format"], p, h)) or "m")
+    assert C.load_model(path, head="scalar") == "m" and seen == [("toy-int4", path, "scalar")]
+    monkeypatch.setitem(C.WEIGHT_FORMATS, "toy-int4", "common:load_dense")  # by name: the dense loader again
+    model, _, _ = C.load_model(path)
+    want = C.load_model(files["pt"])[0].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_resume_of_another_head_is_one_line(tmp_path, files):
+    """--resume of a checkpoint whose head is not the one being trained (an LM into reward.py) is refused by name,
+    before any weights are copied (a LoRA resume would otherwise load it with strict=False and a fresh head)."""
+    model = C.load_model(files["pt"], head="scalar")[0]
+    lm = C.load_checkpoint(files["pt"])
+    path = str(tmp_path / "lm-resume.pt")
+    torch.save({**lm, "step": 3, "train_state": {"optimizer": {}, "rng": {}}}, path)
+    with pytest.raises(M.UserError, match=r"lm-resume\.pt: a checkpoint with head 'lm', but this run trains a "
+                                          r"'scalar' head"):
+        C.resume_and_lora(model, path, lora_rank=4)
 
 
 # ----------------------------------------------------------------------------- the scripts, as a user runs them

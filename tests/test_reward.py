@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import common as C
 import model as M
 import reward
-from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, run_script
+from conftest import assert_one_line_error, assert_refused, assert_same_first_step, assert_same_training, run_script
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 score_values = st.floats(-20.0, 20.0)
@@ -82,7 +82,7 @@ def test_reward_is_read_at_the_last_real_token_never_a_pad(lengths, left):
         for j, t in enumerate(cols):
             values[i, t], mask[i, t] = float(10 * i + j), 1
         want.append(float(10 * i + n - 1))
-    assert reward.rewards_at_last_token(values, mask).tolist() == want
+    assert M.last_token_values(values, mask).tolist() == want
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def rm_and_enc(enc):
 
 
 def test_score_entry_point_equals_the_training_read_out(rm_and_enc):
-    """score() (left padded, model.score_responses) == the training path (right padded, last real token), and a
-    response's score does not depend on what it is batched with."""
+    """common.score_responses (left padded, evaluate.py's) == the training path (right padded, last real token), and
+    a response's score does not depend on what it is batched with."""
     rm, enc = rm_and_enc
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}], "Reverse the word 'cat'.",
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
@@ -105,8 +105,9 @@ def test_score_entry_point_equals_the_training_read_out(rm_and_enc):
              for p, r in zip(prompts, responses)]
     with torch.no_grad():
         trained_c, _ = reward.pair_rewards(rm, *reward.collate(pairs, pad), torch.device("cpu"), reward.Config())
-    scored = reward.score(rm, enc, prompts, responses)
-    alone = torch.cat([reward.score(rm, enc, [p], [r]) for p, r in zip(prompts, responses)])
+    messages = [C.as_messages(p, "t") for p in prompts]
+    scored = C.score_responses(rm, enc, messages, responses)
+    alone = torch.cat([C.score_responses(rm, enc, [p], [r]) for p, r in zip(messages, responses)])
     torch.testing.assert_close(scored, trained_c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scored, alone, rtol=1e-5, atol=1e-5)
 
@@ -131,15 +132,6 @@ def test_gold_report_ceiling_and_agreement():
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, enc):
-    torch.manual_seed(0)
-    m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
-    path = str(tmp_path / "init.pt")
-    C.save_checkpoint(path, m, enc)
-    return path
 
 
 @pytest.fixture
@@ -169,7 +161,8 @@ def test_smoke_subprocess_with_gold_ceiling(tmp_path, tiny_ckpt, toy_dir):
     assert 0.5 < last["gold_accuracy"] < 1 and 0 <= last["eval_accuracy"] <= 1 and "eval_accuracy" in records[1]
     rm, enc, ckpt = C.load_model(out)
     assert ckpt["config"]["head"] == "scalar" and ckpt["lineage"][-1] == "rm" and ckpt["step"] == 3
-    assert torch.isfinite(reward.score(rm, enc, ["What is 1 + 1?"], ["Sure! The answer is 2."])).all()
+    prompt = [{"role": "user", "content": "What is 1 + 1?"}]
+    assert torch.isfinite(C.score_responses(rm, enc, [prompt], ["Sure! The answer is 2."])).all()
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -248,9 +241,8 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_ckpt, line, message)
     (["--model", "missing.pt"], "no such checkpoint"),
 ])
 def test_impossible_flags_exit_2(tmp_path, tiny_ckpt, prefs, args, message):
-    proc = run_script("reward.py", "--model", tiny_ckpt, "--data", prefs, "--out", str(tmp_path / "o.pt"),
-                      "--steps", "1", *args, check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert_refused("reward.py", "--model", tiny_ckpt, "--data", prefs, "--out", str(tmp_path / "o.pt"),
+                   "--steps", "1", *args, message=message)
 
 
 def test_help_lists_every_field():

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import common as C
 import model as M
 import sft
-from conftest import assert_one_line_error, assert_same_first_step, assert_same_training, ROOT, run_script
+from conftest import (assert_one_line_error, assert_refused, assert_same_first_step, assert_same_training, ROOT,
+                      run_script)
 
 
 def write_chats(path, n=40, seed=0):
@@ -29,15 +30,6 @@ def write_chats(path, n=40, seed=0):
                     {"role": "assistant", "content": f"That makes {a + b + 5}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return str(path)
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path, enc):
-    torch.manual_seed(0)
-    m = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=128)
-    path = str(tmp_path / "init.pt")
-    C.save_checkpoint(path, m, enc)
-    return path
 
 
 def final_weights(path):
@@ -231,9 +223,8 @@ def test_skip_bad_lines_counts(tmp_path, tiny_ckpt):
     (["--model", "missing.pt"], "no such checkpoint"),
 ])
 def test_impossible_flags_exit_2(tmp_path, args, message):
-    proc = run_script("sft.py", *args, "--data", os.path.join(ROOT, "README.md"), "--out",
-                      str(tmp_path / "o.pt"), "--steps", "1", check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert_refused("sft.py", *args, "--data", os.path.join(ROOT, "README.md"), "--out", str(tmp_path / "o.pt"),
+                   "--steps", "1", message=message)
 
 
 def test_help_lists_every_field():
