@@ -1,7 +1,7 @@
 # make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
 # make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
 # make bench  : speed / memory benchmarks, JSON in out/bench/
-# make bench-trl: our sft.py / dpo.py vs TRL's SFTTrainer / DPOTrainer on the same model (installs trl)
+# make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
@@ -34,7 +34,7 @@ bench: .deps data
 
 bench-trl: .deps data
 	$(PY) -m pip install -q -r requirements-bench.txt
-	$(PY) -m pytest -q -m slow tests/test_bench_trl.py -s
+	$(PY) -m pytest -q -m slow tests/test_trl_parity.py tests/test_bench_trl.py -s
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

@@ -106,6 +106,15 @@ def special_id(enc, token):
     return enc.encode_single_token(token)
 
 
+def never_sampled(enc, vocab_size, stop_ids):
+    """The ids a sampler must never emit: every special token that is not one of this generation's stops, and the
+    rows of a vocabulary padded beyond the tokenizer's ids. So `<|pad|>` is never sampled (a sampled pad could not
+    be told from padding), a response never opens a turn with `<|im_start|>`, and `<|endoftext|>` ends a response
+    only where the caller makes it a stop (evaluate.py does; a chat policy in training stops at `<|im_end|>`)."""
+    specials = {special_id(enc, t) for t in SPECIAL_TOKENS} - set(stop_ids)
+    return sorted(specials) + list(range(enc.n_vocab, vocab_size))
+
+
 def render_chat(enc, messages, add_generation_prompt=False):
     """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
 
@@ -968,6 +977,24 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
         save_checkpoint(cfg.out, raw, enc, step=step, args=asdict(cfg), metrics=metrics, lineage=lineage,
                         train_state=train_state)
     return f"{cfg.out} (step {step})"
+
+
+def step_range(cfg, start_step, rank, desc):
+    """The optimiser steps this run takes, as a tqdm bar on rank 0, and the step it ends at: from start_step (0, or
+    where --resume left off) to --steps, or to --stop-at (the schedule still spans --steps)."""
+    from tqdm import tqdm
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    return tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc=desc,
+                mininterval=1.0), end
+
+
+def set_lr(step, cfg, *optimizers):
+    """The learning rate of `step` on cfg's schedule (lr_at), set on every parameter group; returns it."""
+    lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    return lr
 
 
 def lr_at(step, total, lr, warmup=0, min_ratio=0.1):

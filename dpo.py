@@ -25,7 +25,9 @@ Departures: sigmoid's label smoothing is cDPO as in the DPO reference code and T
 ignores label_smoothing in sigmoid; with e = 0 the two agree; robust is the unbiased rDPO loss either way).
 bco_pair omits BCO's running reward shift delta, as TRL's current DPOTrainer does. orpo's NLL term is each
 example's per-token mean NLL of the chosen response (the paper's L_SFT); TRL averages over all chosen tokens of
-the batch instead. A prompt is truncated from the left by the same amount for chosen and rejected (`fit`).
+the batch instead. A prompt is truncated from the left by the same amount for chosen and rejected (`fit`). A
+response is its content and `<|im_end|>` (common.render_response); TRL, templating ChatML itself, also scores the
+"\n" after `<|im_end|>`.
 
     python dpo.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/dpo.pt                  # CPU, DPO
     python dpo.py --model out/sft.pt --loss ipo --beta 0.5 --out out/ipo.pt                         # IPO
@@ -45,7 +47,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 import model as M
@@ -398,7 +399,7 @@ def evaluate_held_out(model, held, ref_held, cfg, device, pad_id, rank, world):
 
 
 @torch.no_grad()
-def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, rank=0, world=1):
+def kl_to_reference(policy, reference, prompts, cfg, enc, device, pad_id, stop_id, rank=0, world=1):
     """kl_ref: the mean over up to --kl-prompts held-out prompts of sum_t KL(pi(.|x, y_<t) || ref(.|x, y_<t))
     along a response y sampled from the policy at temperature 1, in nats per response: the exact per-token KL of
     the two distributions (as evaluate.py's kl_ref). `reference` is a model (without LoRA the loop loads it for
@@ -410,12 +411,13 @@ def kl_to_reference(policy, reference, prompts, cfg, device, pad_id, stop_id, ra
     policy.eval()
     gen = torch.Generator(device).manual_seed(cfg.seed)
     total = torch.zeros(2, device=device, dtype=torch.float64)  # KL sum, prompts
+    banned = C.never_sampled(enc, policy.cfg.vocab_size, [stop_id])
     mine = prompts[rank::world]
     for k in range(0, len(mine), cfg.batch_size):
         batch = mine[k:k + cfg.batch_size]
         with C.autocast(device, cfg.dtype):
             tokens, _, resp_mask = M.generate(policy, batch, cfg.kl_max_new_tokens, 1.0, 0, 1.0, (stop_id,), pad_id,
-                                              gen)
+                                              gen, banned)
         prompt_ids, prompt_mask = M.pad_left(batch, pad_id)
         P = prompt_ids.shape[1]
         ids = torch.cat([prompt_ids.to(device), tokens], 1)  # (B, P + N)
@@ -554,14 +556,10 @@ def main(argv=None):
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     metrics = {}
     model.train()
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc=cfg.loss,
-               mininterval=1.0)
+    bar, end = C.step_range(cfg, start_step, rank, cfg.loss)
     for step in bar:
         t0 = time.perf_counter()
-        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = C.set_lr(step, cfg, optimizer)
         idx = C.step_indices(step, len(train), n_all, mine, cfg.seed)
         z0 = kto_reference_point(raw, train, idx, ref, cfg, device, pad_id, rank, world) if cfg.loss == "kto" else None
         # Every rank holds batch_size * grad_accum examples per step, the loss is the sum of per-example losses over
@@ -607,8 +605,8 @@ def main(argv=None):
             record.update(evaluate_held_out(raw, held, ref_held, cfg, device, pad_id, rank, world))
             if cfg.kl_prompts and kl_prompts:
                 reference = raw if cfg.lora_rank else C.load_model(cfg.model, device)[0].eval()
-                record["kl_ref"] = kl_to_reference(raw, reference, kl_prompts, cfg, device, pad_id, stop_id, rank,
-                                                   world)
+                record["kl_ref"] = kl_to_reference(raw, reference, kl_prompts, cfg, enc, device, pad_id, stop_id,
+                                                   rank, world)
                 del reference
         if rank == 0:
             post = {"loss": f"{record['loss']:.3f}", "margin": f"{record['margin']:.2f}"}

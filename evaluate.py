@@ -352,13 +352,14 @@ def generate_responses(model, enc, prompts, cfg, device):
                           f"{model.cfg.max_seq_len}")
     prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
     stops = stop_ids(enc, cfg.chat_template)
+    banned = C.never_sampled(enc, model.cfg.vocab_size, stops)  # <|pad|>, <|im_start|>; a stop is never banned
     special_stops = {C.special_id(enc, "<|endoftext|>"), C.special_id(enc, "<|im_end|>")}
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same random stream for every checkpoint
     texts, responses = [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):
         with C.autocast(device, cfg.dtype):
             tokens, _, mask = M.generate(model, prompt_ids[i:i + cfg.batch_size], cfg.max_new_tokens, cfg.temperature,
-                                         cfg.top_k, cfg.top_p, stops, C.special_id(enc, "<|pad|>"), gen)
+                                         cfg.top_k, cfg.top_p, stops, C.special_id(enc, "<|pad|>"), gen, banned)
         for row, m in zip(tokens.tolist(), mask.tolist()):
             ids = [t for t, k in zip(row, m) if k]
             responses.append(ids)

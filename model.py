@@ -9,7 +9,9 @@ In reading order:
      MLP, Block, Transformer. `head="lm"` gives next-token logits, `head="scalar"` one value per position
      (reward models and PPO critics read it at the last real token).
   3. Log-probs and sampling: `token_logprobs`, `filter_logits`, `generate` (batched, left padded, KV cache),
-     which returns the sampled tokens *and* their log-probs under the sampling distribution.
+     which returns the sampled tokens *and* their log-probs under the sampling distribution. Positions count
+     real tokens only, so a left-padded row sees the positions it would alone (transformers' GPT-2 does so only
+     when given position ids from the attention mask, which TRL's training forwards do not pass).
   4. LoRA: `apply_lora`, merge / unmerge, `lora_disabled` (the reference model for free).
 
 Tokenizers, chat templates, checkpoints, data and the training plumbing are in common.py; Hugging Face
@@ -326,17 +328,21 @@ def token_logprobs(logits, ids, mask=None):
     """log p(ids[t] | ids[<t]) aligned with ids: logits (B, T, V) from a forward over ids (B, T) -> (B, T).
 
     Position 0 has no prediction and gets 0. Computed in fp32. If mask (B, T) is given the result is zero where
-    mask is 0, so `.sum(-1)` is the log-probability of the supervised tokens."""
+    mask is 0 (even where the logits make that token impossible, -inf), so `.sum(-1)` is the log-probability of
+    the supervised tokens."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     out = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     out = F.pad(out, (1, 0))  # (B, T)
-    return out if mask is None else out * mask
+    return out if mask is None else out.masked_fill(mask == 0, 0.0)
 
 
-def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """The logits a sampler draws from: divided by temperature, then top-k, then top-p (nucleus) filtered
-    with -inf. log_softmax of this is the sampling distribution; temperature 0 means greedy (no scaling)."""
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, banned=None):
+    """The logits a sampler draws from: the `banned` ids (a (V,) bool mask, e.g. from `ban_mask`) set to -inf,
+    then divided by temperature, then top-k, then top-p (nucleus) filtered with -inf. log_softmax of this is the
+    sampling distribution; temperature 0 means greedy (no scaling)."""
     logits = logits.float()
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     if temperature > 0:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -364,15 +370,25 @@ def pad_left(seqs, pad_id):
     return ids, mask
 
 
+def ban_mask(vocab_size, ids, device=None):
+    """(V,) bool mask, True at `ids`: the tokens a sampler must never emit."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[list(ids)] = True
+    return mask
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
-             generator=None):
+             generator=None, banned_ids=()):
     """Batched sampling with the KV cache. prompts: list of id lists (any lengths; left padded here).
 
     Returns (tokens, logprobs, mask), each (B, N) with N <= max_new_tokens: the sampled tokens (pad_id after a
     row stopped), their log-probs under the distribution they were drawn from (`filter_logits`), and 1 on
-    generated tokens (the stop token included). temperature=0 is greedy; its log-probs are the model's."""
+    generated tokens (the stop token included). temperature=0 is greedy. pad_id and `banned_ids` are never
+    emitted: their logits are -inf before anything else, so a sampled token is never confused with padding; a
+    trainer that scores these tokens must ban the same ids (filter_logits(..., banned=ban_mask(V, ids)))."""
     device = next(model.parameters()).device
+    banned = ban_mask(model.cfg.vocab_size, {pad_id, *banned_ids}, device)
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, P = ids.shape
@@ -382,7 +398,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+        logp = torch.log_softmax(filter_logits(logits, temperature, top_k, top_p, banned), dim=-1)  # (B, V)
         if temperature > 0:
             tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         else:

@@ -4,41 +4,41 @@ ppo.py: RLHF with PPO, and its critic-free group-relative family (GRPO, Dr. GRPO
 One loop. Each step samples responses to a batch of prompts with the KV cache (model.generate), scores them,
 turns the scores into advantages (`compute_advantages`), and takes --ppo-epochs passes of the clipped policy
 gradient (Schulman et al. 2017, Eq. 7: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi / pi_old) over
---minibatches shuffled minibatches of that rollout (`ppo_update`).
+--minibatches shuffled minibatches of that rollout (`ppo_update`). The reward: `--reward-model rm.pt` (reward.py)
+read at the response's closing `<|im_end|>` over the very ids that were sampled, or `--reward file.py:fn`, a
+verifier fn(prompt_messages, response) -> float; a response without `<|im_end|>` loses --missing-eos-penalty.
+The KL to the frozen reference (with --lora-rank the base under lora_disabled): k1 / k2 / k3 / k3_ratio
+(`kl_estimate`) in the reward or the loss (--kl-penalty), fixed or adaptive (--kl-target, `update_kl_coef`).
+--advantage ppo (GAE with a critic, `gae`), grpo / dr_grpo / rloo (`group_advantages`), reinforce_pp; --ratio per
+token, per sequence or GSPO's (`log_ratio`); --loss-type (`aggregate`): each docstring gives formula and paper.
+--eval-data is scored greedily by the gold reward (--gold) and the proxy: over-optimisation of a learned reward
+(proxy up, gold down; Gao et al. 2023) shows in the log. The sampler never emits <|pad|>, <|im_start|>,
+<|endoftext|> or ids beyond the tokenizer (common.never_sampled); the trainer's log-probs ban the same ids.
 
-Reward: `--reward-model rm.pt` (reward.py), the scalar head read at the response's closing `<|im_end|>` in one
-forward over the very token ids that were sampled; or `--reward file.py:fn`, a verifier fn(prompt_messages,
-response) -> float such as `data/toyworld.py:gold_reward`. A response that never emits `<|im_end|>` loses
---missing-eos-penalty. KL to the frozen reference (the starting checkpoint; with --lora-rank the base under
-lora_disabled, no copy): estimator k1 / k2 / k3 (`kl_estimate`), added to the reward (InstructGPT) or to the
-loss (GRPO) by --kl-penalty, its coefficient fixed or adaptive with --kl-target (`update_kl_coef`).
---advantage ppo (GAE with a learned critic, `gae`), grpo / dr_grpo / rloo (`group_advantages`) or reinforce_pp;
---loss-type, how per-token losses become one number (`aggregate`). Each function's docstring gives its formula and
-paper. Every --eval-every steps the greedy responses to --eval-data are scored by the gold reward (--gold) and the
-proxy, so over-optimisation of a learned reward model (proxy up, gold down; Gao et al. 2023) shows in the log.
+TRL 1.16 on the same weights, completions and rewards: GRPOConfig()'s defaults are --advantage grpo --group-size 8
+--loss-type dapo --ppo-epochs 1 --minibatches 1 --kl-coef 0 --missing-eos-penalty 0 (its beta > 0 adds
+--kl-penalty loss --kl-estimator k3_ratio, its use_bias_correction_kl; importance_sampling_level="sequence" is
+--ratio gspo); RLOOTrainer's are --advantage rloo --group-size 2 --ratio sequence --loss-type grpo --kl-penalty
+reward --kl-estimator k1 --ppo-epochs 1 --minibatches 1 --missing-eos-penalty 0. Our own defaults differ: auto
+picks the paper's aggregation (grpo for grpo), and 2 epochs x 2 minibatches per rollout.
 
-Implementation details that matter (Huang et al. 2024, "The N+ implementation details of RLHF with PPO" = N+;
-Huang et al. 2022, "The 37 implementation details of PPO", core list = CleanRL #): the critic is a separate
-network initialised from the reward model, its value for token t read at position t-1 (N+; CleanRL #13); dropout
-off in all four networks (N+); the score read at <|im_end|>, never a pad (N+, "EOS trick"); the KL a per-token
-reward with the score at the last token (N+); logits divided by the sampling temperature in every forward (N+);
-old log-probs recomputed by the trainer's forward (`--debug-logprobs-every N` asserts they match the sampler's);
-advantage whitening over the rollout (N+; CleanRL #7, there per minibatch); clipped value loss (#9), epochs of
-shuffled minibatches (#6), gradient-norm clipping per network (#11), Adam eps 1e-5 (#3), LR annealing (#4),
-approx_kl, clipfrac and explained variance logged (#12).
+Details that matter (Huang et al. 2024, "The N+ implementation details of RLHF with PPO" = N+; Huang et al. 2022,
+"The 37 implementation details of PPO" = CleanRL #): the critic initialised from the reward model, its value for
+token t read at position t-1 (N+; #13); dropout off in all four networks (N+); the KL a per-token reward with the
+score at the last token (N+); logits divided by the temperature in every forward (N+); old log-probs recomputed
+by the trainer (`--debug-logprobs-every N` asserts they match the sampler's); advantages whitened over the
+rollout (#7), clipped value loss (#9), shuffled minibatch epochs (#6), per-network gradient clipping (#11), Adam
+eps 1e-5 (#3), LR annealing (#4), approx_kl / clipfrac / explained_var (#12).
 
-Departures: no entropy bonus (RLHF sets it to 0); the critic is always trained in full, LoRA applies to the policy;
-no top-k / top-p in rollouts (a truncated nucleus makes a sampled token's reference log-prob -inf); under DDP each
-rank samples its own prompts and whitens / normalises over its own rollout (groups never straddle ranks), while
-loss denominators and logged metrics are summed over ranks; only rank 0 evaluates.
+Departures: no entropy bonus (RLHF sets it to 0); the critic is trained in full, LoRA applies to the policy; no
+top-k / top-p in rollouts (a truncated nucleus makes a sampled token's reference log-prob -inf); a response ends
+at <|im_end|> (TRL, templating ChatML itself, also scores the "\n" after it). Under DDP each rank samples and
+normalises its own rollout (groups never straddle ranks); loss denominators and metrics are summed over ranks.
 
     python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --out out/ppo_gold.pt \
         --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo_gold.jsonl              # CPU, verifier
-    python ppo.py --model out/sft.pt --reward-model out/rm.pt --out out/ppo.pt --log out/ppo.jsonl   # learned RM
-    python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --advantage grpo --group-size 4 \
-        --batch-size 8 --out out/grpo.pt                                                              # critic-free
+    python ppo.py --model out/sft.pt --reward-model out/rm.pt --advantage grpo --group-size 4 --out out/grpo.pt
     torchrun --nproc_per_node=2 ppo.py --model out/sft.pt --reward-model out/rm.pt                    # DDP
-    python ppo.py --resume out/ppo.pt --steps 400 ...                                                 # continue
 """
 
 import contextlib
@@ -48,7 +48,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import common as C
 import model as M
@@ -90,8 +89,9 @@ class Config:
     kl_target: float = 0.0  # adaptive beta: target KL per response in nats (0 = fixed beta)
     kl_horizon: int = 10000  # adaptive beta: the controller's horizon in sequences
     kl_penalty: str = "auto"  # reward (per-token reward) or loss (loss term); auto: loss for grpo/dr_grpo
-    kl_estimator: str = "auto"  # k1, k2 or k3; auto: k1 in the reward, k3 in the loss
+    kl_estimator: str = "auto"  # k1, k2, k3 or k3_ratio (loss only; TRL's bias-corrected KL); auto: k1 reward, k3 loss
     loss_type: str = "auto"  # grpo, bnpo, dapo or dr_grpo aggregation; auto: the variant's own
+    ratio: str = "token"  # importance ratio: token (PPO), sequence (pi(y)/pi_old(y), TRL RLOO) or gspo (GSPO)
     clip_eps: float = 0.2  # policy ratio clip range
     value_clip_eps: float = 0.2  # value clip range around the rollout's values
     gamma: float = 1.0  # discount
@@ -116,7 +116,7 @@ class Config:
 # The math: pure functions, tensor in, tensor out, torch and math only (this block can be copied alone)
 
 
-def kl_estimate(logp, ref_logp, kind="k1"):
+def kl_estimate(logp, ref_logp, kind="k1", log_rho=None):
     """Per-sample KL(pi || ref) estimators (Schulman 2020, "Approximating KL divergence") from log-probs of tokens
     drawn from pi. logp, ref_logp: same shape (e.g. (B, T)) -> same shape. With log r = ref_logp - logp:
         k1 = -log r              unbiased, can be negative
@@ -124,16 +124,27 @@ def kl_estimate(logp, ref_logp, kind="k1"):
         k3 = r - 1 - log r       unbiased and >= 0
     --kl-penalty reward adds -beta k_t to every token's reward (InstructGPT, Ouyang et al. 2022, Eq. 2; Ziegler et
     al. 2019), the default for ppo, rloo and reinforce_pp, with k1. --kl-penalty loss adds beta k_t to the per-token
-    loss (GRPO, Shao et al. 2024, Eqs. 3-4), the default for grpo and dr_grpo, with k3. As a loss, k1 has zero
-    expected gradient, k2's gradient is that of KL(pi || ref) and k3's that of KL(ref || pi) (tests/test_ppo.py
-    checks all three by exact enumeration)."""
+    loss (GRPO, Shao et al. 2024, Eqs. 3-4), the default for grpo and dr_grpo, with k3.
+
+    As a loss, with the sample y ~ pi held fixed and g = grad log pi(y): grad k1 = -g, whose expectation is 0;
+    grad k2 = (log pi - log ref) g, whose expectation E_pi[(log pi - log ref) g] = grad KL(pi || ref); grad k3 =
+    (1 - r) g, whose expectation -sum_y ref(y) grad log pi(y) = grad KL(ref || pi). So k3, unbiased as a value,
+    is as a loss the gradient of the other KL. k3_ratio = rho k3 with rho = exp(log_rho) = pi / pi_old carrying
+    gradient (TRL GRPOTrainer's use_bias_correction_kl, its default): on-policy rho = 1, so its value is k3's, but
+    grad (rho k3) = rho (k3 + 1 - r) g = (log pi - log ref) g at rho = 1, k2's gradient: an unbiased gradient of
+    KL(pi || ref). tests/test_ppo.py checks the four by exact enumeration."""
     log_r = ref_logp - logp
     if kind == "k1":
         return -log_r
     if kind == "k2":
         return 0.5 * log_r ** 2
-    if kind == "k3":
-        return torch.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy starts
+    if kind in ("k3", "k3_ratio"):
+        k3 = torch.expm1(log_r) - log_r  # expm1: exact near r = 1, where the policy starts
+        if kind == "k3":
+            return k3
+        if log_rho is None:
+            raise ValueError("k3_ratio needs log_rho, the log importance ratio log pi - log pi_old")
+        return torch.exp(log_rho) * k3
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
@@ -197,16 +208,38 @@ def group_advantages(rewards, group_size, kind, eps=1e-4):
     raise ValueError(f"unknown group advantage {kind!r}")
 
 
+def log_ratio(logp, old_logp, mask=None, level="token"):
+    """log rho (B, T), the log importance ratio of the clipped surrogate, by --ratio; d_t = logp_t - old_logp_t:
+      token     d_t, one ratio per token (PPO, Schulman et al. 2017; TRL GRPOTrainer's default)
+      sequence  sum_t d_t: log pi(y|x) / pi_old(y|x), one ratio per response (TRL RLOOTrainer's)
+      gspo      sum_t d_t / |y|: the geometric mean of the token ratios (GSPO, Zheng et al. 2025, "Group Sequence
+                Policy Optimization", Eq. 7; TRL GRPOTrainer's importance_sampling_level="sequence")
+    A response's value is broadcast to all its tokens (so clipping acts per sequence, and the gradient of one
+    response's ratio reaches every one of its tokens); mask (B, T) marks the response tokens. For a one-token
+    response all three are the same."""
+    d = logp - old_logp.detach()
+    if level == "token":
+        return d
+    m = mask.to(d.dtype)
+    total = (d * m).sum(1, keepdim=True)  # (B, 1)
+    if level == "gspo":
+        total = total / m.sum(1, keepdim=True).clamp(min=1)
+    elif level != "sequence":
+        raise ValueError(f"unknown ratio level {level!r}")
+    return total.expand_as(d)
+
+
 def ppo_losses(logp, old_logp, advantages, clip_eps, values=None, old_values=None, returns=None,
-               value_clip_eps=0.2):
+               value_clip_eps=0.2, mask=None, level="token"):
     """Per-token PPO losses (Schulman et al. 2017, Eq. 7; value clipping as in CleanRL / TRL), unreduced.
 
     logp (B, T) under the current policy (with grad), old_logp (B, T) at sampling time, advantages (B, T);
     optional values (B, T) of the current critic, old_values and returns (B, T) from the rollout.
-    -> pg_loss (B, T) = max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = exp(logp - old_logp);
+    -> pg_loss (B, T) = max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = exp(`log_ratio`(logp, old_logp, mask,
+       level)), per token by default;
        value_loss (B, T) = 0.5 max((V - R)^2, (V_old + clip(V - V_old, +-eps_v) - R)^2), or None;
        clipped (B, T) bool, where the clipped term is the active one (no gradient flows there)."""
-    rho = torch.exp(logp - old_logp.detach())
+    rho = torch.exp(log_ratio(logp, old_logp, mask, level))
     unclipped = -advantages * rho
     clipped_obj = -advantages * rho.clamp(1 - clip_eps, 1 + clip_eps)
     pg_loss = torch.maximum(unclipped, clipped_obj)
@@ -261,12 +294,14 @@ def explained_variance(pred, target, mask):
 # Data, rewards and rollouts
 
 
-def response_logprobs(model, seq, attn, P, temperature, with_entropy=False):
+def response_logprobs(model, seq, attn, P, temperature, with_entropy=False, banned=None):
     """The trainer's side of the sampler/trainer contract: log-probs (B, N) of the response tokens seq[:, P:]
-    under filter_logits(model(seq), temperature), from one forward over [left-padded prompt | response] with
-    attention_mask attn (B, P + N). with_entropy: also each position's entropy (B, N) (no grad), else None."""
-    logits = M.filter_logits(model(seq, attention_mask=attn)[:, P - 1:], temperature)  # (B, N + 1, V)
-    logp = M.token_logprobs(logits, seq[:, P - 1:])[:, 1:]  # (B, N): token P+t given everything before it
+    under filter_logits(model(seq), temperature, banned=banned), the distribution `sample` drew them from, from one
+    forward over [left-padded prompt | response] with attention_mask attn (B, P + N). with_entropy: also each
+    position's entropy (B, N) (no grad), else None."""
+    logits = M.filter_logits(model(seq, attention_mask=attn)[:, P - 1:], temperature, banned=banned)  # (B, N+1, V)
+    logp = M.token_logprobs(logits, seq[:, P - 1:], attn[:, P - 1:])[:, 1:]  # (B, N): token P+t given all before
+    # it, 0 at the pads after a row stopped (a pad is banned: its log-prob is -inf, never read)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
@@ -292,17 +327,21 @@ def score(seq, attn, texts, messages, rm, fn, spec, indices):
 
 @torch.no_grad()
 def sample(model, prompt_ids, cfg, enc, device, temperature, gen=None):
-    """Batched KV-cache sampling -> dict of seq, attn (B, P+N), tokens, logp, mask (B, N), P, texts, ended."""
+    """Batched KV-cache sampling -> dict of seq, attn (B, P+N), tokens, logp, mask (B, N), P, texts, ended and
+    banned, the (V,) mask of ids never sampled (common.never_sampled: <|pad|>, <|im_start|>, <|endoftext|>, ids
+    beyond the tokenizer), which the trainer's log-probs exclude too."""
     stop, pad = C.special_id(enc, "<|im_end|>"), C.special_id(enc, "<|pad|>")
+    banned_ids = C.never_sampled(enc, model.cfg.vocab_size, [stop])
     with C.autocast(device, cfg.dtype):
         tokens, logp, gen_mask = M.generate(model, prompt_ids, cfg.max_new_tokens, temperature, 0, 1.0, [stop], pad,
-                                            gen)
+                                            gen, banned_ids)
     p_ids, p_mask = M.pad_left(prompt_ids, pad)
     seq = torch.cat([p_ids.to(device), tokens], 1)  # (B, P + N)
     attn = torch.cat([p_mask.to(device), gen_mask], 1)  # (B, P + N)
     ended = ((tokens == stop) & gen_mask.bool()).any(1)
     return dict(seq=seq, attn=attn, tokens=tokens, logp=logp.float(), mask=gen_mask.float(), P=p_ids.shape[1],
-                texts=decode(enc, tokens, gen_mask, stop), ended=ended)
+                texts=decode(enc, tokens, gen_mask, stop), ended=ended,
+                banned=M.ban_mask(model.cfg.vocab_size, banned_ids, device))
 
 
 @torch.no_grad()
@@ -359,7 +398,11 @@ def check_flags(cfg):
     if cfg.loss_type == "auto":
         cfg.loss_type = {"grpo": "grpo", "dr_grpo": "dr_grpo"}.get(cfg.advantage, "dapo")
     choose("kl-penalty", cfg.kl_penalty, ("reward", "loss", "auto"))
-    choose("kl-estimator", cfg.kl_estimator, ("k1", "k2", "k3", "auto"))
+    choose("kl-estimator", cfg.kl_estimator, ("k1", "k2", "k3", "k3_ratio", "auto"))
+    choose("ratio", cfg.ratio, ("token", "sequence", "gspo"))
+    if cfg.kl_estimator == "k3_ratio" and cfg.kl_penalty != "loss":
+        raise M.UserError("--kl-estimator k3_ratio weights the KL loss by the importance ratio: use it with "
+                          "--kl-penalty loss (in the reward the ratio is 1 and carries no gradient)")
     choose("loss-type", cfg.loss_type, ("grpo", "bnpo", "dapo", "dr_grpo", "auto"))
     if cfg.gold == "auto":
         default = os.path.join(HERE, "data", "toyworld.py")
@@ -432,18 +475,21 @@ def ppo_update(cfg, policy, critic, opts, roll, kl_coef, world, shuffle):
                         for m in (policy, critic) if critic is not None else (policy,):
                             stack.enter_context(m.no_sync())
                     with C.autocast(seq.device, cfg.dtype):
-                        logp = response_logprobs(policy, seq[b], attn[b], P, cfg.temperature)[0].float()
+                        logp = response_logprobs(policy, seq[b], attn[b], P, cfg.temperature,
+                                                 banned=roll["banned"])[0].float()
                         vpred = critic(seq[b], attention_mask=attn[b])[:, P - 1:-1].float() if critic else None
                     old_v, ret = (roll["values"][b], roll["returns"][b]) if critic else (None, None)
-                    pg, vf, clipped = ppo_losses(logp, roll["old_logp"][b], roll["advantages"][b], cfg.clip_eps,
-                                                 vpred, old_v, ret, cfg.value_clip_eps)
+                    old_logp = roll["old_logp"][b]
+                    pg, vf, clipped = ppo_losses(logp, old_logp, roll["advantages"][b], cfg.clip_eps, vpred, old_v,
+                                                 ret, cfg.value_clip_eps, mask[b], cfg.ratio)
                     if cfg.kl_penalty == "loss":
-                        pg = pg + kl_coef * kl_estimate(logp, roll["ref_logp"][b], cfg.kl_estimator)
+                        log_rho = log_ratio(logp, old_logp, mask[b], cfg.ratio)  # k3_ratio's weight
+                        pg = pg + kl_coef * kl_estimate(logp, roll["ref_logp"][b], cfg.kl_estimator, log_rho)
                     loss = aggregate(pg, mask[b], cfg.loss_type, cfg.max_new_tokens, n_seqs, n_tok)
                     if vf is not None:
                         loss = loss + aggregate(vf, mask[b], "dapo", n_seqs=n_seqs, n_tokens=n_tok)
                     (loss * world).backward()  # DDP averages gradients over ranks; * world undoes that
-                log_rho = logp.detach() - roll["old_logp"][b]
+                log_rho = logp.detach() - old_logp  # the per-token ratio, whatever --ratio clips
                 for k, v in (("pg_loss", pg), ("value_loss", vf), ("clipfrac", clipped.float()),
                              ("approx_kl", torch.expm1(log_rho) - log_rho)):  # CleanRL #12
                     sums[k] += aggregate(v.detach(), mask[b], "dapo", n_tokens=n_tok).item() if v is not None else 0.0
@@ -513,15 +559,10 @@ def main(argv=None):
     metrics = {f"{k}_start": v for k, v in before.items()}
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps,
-               desc=cfg.advantage, mininterval=1.0)
+    bar, end = C.step_range(cfg, start_step, rank, cfg.advantage)
     for step in bar:
         t0 = time.perf_counter()
-        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)  # CleanRL #4
-        for _, opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = lr
+        lr = C.set_lr(step, cfg, *(opt for _, opt in opts))  # CleanRL #4
 
         # --- rollout: sample, then score it and compute what the update needs once, with the policy as sampled
         idx = [i for i in C.step_indices(step, len(prompts), cfg.batch_size * world, mine, cfg.seed)
@@ -533,9 +574,10 @@ def main(argv=None):
         seq, attn, mask, P = roll["seq"], roll["attn"], roll["mask"], roll["P"]
         t_gen = time.perf_counter() - t0
         with torch.no_grad(), C.autocast(device, cfg.dtype):
-            old_logp, entropy = response_logprobs(raw_policy, seq, attn, P, cfg.temperature, with_entropy=True)
+            old_logp, entropy = response_logprobs(raw_policy, seq, attn, P, cfg.temperature, True, roll["banned"])
             with M.lora_disabled(raw_policy) if ref is None else contextlib.nullcontext():
-                ref_logp = response_logprobs(ref if ref is not None else raw_policy, seq, attn, P, cfg.temperature)[0]
+                ref_logp = response_logprobs(ref if ref is not None else raw_policy, seq, attn, P, cfg.temperature,
+                                             banned=roll["banned"])[0]
             values = raw_critic(seq, attention_mask=attn)[:, P - 1:-1].float() * mask if critic else None
             scores = score(seq, attn, roll["texts"], [prompts[i] for i in idx], rm, fn, cfg.reward, idx)
         if cfg.debug_logprobs_every and step % cfg.debug_logprobs_every == 0:
@@ -545,7 +587,8 @@ def main(argv=None):
         old_logp, ref_logp = old_logp.float(), ref_logp.float()
         scores = scores - cfg.missing_eos_penalty * (~roll["ended"]).float()
         kl1 = kl_estimate(old_logp, ref_logp, "k1") * mask  # (B, N): the KL that is logged
-        kl_penalty = kl_coef * kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask * (cfg.kl_penalty == "reward")
+        kl_penalty = (kl_coef * kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
+                      if cfg.kl_penalty == "reward" else torch.zeros_like(mask))
         advantages, returns = compute_advantages(cfg, whiten(scores) if cfg.whiten_rewards else scores, kl_penalty,
                                                  values, mask)
         roll.update(old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns)

@@ -28,7 +28,8 @@ both read the value with `model.last_token_values`, as this file does.
 
 Departures: truncation follows common.truncate (prompt cut from the left, response from the right), so the score
 of an over-long example is read at its last kept token instead of `<|im_end|>` (counted and reported). With
---lora-rank the scalar head is trained in full beside the adapters (a fresh head has nothing to adapt).
+--lora-rank the scalar head is trained in full beside the adapters (a fresh head has nothing to adapt). The score
+is read at `<|im_end|>`; TRL's RewardTrainer, templating ChatML itself, reads it at the "\n" after it.
 
     python reward.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/rm.pt \\
         --gold data/toyworld.py:gold_reward                                          # CPU
@@ -44,7 +45,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 import model as M
@@ -232,14 +232,10 @@ def main(argv=None):
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     metrics = {}
     model.train()
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc="reward",
-               mininterval=1.0)
+    bar, end = C.step_range(cfg, start_step, rank, "reward")
     for step in bar:
         t0 = time.perf_counter()
-        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = C.set_lr(step, cfg, optimizer)
         idx = C.step_indices(step, len(train), per_rank * world, mine, cfg.seed)
         sums = {}  # over this rank's pairs
         for j in range(cfg.grad_accum):

@@ -22,7 +22,8 @@ decay, gradient clipping, bf16 autocast on GPU, optional torch.compile, LoRA (`-
 checkpointing.
 
 Truncation: an example longer than --seq-len keeps its first --seq-len tokens (counted and reported);
-raw text is cut into --seq-len windows.
+raw text is cut into --seq-len windows. Departure from TRL: the "\n" after each `<|im_end|>` is template, never
+supervised (TRL's assistant-only mask comes from the chat template's generation markers, which may include it).
 
     python sft.py --format text --init tiny --data data/toy/pretrain.txt --out out/base.pt       # CPU
     python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt                 # CPU
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common as C
 import model as M
@@ -224,14 +224,10 @@ def main(argv=None):
     mine = slice(rank * cfg.batch_size * cfg.grad_accum, (rank + 1) * cfg.batch_size * cfg.grad_accum)
     metrics = {}
     model.train()
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    bar = tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc="sft",
-               mininterval=1.0)
+    bar, end = C.step_range(cfg, start_step, rank, "sft")
     for step in bar:
         t0 = time.perf_counter()
-        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = C.set_lr(step, cfg, optimizer)
         idx = C.step_indices(step, n_rows, rows_per_step, mine, cfg.seed)
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         # the step's total number of supervised tokens, over micro-batches and ranks: the loss denominator

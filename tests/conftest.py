@@ -61,6 +61,21 @@ def assert_refused(script, *args, message):
     assert_one_line_error(run_script(script, *args, check=False), "", message)
 
 
+def hf_tokenizer(enc):
+    """A transformers tokenizer for TRL's bookkeeping (pad / eos ids): a word-level vocabulary over our ids. TRL
+    gets our token ids, never text, so it never encodes with it. (transformers and tokenizers: bench only.)"""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    vocab = {f"<{i}>": i for i in range(enc.n_vocab)}
+    for name in C.SPECIAL_TOKENS:
+        vocab[name] = C.special_id(enc, name)
+        vocab.pop(f"<{C.special_id(enc, name)}>", None)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<|pad|>")))
+    tok.pad_token, tok.eos_token = "<|pad|>", "<|im_end|>"
+    return tok
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     """The built-in world, generated once per test session."""

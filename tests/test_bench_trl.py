@@ -28,27 +28,13 @@ import formats
 import model as M
 import sft
 import dpo
-from conftest import ROOT
+from conftest import ROOT, hf_tokenizer
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 BATCH, SEQ_LEN, LR, WARMUP = 16, 256, 1e-4, 2
-
-
-def hf_tokenizer(enc):
-    """A transformers tokenizer for TRL's bookkeeping (pad/eos ids): a word-level vocabulary over our byte ids.
-    The data reaches TRL already tokenised, so it never encodes text with it."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    vocab = {f"<{i}>": i for i in range(enc.n_vocab)}
-    for name in C.SPECIAL_TOKENS:
-        vocab[name] = C.special_id(enc, name)
-        vocab.pop(f"<{C.special_id(enc, name)}>", None)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<|pad|>")))
-    tok.pad_token, tok.eos_token = "<|pad|>", "<|im_end|>"
-    return tok
 
 
 def make_models(tmp, preset):

@@ -161,6 +161,65 @@ def test_kl_estimators_as_losses_have_the_known_gradients():
     torch.testing.assert_close(expected_grad("k2"), grad(reverse_kl))
     torch.testing.assert_close(expected_grad("k3"), grad(forward_kl))
 
+    # k3_ratio: k3 times the importance ratio pi / pi_old, which carries gradient; on-policy (pi_old = pi) its value
+    # is k3's, and its expected gradient is KL(pi || ref)'s (k2's), the stated formula (log pi - log ref) grad log pi
+    def k3_ratio(theta_now):
+        logp = torch.log_softmax(theta_now, -1)
+        return ppo.kl_estimate(logp, ref_logp, "k3_ratio", log_rho=logp - logp.detach())
+
+    logp = torch.log_softmax(theta, -1)
+    torch.testing.assert_close(k3_ratio(theta), ppo.kl_estimate(logp, ref_logp, "k3"), atol=0, rtol=0)
+    expected = grad(lambda: (logp.exp().detach() * k3_ratio(theta)).sum())
+    torch.testing.assert_close(expected, grad(reverse_kl))
+    per_sample = torch.stack([torch.autograd.grad(k3_ratio(theta)[x], theta)[0] for x in range(5)])
+    score = torch.stack([torch.autograd.grad(torch.log_softmax(theta, -1)[x], theta)[0] for x in range(5)])
+    torch.testing.assert_close(per_sample, (logp - ref_logp).detach()[:, None] * score)  # every sample, not only
+    with pytest.raises(ValueError, match="log_rho"):
+        ppo.kl_estimate(logp, ref_logp, "k3_ratio")
+
+
+@FAST
+@given(st.data(), st.integers(1, 4), st.integers(1, 7))
+def test_sequence_and_gspo_ratios_equal_their_formulas(data, B, T):
+    """log_ratio by level, against direct per-row formulas: token d_t; sequence sum_t d_t; gspo sum_t d_t / |y|;
+    one value per response broadcast to its tokens; all three the same for one-token responses."""
+    floats = st.floats(-3, 0, allow_nan=False)
+    lengths = data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+    logp = torch.tensor(data.draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B, max_size=B)),
+                        dtype=torch.float64)
+    old = torch.tensor(data.draw(st.lists(st.lists(floats, min_size=T, max_size=T), min_size=B, max_size=B)),
+                       dtype=torch.float64)
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths], dtype=torch.float64)
+    token, seq, gspo = (ppo.log_ratio(logp, old, mask, level) for level in ("token", "sequence", "gspo"))
+    assert torch.equal(token, logp - old)
+    for i, n in enumerate(lengths):
+        d = [logp[i, t].item() - old[i, t].item() for t in range(n)]
+        assert seq[i].tolist() == pytest.approx([sum(d)] * T, abs=1e-12)
+        assert gspo[i].tolist() == pytest.approx([sum(d) / n] * T, abs=1e-12)
+    ones = torch.ones(B, 1, dtype=torch.float64)
+    first = [ppo.log_ratio(logp[:, :1], old[:, :1], ones, level) for level in ("token", "sequence", "gspo")]
+    assert torch.equal(first[0], first[1]) and torch.allclose(first[0], first[2], atol=0, rtol=0)
+
+
+def test_sequence_ratio_clips_whole_sequences():
+    """With a sequence ratio, a response whose ratio leaves [1 - eps, 1 + eps] on the side its advantage pushes is
+    clipped at every token, and none of its tokens gets gradient; the other response keeps all of its gradient,
+    though its own tokens' ratios would be clipped one by one."""
+    eps = 0.2
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    # row 0: token ratios 1.5, 1.0, 1.0 (sequence ratio 1.5 > 1.2, clipped with A > 0)
+    # row 1: token ratios 1.5, 0.7, 1.0 (sequence ratio 1.05, inside, though tokens 0 and 1 are outside)
+    logp = torch.log(torch.tensor([[1.5, 1.0, 1.0], [1.5, 0.7, 1.0]], dtype=torch.float64)).requires_grad_()
+    adv, mask = torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    pg, _, clipped = ppo.ppo_losses(logp, old, adv, eps, mask=mask, level="sequence")
+    (g,) = torch.autograd.grad(pg.sum(), logp)
+    assert clipped.tolist() == [[True] * 3, [False] * 3]
+    assert (g[0] == 0).all() and (g[1] != 0).all()
+    assert pg.detach()[0].tolist() == pytest.approx([-1.2] * 3)
+    assert pg.detach()[1].tolist() == pytest.approx([-1.05] * 3)
+    _, _, token_clipped = ppo.ppo_losses(logp, old, adv, eps, mask=mask, level="token")
+    assert token_clipped.tolist() == [[True, False, False], [True, False, False]]
+
 
 # ----------------------------------------------------------------------------- the policy-gradient estimate
 
@@ -313,7 +372,8 @@ def test_sampler_logprobs_equal_trainer_forward(tiny_model, enc):
         gen = torch.Generator().manual_seed(0)
         r = ppo.sample(tiny_model, prompts, cfg, enc, torch.device("cpu"), temperature, gen)
         with torch.no_grad():
-            logp, entropy = ppo.response_logprobs(tiny_model, r["seq"], r["attn"], r["P"], temperature, True)
+            logp, entropy = ppo.response_logprobs(tiny_model, r["seq"], r["attn"], r["P"], temperature, True,
+                                                  r["banned"])
         assert ((logp - r["logp"]).abs() * r["mask"]).max() < 1e-4 and (entropy >= 0).all()
     # rows that stop early (right padding after the stop token): a frequent stop set makes lengths differ
     pad = C.special_id(enc, "<|pad|>")
@@ -322,8 +382,42 @@ def test_sampler_logprobs_equal_trainer_forward(tiny_model, enc):
     p_ids, p_mask = M.pad_left(prompts, pad)
     seq, attn = torch.cat([p_ids, tokens], 1), torch.cat([p_mask, mask], 1)
     with torch.no_grad():
-        logp, _ = ppo.response_logprobs(tiny_model, seq, attn, p_ids.shape[1], 1.0)
+        logp, _ = ppo.response_logprobs(tiny_model, seq, attn, p_ids.shape[1], 1.0,
+                                        banned=M.ban_mask(tiny_model.cfg.vocab_size, [pad]))  # generate bans pad_id
     assert ((logp - slogp).abs() * mask).max() < 1e-4
+
+
+def test_pad_is_never_sampled_and_the_trainer_scores_the_same_distribution(tiny_model, enc):
+    """A model whose logits put (almost) all mass on <|pad|> and <|im_start|>: the sampler never emits them (nor
+    any id of common.never_sampled), greedy or at temperature 1, and the trainer's log-probs of what was sampled,
+    with the same ban, still equal the sampler's."""
+    pad, start = C.special_id(enc, "<|pad|>"), C.special_id(enc, "<|im_start|>")
+    forward = tiny_model.forward
+
+    def loves_pad(*args, **kwargs):
+        logits = forward(*args, **kwargs).clone()
+        logits[..., pad] += 30.0
+        logits[..., start] += 25.0
+        return logits
+
+    tiny_model.forward = loves_pad
+    prompts = [C.render_chat(enc, [{"role": "user", "content": c}], add_generation_prompt=True)[0]
+               for c in ("What is 2 + 3?", "Hi")]
+    cfg = ppo.Config(max_new_tokens=12, dtype="fp32")
+    banned = set(C.never_sampled(enc, tiny_model.cfg.vocab_size, [C.special_id(enc, "<|im_end|>")]))
+    assert {pad, start, C.special_id(enc, "<|endoftext|>")} <= banned
+    for temperature in (1.0, 0.0):
+        gen = torch.Generator().manual_seed(0)
+        r = ppo.sample(tiny_model, prompts, cfg, enc, torch.device("cpu"), temperature, gen)
+        sampled = {t for row, m in zip(r["tokens"].tolist(), r["mask"].tolist()) for t, k in zip(row, m) if k}
+        assert sampled and not sampled & banned, sampled & banned
+        if temperature > 0:
+            with torch.no_grad():
+                logp, _ = ppo.response_logprobs(tiny_model, r["seq"], r["attn"], r["P"], temperature,
+                                                banned=r["banned"])
+            assert ((logp - r["logp"]).abs() * r["mask"]).max() < 1e-4
+    tokens, _, mask = M.generate(tiny_model, prompts, 12, 1.0, pad_id=pad, generator=torch.Generator().manual_seed(0))
+    assert not ((tokens == pad) & mask.bool()).any()  # pad_id is banned even when the caller bans nothing else
 
 
 # ----------------------------------------------------------------------------- the script
@@ -355,6 +449,9 @@ def smoke_args(toy_dir, policy, out, log, *extra):
     ("dr_grpo", ["--reward", "data/toyworld.py:gold_reward", "--group-size", "2"]),
     ("rloo", ["--reward-model", "RM", "--group-size", "2", "--lora-rank", "2"]),
     ("reinforce_pp", ["--reward", "data/toyworld.py:gold_reward", "--group-size", "2", "--grad-accum", "2"]),
+    ("grpo", ["--reward", "data/toyworld.py:gold_reward", "--group-size", "2", "--ratio", "gspo",
+              "--kl-estimator", "k3_ratio", "--ppo-epochs", "2"]),
+    ("rloo", ["--reward", "data/toyworld.py:gold_reward", "--group-size", "2", "--ratio", "sequence"]),
 ])
 def test_script_smoke(toy_dir, tiny_ckpts, tmp_path, advantage, extra):
     out, log = str(tmp_path / "out.pt"), str(tmp_path / "log.jsonl")
@@ -414,6 +511,8 @@ def test_help_lists_every_field():
     (["--reward", "data/toyworld.py:gold_reward", "--advantage", "grpo"], "--group-size"),
     (["--reward", "data/toyworld.py:gold_reward", "--advantage", "a2c"], "--advantage"),
     (["--reward", "data/toyworld.py:gold_reward", "--minibatches", "3"], "minibatches"),
+    (["--reward", "data/toyworld.py:gold_reward", "--ratio", "seq"], "--ratio"),
+    (["--reward", "data/toyworld.py:gold_reward", "--kl-estimator", "k3_ratio"], "--kl-penalty loss"),
 ])
 def test_bad_flags_exit_2(toy_dir, tiny_ckpts, tmp_path, extra, message):
     proc = run_script(*smoke_args(toy_dir, tiny_ckpts[0], str(tmp_path / "o.pt"), str(tmp_path / "l.jsonl"), *extra),
