@@ -5,6 +5,8 @@ export_hf, so a script that never meets a Hugging Face directory never reads thi
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
   any arithmetic on its sizes), `export_hf` (a directory `transformers.AutoModelForCausalLM` loads).
+  GGUF (llama.cpp): `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1); turning
+  them into a model (config, tokenizer) is not wired into load_model yet.
 """
 
 import dataclasses
@@ -256,3 +258,144 @@ def export_hf(model, enc, out_dir):
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(_safetensors_bytes(hf)))
     for name, obj in [("config.json", hc), ("tokenizer.json.posttrain", {"tokenizer": enc.name})]:
         atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, indent=1).encode()))
+
+
+# -----------------------------------------------------------------------------
+# GGUF (llama.cpp's single-file format), read with numpy and struct: a header (magic b"GGUF", version, tensor and
+# metadata counts), typed key-value metadata, tensor infos (name, dims innermost first, type, offset), then the
+# tensor data, aligned to general.alignment (32). Quantised types are blocks of 32 weights sharing a scale.
+
+GGUF_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+# ggml type id -> (name, weights per block, bytes per block); other types are refused by name
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              8: ("Q8_0", 32, 34)}
+GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
+              15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+              22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+              34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+GGUF_MAX_COUNT = 1 << 24  # tensors, metadata keys or array items: far above any real file; beyond it, a lying header
+
+
+def dequantize(raw, type_id, n):
+    """n weights of ggml type type_id from their bytes (a numpy uint8 array) -> float32 (n,).
+      F32, F16, BF16  the values themselves
+      Q8_0   blocks of 32: a float16 scale d, 32 int8 q;              w = d q
+      Q4_0   blocks of 32: d, 16 bytes of two 4-bit q (low nibbles are weights 0-15, high nibbles 16-31);
+             w = d (q - 8)
+      Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m"""
+    import numpy as np
+    name = GGML_TYPES[type_id][0]
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(n // 32, GGML_TYPES[type_id][2])
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n_blocks, 1)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
+    q = blocks[:, -16:]
+    q = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return (d * q + m).reshape(-1)
+
+
+class _Bytes:
+    """A cursor over a file's bytes whose every read is bounds-checked: a lying count or a cut file is a
+    UserError naming the file and the offset, never a struct.error or an allocation of the claimed size."""
+
+    def __init__(self, data, path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n, what):
+        if n < 0 or self.pos + n > len(self.data):
+            raise UserError(f"{self.path}: truncated GGUF: {what} at byte {self.pos} needs {n} bytes, the file "
+                            f"has {len(self.data) - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt, what):
+        import struct
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what):
+        n = self.scalar("<Q", what)
+        if n > GGUF_MAX_COUNT:
+            raise UserError(f"{self.path}: not a usable GGUF: {what} is {n}, beyond any real file")
+        return n
+
+    def string(self, what):
+        raw = bytes(self.take(self.count(what + " length"), what))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path}: GGUF {what} is not UTF-8 text")
+
+    def value(self, vtype, what, depth=0):
+        if vtype in GGUF_VALUE:
+            return self.scalar(GGUF_VALUE[vtype], what)
+        if vtype == GGUF_STRING:
+            return self.string(what)
+        if vtype == GGUF_ARRAY and depth == 0:
+            item = self.scalar("<I", what + " item type")
+            return [self.value(item, what, 1) for _ in range(self.count(what + " array length"))]
+        raise UserError(f"{self.path}: GGUF {what} has value type {vtype}, not one the format defines")
+
+
+def read_gguf(path):
+    """A GGUF file -> (metadata {key: value}, tensors {name: float32 numpy array in numpy's dim order}).
+
+    Every count, offset and size is checked against the file before it is used; a tensor type we do not read is
+    refused by name, with the types we do."""
+    import numpy as np
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    r = _Bytes(data, path)
+    if bytes(r.take(4, "magic")) != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (bad magic {bytes(data[:4])!r}, expected b'GGUF')")
+    version = r.scalar("<I", "version")
+    if version not in (2, 3):
+        raise UserError(f"{path}: GGUF version {version}; this reader knows versions 2 and 3")
+    n_tensors, n_kv = r.count("tensor count"), r.count("metadata count")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string("metadata key")
+        meta[key] = r.value(r.scalar("<I", f"type of {key}"), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string("tensor name")
+        n_dims = r.scalar("<I", f"{name} dims")
+        if not 1 <= n_dims <= 4:
+            raise UserError(f"{path}: GGUF tensor {name} has {n_dims} dimensions (1 to 4 expected)")
+        dims = [r.scalar("<Q", f"{name} size") for _ in range(n_dims)]
+        type_id, offset = r.scalar("<I", f"{name} type"), r.scalar("<Q", f"{name} offset")
+        infos.append((name, dims, type_id, offset))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise UserError(f"{path}: GGUF general.alignment {_show(align)} is not a power of two")
+    start = -(-r.pos // align) * align
+    tensors = {}
+    for name, dims, type_id, offset in infos:
+        if type_id not in GGML_TYPES:
+            kind = GGML_NAMES.get(type_id, f"type id {type_id}")
+            raise UserError(f"{path}: tensor {name} is {kind}, a GGUF type this reader does not dequantise (it reads "
+                            f"{', '.join(t[0] for t in GGML_TYPES.values())})")
+        _, per_block, block_bytes = GGML_TYPES[type_id]
+        n = 1
+        for d in dims:
+            n *= d
+        if n == 0 or n % per_block or n > SIZE_LIMITS["vocab_size"] * SIZE_LIMITS["d_model"]:
+            raise UserError(f"{path}: GGUF tensor {name} of shape {dims} cannot hold {GGML_TYPES[type_id][0]} "
+                            f"blocks of {per_block}")
+        size = n // per_block * block_bytes
+        if start + offset + size > len(data):
+            raise UserError(f"{path}: truncated GGUF: tensor {name} needs bytes {start + offset} to "
+                            f"{start + offset + size}, the file has {len(data)}")
+        raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=start + offset)
+        tensors[name] = dequantize(raw, type_id, n).reshape(dims[::-1])
+    return meta, tensors
