@@ -91,6 +91,9 @@ def get_tokenizer(spec="byte"):
         ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,256}"
     elif spec == "gpt2":
         ranks, pattern = read_ranks(os.path.join(HERE, "data", "gpt2.tiktoken")), GPT2_PATTERN
+    elif spec.endswith(".gguf") and os.path.isfile(spec):
+        import formats  # a GGUF file carries its own vocabulary and special tokens
+        return formats.gguf_encoding(spec)
     elif os.path.isfile(spec):
         ranks, pattern = read_ranks(spec), CL100K_PATTERN
     else:
@@ -346,8 +349,8 @@ def load_checkpoint(path):
         raise UserError(f"{path}: empty file (0 bytes), not a checkpoint")
     # llama.cpp's format: b"GGUF", then a uint32 version. torch.load would call it corrupt or a pickle
     if magic[:4] == b"GGUF":
-        raise UserError(f"{path}: a GGUF file (llama.cpp); reading GGUF is not implemented yet: load the model's "
-                        "Hugging Face directory or .safetensors instead")
+        import formats
+        return formats.load_gguf(path)
     if path.endswith(".gguf"):
         raise UserError(f"{path}: not a GGUF file (bad magic {magic[:4]!r}, expected b'GGUF')")
     if path.endswith(".safetensors"):

@@ -5,15 +5,18 @@ export_hf, so a script that never meets a Hugging Face directory never reads thi
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
   any arithmetic on its sizes), `export_hf` (a directory `transformers.AutoModelForCausalLM` loads).
-  GGUF (llama.cpp): `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1); turning
-  them into a model (config, tokenizer) is not wired into load_model yet.
+  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1),
+  `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's Q/K row order undone), `gguf_encoding`
+  -> the file's byte-level BPE tokenizer as a tiktoken Encoding (SentencePiece vocabularies are refused).
 """
 
 import dataclasses
 import json
 import os
+import re
 from dataclasses import asdict
 
+import tiktoken
 import torch
 
 from common import (SIZE_LIMITS, SPECIAL_TOKENS, UserError, _check_size, _layer_ids, _one_line, _show, _tokenizer_of,
@@ -219,16 +222,22 @@ def load_hf_dir(path):
         if not tiktoken_files:
             raise UserError(f"{path}: no tokenizer we can read (need a .tiktoken ranks file in the directory)")
         tokenizer = os.path.join(path, tiktoken_files[0])
-    extra = _tokenizer_of(tokenizer, tok_file if has_tok_file else path).n_vocab - cfg.vocab_size
-    # e.g. GPT-2's 50257 ids lack our ChatML rows: add them (mean embedding). Rows of any other shape are left for
-    # load_model to report against the config
+    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(tokenizer, tok_file if has_tok_file else path))
+    return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "step": 0, "args": {}, "metrics": {},
+            "format": "fp32", "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
+
+
+def add_special_rows(sd, cfg, enc):
+    """Rows for the ChatML special tokens a released model lacks (GPT-2's 50257 ids have none of them, SmolLM2 has
+    no <|pad|>): embedding and head rows at the mean embedding. Rows of any other shape are left for load_model to
+    report against the config. -> (state dict, config)."""
+    extra = enc.n_vocab - cfg.vocab_size
     if 0 < extra <= len(SPECIAL_TOKENS) and all(sd[k].shape == (cfg.vocab_size, cfg.d_model)
                                                  for k in ("embed.weight", "lm_head.weight")):
         for k in ("embed.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], sd[k].mean(0, keepdim=True).expand(extra, -1)])  # (vocab + extra, C)
         cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + extra)
-    return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "step": 0, "args": {}, "metrics": {},
-            "format": "fp32", "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
+    return sd, cfg
 
 
 def export_hf(model, enc, out_dir):
@@ -347,7 +356,7 @@ class _Bytes:
         raise UserError(f"{self.path}: GGUF {what} has value type {vtype}, not one the format defines")
 
 
-def read_gguf(path):
+def read_gguf(path, tensors=True):
     """A GGUF file -> (metadata {key: value}, tensors {name: float32 numpy array in numpy's dim order}).
 
     Every count, offset and size is checked against the file before it is used; a tensor type we do not read is
@@ -379,6 +388,8 @@ def read_gguf(path):
     if not isinstance(align, int) or align < 1 or align & (align - 1):
         raise UserError(f"{path}: GGUF general.alignment {_show(align)} is not a power of two")
     start = -(-r.pos // align) * align
+    if not tensors:  # the metadata only (a tokenizer)
+        return meta, {}
     tensors = {}
     for name, dims, type_id, offset in infos:
         if type_id not in GGML_TYPES:
@@ -399,3 +410,180 @@ def read_gguf(path):
         raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=start + offset)
         tensors[name] = dequantize(raw, type_id, n).reshape(dims[::-1])
     return meta, tensors
+
+
+GGUF_NAMES = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+              "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's Q/K row order for the llama architecture. Its converter stores each head's rows as
+    (pairs, 2) interleaved, for ggml's rotate-adjacent-pairs RoPE; our RoPE (and transformers') rotates the two
+    halves of a head, rows (2, pairs). w (n_heads * head_dim, ...) -> the same shape in our order."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_int(path, meta, key, limit, default=None):
+    value = meta.get(key, default)
+    if value is None:
+        raise UserError(f"{path}: GGUF metadata has no {key!r}")
+    _check_size(path, key, value, limit)
+    return value
+
+
+def load_gguf(path):
+    """A llama.cpp GGUF file of the llama or qwen2 architecture -> our checkpoint dict, weights dequantised to
+    fp32; the tokenizer is the file's own (its spec is the path: `gguf_encoding`)."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise UserError(f"{path}: GGUF architecture {_show(arch)} is not one we load (llama, qwen2)")
+    if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear") or \
+            meta.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
+        raise UserError(f"{path}: RoPE scaling {_show(meta.get(f'{arch}.rope.scaling.type'))} is not implemented")
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: GGUF has no token_embd.weight")
+    n_layer = _gguf_int(path, meta, f"{arch}.block_count", SIZE_LIMITS["n_layer"])
+    d = _gguf_int(path, meta, f"{arch}.embedding_length", SIZE_LIMITS["d_model"])
+    n_head = _gguf_int(path, meta, f"{arch}.attention.head_count", SIZE_LIMITS["n_head"])
+    n_kv = _gguf_int(path, meta, f"{arch}.attention.head_count_kv", SIZE_LIMITS["n_kv_head"], n_head)
+    if meta.get(f"{arch}.attention.key_length", d // max(n_head, 1)) * n_head != d:
+        raise UserError(f"{path}: head size {meta[f'{arch}.attention.key_length']} != embedding_length / heads "
+                        f"is not implemented")
+    cfg = config_from_dict(dict(
+        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
+        n_kv_head=n_kv, d_model=d, d_ff=_gguf_int(path, meta, f"{arch}.feed_forward_length", SIZE_LIMITS["d_ff"]),
+        max_seq_len=_gguf_int(path, meta, f"{arch}.context_length", SIZE_LIMITS["max_seq_len"], 2048),
+        norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
+        tie_embeddings="output.weight" not in tensors), path)
+    if len(_layer_ids(tensors, "blk")) != cfg.n_layer:
+        raise UserError(f"{path}: block_count is {cfg.n_layer} but the file holds {len(_layer_ids(tensors, 'blk'))} "
+                        f"blocks")
+    sd = {"embed.weight": tensors["token_embd.weight"], "norm.weight": tensors.get("output_norm.weight")}
+    sd["lm_head.weight"] = tensors.get("output.weight", sd["embed.weight"])
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
+            heads = {"attn_q": n_head, "attn_k": n_kv}.get(parts[2])
+            if arch == "llama" and heads and t.shape[0] % (2 * heads) == 0:
+                t = unpermute_qk(t, heads)
+            sd[f"blocks.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"] = t
+    sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items() if v is not None}
+    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(os.path.abspath(path), path))
+    return {"model": sd, "config": asdict(cfg), "tokenizer": os.path.abspath(path), "step": 0, "args": {},
+            "metrics": {}, "format": "fp32", "lineage": [f"gguf:{os.path.basename(path)}"]}
+
+
+def _byte_decoder():
+    """GPT-2's byte-level BPE writes each byte as a printable character: that table, inverted (char -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return {c: b for b, c in chars.items()}
+
+
+# the pre-tokenizer names llama.cpp writes (tokenizer.ggml.pre) -> the split pattern, as one regex
+GGUF_PATTERNS = {
+    "gpt2": "gpt2",
+    # SmolLM: digits split one by one, then GPT-2's rule; as one regex, a whitespace run before a digit stays whole
+    "smollm": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
+    "llama-bpe": "cl100k",
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+             r"""|\s+(?!\S)|\s+""",
+}
+
+
+def gguf_vocab(path, meta):
+    """GGUF tokenizer metadata (byte-level BPE, tokenizer.ggml.model "gpt2") -> (ranks {bytes: id}, specials
+    {str: id}, pattern name or regex). tiktoken merges by the rank of the merged token, the file by its merge list:
+    the two agree when merged tokens' ids rise in merge order, which is checked."""
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        kind = "SentencePiece (Llama-2, Mistral, Gemma)" if model == "llama" else _show(model)
+        raise UserError(f"{path}: tokenizer {kind} is not implemented: only byte-level BPE (GPT-2, SmolLM, Qwen2, "
+                        f"Llama-3) is")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in GGUF_PATTERNS:
+        raise UserError(f"{path}: pre-tokenizer {_show(pre)} is not one we know ({', '.join(GGUF_PATTERNS)})")
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(tokens, list) or not isinstance(types, list) or len(tokens) != len(types):
+        raise UserError(f"{path}: GGUF tokenizer.ggml.tokens / token_type missing or of different lengths")
+    decode = _byte_decoder()
+    ranks, specials = {}, {}
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind in (3, 4):  # control, user-defined: matched whole, never merged
+            specials[tok] = i
+        else:
+            try:
+                ranks[bytes(decode[c] for c in tok)] = i
+            except KeyError:
+                raise UserError(f"{path}: token {i} {tok!r} is not byte-level BPE text")
+    merged = [ranks.get(bytes(decode.get(c, 256) for c in m.replace(" ", "")) if all(c in decode for c in
+                                                                                    m.replace(" ", "")) else None)
+              for m in merges if isinstance(m, str)]
+    if len(merged) != len(merges) or None in merged or any(a >= b for a, b in zip(merged, merged[1:])):
+        raise UserError(f"{path}: token ids do not follow the merge order; such vocabularies are not implemented")
+    return ranks, specials, GGUF_PATTERNS[pre]
+
+
+def gguf_encoding(path):
+    """The tokenizer stored in a GGUF file as a tiktoken Encoding named by the path; ChatML special tokens it lacks
+    (often <|pad|>) follow its last id, as for any tokenizer (common.get_tokenizer)."""
+    from common import CL100K_PATTERN, GPT2_PATTERN
+    meta, _ = read_gguf(path, tensors=False)
+    ranks, specials, pattern = gguf_vocab(path, meta)
+    pattern = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}.get(pattern, pattern)
+    first = max([*ranks.values(), *specials.values()]) + 1
+    for tok in SPECIAL_TOKENS:
+        if tok not in specials:
+            specials[tok] = first
+            first += 1
+    missing = [b for b in range(256) if bytes([b]) not in ranks and b not in (0xC0, 0xC1) and b < 0xF5]
+    if not missing:
+        return tiktoken.Encoding(name=os.path.abspath(path), pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    if any(0x80 <= b < 0xC2 for b in missing):
+        raise UserError(f"{path}: the vocabulary lacks UTF-8 continuation bytes {missing}; not implemented")
+    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
+    return UnknownBytes(name=os.path.abspath(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials,
+                        missing=missing, unk=unk)
+
+
+def _chars_with_lead(b):
+    """The characters whose UTF-8 encoding starts with byte b, as a regex character range."""
+    if b < 0x80:
+        return re.escape(chr(b))
+    lo = (b - 0xC0) << 6 if b < 0xE0 else (b - 0xE0) << 12 if b < 0xF0 else (b - 0xF0) << 18
+    size = 1 << (6 if b < 0xE0 else 12 if b < 0xF0 else 18)
+    lo = max(lo, 0x80 if b < 0xE0 else 0x800 if b < 0xF0 else 0x10000)
+    return f"{re.escape(chr(lo))}-{re.escape(chr(min(lo + size - 1, 0x10FFFF)))}"
+
+
+class UnknownBytes(tiktoken.Encoding):
+    """A byte-level BPE vocabulary without some single bytes (SmolLM2 has no token for 6 ASCII control characters
+    and 2 rare 4-byte lead bytes), which tiktoken cannot encode: a character holding such a byte is cut out of the
+    text and becomes its bytes' ids, a missing byte the file's unknown-token id; the text around it is encoded as
+    if the character were a word break."""
+
+    def __init__(self, *, missing, unk, **kwargs):
+        super().__init__(**kwargs)
+        self._bad = re.compile("[" + "".join(_chars_with_lead(b) for b in missing) + "]")
+        self._unk = unk
+        self._byte_id = {b: self._mergeable_ranks[bytes([b])] for b in range(256)
+                         if bytes([b]) in self._mergeable_ranks}
+
+    def encode_ordinary(self, text):
+        out, last = [], 0
+        for m in self._bad.finditer(text):
+            out += super().encode_ordinary(text[last:m.start()])
+            out += [self._byte_id.get(b, self._unk) for b in m.group().encode("utf-8")]
+            last = m.end()
+        return out + super().encode_ordinary(text[last:])

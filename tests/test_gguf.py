@@ -1,8 +1,8 @@
 """formats.read_gguf, our own GGUF reader, against llama.cpp's gguf-py (a test-only dependency) as the oracle:
 files written by gguf-py's GGUFWriter, weights quantised by gguf-py's own quantisers (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1), every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
-UserError naming the file. Loading a GGUF as a model (config, Q/K order, tokenizer) is the real-model issue's
-next step; until then load_model says so in one line."""
+UserError naming the file. Then a GGUF as a model: config from the metadata, llama.cpp's Q/K row order undone,
+and the tokenizer from the metadata against transformers' GGUF tokenizer."""
 import struct
 
 import numpy as np
@@ -141,6 +141,147 @@ def test_unsupported_types_are_refused_by_name(tmp_path):
     assert_user_error(tmp_path / "k.gguf", "blk.0.ffn_down.weight is Q4_K", "Q8_0")
 
 
-def test_load_model_names_gguf_in_one_line(good):
-    with pytest.raises(M.UserError, match="a GGUF file"):
+def test_a_gguf_without_a_model_is_one_line(good):
+    with pytest.raises(M.UserError, match="good.gguf: GGUF has no token_embd.weight"):
         C.load_model(good[0])
+
+
+# ----------------------------------------------------------------------------- a GGUF as a model
+
+
+def llama_cpp_permute(w, n_heads):
+    """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute): each head's rows from halves to pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gpt2_gguf_vocab():
+    """GPT-2's vocabulary (data/gpt2.tiktoken) as llama.cpp stores a byte-level BPE tokenizer: tokens in GPT-2's
+    printable-byte alphabet, their types, and the merge list (each token's last merge, found by running BPE on its
+    bytes with only the tokens ranked before it)."""
+    enc = C.get_tokenizer("gpt2")
+    ranks = C.read_ranks(f"{C.HERE}/data/gpt2.tiktoken")
+    to_char = {b: c for c, b in formats._byte_decoder().items()}
+
+    def text(bs):
+        return "".join(to_char[b] for b in bs)
+
+    def last_merge(token, rank):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(parts[i] + parts[i + 1], 1 << 30), i) for i in range(len(parts) - 1)]
+            r, i = min(pairs)
+            assert r < rank
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    merges = [" ".join(text(p) for p in last_merge(tok, r)) for tok, r in by_rank if len(tok) > 1]
+    tokens = [text(tok) for tok, _ in by_rank] + ["<|endoftext|>"]
+    types = [1] * len(by_rank) + [3]
+    assert len(tokens) == 50257 and enc.encode_single_token("<|endoftext|>") == 50256
+    return tokens, types, merges
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random Llama with GPT-2's vocabulary written as llama.cpp writes a GGUF (F32 and Q8_0 tensors, Q/K
+    rows permuted, the tokenizer in the metadata), and the model it came from."""
+    tmp = tmp_path_factory.mktemp("tiny_gguf")
+    enc = C.get_tokenizer("gpt2")
+    M.torch.manual_seed(0)
+    model = M.build_model("tiny", enc, vocab_size=50257, n_layer=2, d_model=64, d_ff=128, n_head=4, n_kv_head=2,
+                          max_seq_len=128, tie_embeddings=False).eval()
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    tokens, types, merges = gpt2_gguf_vocab()
+    w = gguf.GGUFWriter(str(tmp / "tiny.gguf"), arch="llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(model.cfg.rope_theta)
+    w.add_layer_norm_rms_eps(model.cfg.norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(50256)
+    names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    ours = {v: k for k, v in formats.GGUF_NAMES.items()}
+    for name, t in sd.items():
+        if name.startswith("blocks."):
+            _, i, *rest = name.split(".")
+            *module, suffix = rest
+            gname = f"blk.{i}.{ours['.'.join(module)]}.{suffix}"
+            if module == ["attn", "q"]:
+                t = llama_cpp_permute(t, 4)
+            elif module == ["attn", "k"]:
+                t = llama_cpp_permute(t, 2)
+        else:
+            gname = names[name]
+        qtype = Q.Q8_0 if t.ndim == 2 and name != "embed.weight" else Q.F32
+        w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(t), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(tmp / "tiny.gguf"), model
+
+
+def test_gguf_loads_as_the_model_it_was_written_from(tiny_gguf):
+    """load_model(x.gguf): the config from the metadata, llama.cpp's Q/K order undone, Q8_0 dequantised: the
+    logits equal those of the original weights with the Q8_0 matrices replaced by their dequantisation."""
+    path, original = tiny_gguf
+    model, enc, ckpt = C.load_model(path)
+    assert (model.cfg.n_layer, model.cfg.n_head, model.cfg.n_kv_head, model.cfg.d_model) == (2, 4, 2, 64)
+    assert ckpt["lineage"] == ["gguf:tiny.gguf"] and enc.name == path and not model.cfg.tie_embeddings
+    assert model.cfg.vocab_size == 50257 + 3  # GPT-2 has <|endoftext|>; <|im_start|>, <|im_end|>, <|pad|> are new
+    want = {}
+    for k, v in original.state_dict().items():
+        t = v.numpy()
+        if t.ndim == 2 and k != "embed.weight":
+            t = gguf.quants.dequantize(gguf.quants.quantize(t, Q.Q8_0), Q.Q8_0)
+        want[k] = M.torch.from_numpy(np.ascontiguousarray(t))
+    reference = M.Transformer(original.cfg)
+    reference.load_state_dict(want)
+    ids = M.torch.tensor([enc.encode_ordinary("The quick brown fox jumps over the lazy dog.")])
+    with M.torch.no_grad():
+        got, expected = model.eval()(ids)[..., :50257], reference.eval()(ids)
+    M.torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+       | st.text(alphabet=" \t\n0123456789abc'sé日", max_size=40)
+       | st.lists(st.sampled_from(["<|endoftext|>", "<|im_start|>", " ", "  ", "\n", "12", "'s", "a"]), max_size=8)
+       .map("".join))
+def test_gguf_tokenizer_equals_transformers(gguf_tokenizers, text):
+    """The tokenizer read from the GGUF metadata gives the ids transformers' GGUF tokenizer gives, on random text
+    (any unicode, whitespace runs, digits, text that spells special tokens, which stays text)."""
+    ours, theirs = gguf_tokenizers
+    assert ours.encode_ordinary(text) == theirs.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizers(tiny_gguf):
+    transformers = pytest.importorskip("transformers")
+    path = tiny_gguf[0]
+    folder, name = path.rsplit("/", 1)
+    return C.get_tokenizer(path), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def test_gguf_tokenizers_we_do_not_read_are_one_line(tmp_path):
+    for model_name, pre, words in [("llama", "default", "SentencePiece"), ("gpt2", "deepseek-coder", "deepseek-coder")]:
+        w = gguf.GGUFWriter(str(tmp_path / f"{pre}.gguf"), arch="llama")
+        w.add_tokenizer_model(model_name)
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(["a", "b"])
+        w.add_token_types([1, 1])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(M.UserError, match=words):
+            C.get_tokenizer(str(tmp_path / f"{pre}.gguf"))

@@ -458,8 +458,8 @@ def test_gguf_is_named_not_misreported(tmp_path, files):
     for i in range(20):
         body = b"GGUF" + struct.pack("<I", rng.choice([1, 2, 3, 2**32 - 1])) + rng.randbytes(rng.randrange(200))
         path = write(tmp_path / f"m{i}{['.gguf', '.pt', '', '.bin'][i % 4]}", body)
-        _, message = attempt("GGUF", path)
-        assert "GGUF file (llama.cpp)" in message and "not implemented" in message, message
+        _, message = attempt("GGUF", path)  # read by formats.read_gguf: what is wrong with it, in one line
+        assert "GGUF" in message, message
     for i, body in enumerate([b"hello\n", read(files["pt"]), b"GGU", b"ggufGGUF", b"\x00" * 64]):
         _, message = attempt("GGUF", write(tmp_path / f"fake{i}.gguf", body))
         assert "not a GGUF file (bad magic" in message, message
@@ -583,7 +583,7 @@ def test_scripts_exit_2_with_one_line_naming_the_file(tmp_path, files):
     out = str(tmp_path / "o.pt")
     runs = [
         (["sft.py", "--model", gguf, "--data", chats, "--out", out, "--steps", "1", "--seq-len", "64"],
-         gguf, "GGUF file (llama.cpp)"),
+         gguf, "GGUF architecture None is not one we load"),
         (["sft.py", "--model", hf, "--data", chats, "--out", out, "--steps", "1", "--seq-len", "64"],
          os.path.join(hf, "config.json"), "vocab_size"),
         (["reward.py", "--model", cut, "--data", prefs, "--out", out, "--steps", "1", "--seq-len", "64"],
