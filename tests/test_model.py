@@ -323,11 +323,12 @@ def test_generate_logprobs_equal_forward_over_sampled_sequence(tiny_model, sampl
     seq = torch.cat([prompt_ids, tokens], 1)  # (B, P + N)
     with torch.no_grad():
         logits = tiny_model(seq, attention_mask=torch.cat([prompt_mask, mask], 1))
-    want = M.token_logprobs(M.filter_logits(logits, temperature, top_k, top_p), seq)[:, prompt_ids.shape[1]:]
-    assert (want - logps).abs().max() < 1e-4
+    banned = M.ban_mask(tiny_model.cfg.vocab_size, [PAD])  # generate never emits pad_id
+    want = M.token_logprobs(M.filter_logits(logits, temperature, top_k, top_p, banned), seq)[:, prompt_ids.shape[1]:]
+    assert (want - logps).abs().max() < 1e-4 and not (tokens == PAD).any()
     if temperature == 0:
         P = prompt_ids.shape[1]
-        assert torch.equal(tokens, logits[:, P - 1:-1].argmax(-1))
+        assert torch.equal(tokens, logits[:, P - 1:-1].masked_fill(banned, float("-inf")).argmax(-1))
 
 
 def test_generate_stops_at_stop_ids_and_pads_after(tiny_model):
