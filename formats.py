@@ -5,7 +5,8 @@ export_hf, so a script that never meets a Hugging Face directory never reads thi
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
   any arithmetic on its sizes), `export_hf` (a directory `transformers.AutoModelForCausalLM` loads).
-  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1),
+  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and the
+  k-quants Q4_K, Q5_K, Q6_K),
   `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's Q/K row order undone), `gguf_encoding`
   -> the file's byte-level BPE tokenizer as a tiktoken Encoding (SentencePiece vocabularies are refused).
 """
@@ -278,10 +279,9 @@ GGUF_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: 
 GGUF_STRING, GGUF_ARRAY = 8, 9
 # ggml type id -> (name, weights per block, bytes per block); other types are refused by name
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-              8: ("Q8_0", 32, 34)}
-GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-              15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
-              22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+              8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
               34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 GGUF_MAX_COUNT = 1 << 24  # tensors, metadata keys or array items: far above any real file; beyond it, a lying header
 
@@ -292,7 +292,8 @@ def dequantize(raw, type_id, n):
       Q8_0   blocks of 32: a float16 scale d, 32 int8 q;              w = d q
       Q4_0   blocks of 32: d, 16 bytes of two 4-bit q (low nibbles are weights 0-15, high nibbles 16-31);
              w = d (q - 8)
-      Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m"""
+      Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m
+      Q4_K, Q5_K, Q6_K  "k-quants", super-blocks of 256: see _dequantize_k"""
     import numpy as np
     name = GGML_TYPES[type_id][0]
     if name == "F32":
@@ -301,7 +302,10 @@ def dequantize(raw, type_id, n):
         return raw.view("<f2").astype(np.float32)
     if name == "BF16":
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    blocks = raw.reshape(n // 32, GGML_TYPES[type_id][2])
+    _, per_block, block_bytes = GGML_TYPES[type_id]
+    blocks = raw.reshape(n // per_block, block_bytes)
+    if name.endswith("_K"):
+        return _dequantize_k(blocks, name)
     d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n_blocks, 1)
     if name == "Q8_0":
         return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
@@ -311,6 +315,53 @@ def dequantize(raw, type_id, n):
         return (d * (q - 8)).reshape(-1)
     m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
     return (d * q + m).reshape(-1)
+
+
+def _f16(blocks, start):
+    """The float16 at byte `start` of every block -> (n_blocks, 1) float32."""
+    import numpy as np
+    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
+
+
+def _dequantize_k(blocks, name):
+    """llama.cpp's k-quants, super-blocks of 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks:
+      Q4_K  d, dmin (float16), 12 bytes holding 8 six-bit scales s_j and 8 six-bit mins m_j, 128 bytes of 4-bit q;
+            w = d s_j q - dmin m_j. Each 64 weights are 32 low nibbles (sub-block 2i) then the same 32 bytes' high
+            nibbles (sub-block 2i + 1).
+      Q5_K  as Q4_K, plus 32 bytes of fifth bits: bit 2i of byte l tops up weight l of sub-block 2i, bit 2i + 1
+            weight l of sub-block 2i + 1; w = d s_j (q + 16 h) - dmin m_j
+      Q6_K  128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, d; w = d s_j (q - 32). Each half of
+            128 weights: its 64 low-bit bytes l give weights l (low nibble) and l + 64 (high nibble), its 32
+            high-bit bytes give 2 bits to each of weights l, l + 32, l + 64, l + 96.
+    blocks (n, block bytes) uint8 -> (n * 256,) float32."""
+    import numpy as np
+    n = len(blocks)
+    if name == "Q6_K":
+        ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
+        scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # (n, 16)
+        d = _f16(blocks, 208)
+        out = np.empty((n, 256), np.float32)
+        for half in range(2):
+            lo, hi = ql[:, 64 * half:64 * half + 64], qh[:, 32 * half:32 * half + 32]
+            quarters = [(lo[:, :32] & 15) | ((hi & 3) << 4), (lo[:, 32:] & 15) | (((hi >> 2) & 3) << 4),
+                        (lo[:, :32] >> 4) | (((hi >> 4) & 3) << 4), (lo[:, 32:] >> 4) | (((hi >> 6) & 3) << 4)]
+            for k, q in enumerate(quarters):  # weights 32k..32k+31 of this half, two scales of 16 each
+                sc = np.repeat(scales[:, 8 * half + 2 * k:8 * half + 2 * k + 2], 16, axis=1)
+                out[:, 128 * half + 32 * k:128 * half + 32 * k + 32] = d * sc * (q - 32)
+        return out.reshape(-1)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    raw = blocks[:, 4:16].astype(np.int32)  # (n, 12): the packed scales and mins
+    sc, mn = np.empty((n, 8), np.int32), np.empty((n, 8), np.int32)
+    sc[:, :4], mn[:, :4] = raw[:, :4] & 63, raw[:, 4:8] & 63
+    sc[:, 4:] = (raw[:, 8:12] & 15) | ((raw[:, :4] >> 6) << 4)
+    mn[:, 4:] = (raw[:, 8:12] >> 4) | ((raw[:, 4:8] >> 6) << 4)
+    qs = blocks[:, -128:].astype(np.int32).reshape(n, 4, 32)
+    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)  # sub-block j: low nibbles of chunk j // 2, or high
+    if name == "Q5_K":
+        qh = blocks[:, 16:48].astype(np.int32)  # (n, 32)
+        q = q + 16 * np.stack([(qh >> j) & 1 for j in range(8)], axis=1)
+    w = d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]
+    return w.astype(np.float32).reshape(-1)
 
 
 class _Bytes:

@@ -1,6 +1,6 @@
 """formats.read_gguf, our own GGUF reader, against llama.cpp's gguf-py (a test-only dependency) as the oracle:
 files written by gguf-py's GGUFWriter, weights quantised by gguf-py's own quantisers (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1), every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
+Q4_1) and the k-quants Q4_K / Q5_K / Q6_K against gguf-py's dequantisation, every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
 UserError naming the file. Then a GGUF as a model: config from the metadata, llama.cpp's Q/K row order undone,
 and the tokenizer from the metadata against transformers' GGUF tokenizer."""
 import struct
@@ -31,6 +31,24 @@ def test_dequantize_equals_gguf_py(qtype, rows, blocks, seed, scale):
     raw, want = quantised(values, qtype)
     got = formats.dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(qtype), values.size)
     np.testing.assert_array_equal(got.reshape(want.shape), want.astype(np.float32))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.sampled_from([Q.Q4_K, Q.Q5_K, Q.Q6_K]), st.integers(1, 3), st.integers(0, 2**16))
+def test_k_quants_equal_gguf_py(qtype, n_blocks, seed):
+    """Q4_K / Q5_K / Q6_K super-blocks of random bytes (their float16 scales set to finite values) dequantise as
+    gguf-py dequantises them."""
+    rng = np.random.default_rng(seed)
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
+    scales = rng.uniform(-2, 2, (n_blocks, 2)).astype(np.float16).view(np.uint8)  # (n, 4): d and dmin / d
+    if qtype == Q.Q6_K:
+        raw[:, -2:] = scales[:, :2]
+    else:
+        raw[:, :4] = scales
+    want = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    got = formats.dequantize(raw.reshape(-1), int(qtype), n_blocks * 256)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_dequantize_hand_computed_blocks():
@@ -133,12 +151,12 @@ def test_lying_counts_and_bad_headers_are_one_line(good, tmp_path):
 
 def test_unsupported_types_are_refused_by_name(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), arch="llama")
-    w.add_tensor("blk.0.ffn_down.weight", np.zeros((1, 144), dtype=np.uint8), raw_dtype=Q.Q4_K)  # 256 weights
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((1, 84), dtype=np.uint8), raw_dtype=Q.Q2_K)  # 256 weights
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_user_error(tmp_path / "k.gguf", "blk.0.ffn_down.weight is Q4_K", "Q8_0")
+    assert_user_error(tmp_path / "k.gguf", "blk.0.ffn_down.weight is Q2_K", "Q8_0")
 
 
 def test_a_gguf_without_a_model_is_one_line(good):
