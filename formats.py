@@ -5,10 +5,10 @@ export_hf, so a script that never meets a Hugging Face directory never reads thi
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
   any arithmetic on its sizes), `export_hf` (a directory `transformers.AutoModelForCausalLM` loads).
-  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and the
-  k-quants Q4_K, Q5_K, Q6_K),
-  `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's Q/K row order undone), `gguf_encoding`
-  -> the file's byte-level BPE tokenizer as a tiktoken Encoding (SentencePiece vocabularies are refused).
+  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and
+  the k-quants Q4_K, Q5_K, Q6_K); `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's Q/K row
+  order undone); `gguf_encoding` -> the file's byte-level BPE tokenizer as a tiktoken Encoding (SentencePiece
+  vocabularies are refused).
 """
 
 import dataclasses
@@ -281,8 +281,8 @@ GGUF_STRING, GGUF_ARRAY = 8, 9
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
               8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-              34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+              26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 GGUF_MAX_COUNT = 1 << 24  # tensors, metadata keys or array items: far above any real file; beyond it, a lying header
 
 
