@@ -27,7 +27,7 @@ bco_pair omits BCO's running reward shift delta, as TRL's current DPOTrainer doe
 example's per-token mean NLL of the chosen response (the paper's L_SFT); TRL averages over all chosen tokens of
 the batch instead. A prompt is truncated from the left by the same amount for chosen and rejected (`fit`). A
 response is its content and `<|im_end|>` (common.render_response); TRL, templating ChatML itself, also scores the
-"\n" after `<|im_end|>`.
+"\\n" after `<|im_end|>`.
 
     python dpo.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/dpo.pt                  # CPU, DPO
     python dpo.py --model out/sft.pt --loss ipo --beta 0.5 --out out/ipo.pt                         # IPO

@@ -14,7 +14,7 @@ to --out (atomically). Each metric is defined exactly in the docstring of the fu
   kl_ref                --ref, `kl_to_ref`: the exact per-token KL along the policy's own responses
   prefill_tok_s, decode_tok_s, peak_mem_mb, params, size_mb   `measure_speed`, `peak_memory_mb`, `size_on_disk`
 
-Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\nAssistant: ", the base
+Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\\nAssistant: ", the base
 model's format) and stops at a newline; --shots k prepends k solved examples as earlier turns (from
 --shots-data, else the first k records of --data / --mc, which are then not scored); --cot appends "Think step
 by step." to the last user turn. Red-team prompts get neither. Generation is batched on the KV cache
@@ -25,10 +25,10 @@ the same for every checkpoint. Prompts longer than max_seq_len - --max-new-token
 Departures: exact_match keeps case and articles (SQuAD's rule drops them; upper-casing is a task); multiple
 choice tokenizes context and choice separately, not jointly (identical for the byte tokenizer).
 
-    python evaluate.py --model out/base.pt,out/sft.pt --data data/toy/eval.jsonl --mc data/toy/mc.jsonl \
-        --text data/toy/pretrain.txt --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \
+    python evaluate.py --model out/base.pt,out/sft.pt --data data/toy/eval.jsonl --mc data/toy/mc.jsonl \\
+        --text data/toy/pretrain.txt --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct \\
         --redteam data/toy/redteam.jsonl --safety data/toyworld.py:is_safe --out out/results.json      # CPU
-    python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \
+    python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \\
         --reward-model out/rm.pt --ref out/sft.pt --device cuda                       # one GPU (bf16 autocast)
     python evaluate.py --model out/base.pt --data data/toy/eval.jsonl --no-chat-template --shots 3   # ablation
 Evaluation is a single process: no torchrun.

@@ -19,8 +19,8 @@ TRL 1.16 on the same weights, completions and rewards: GRPOConfig()'s defaults a
 --loss-type dapo --ppo-epochs 1 --minibatches 1 --kl-coef 0 --missing-eos-penalty 0 (its beta > 0 adds
 --kl-penalty loss --kl-estimator k3_ratio, its use_bias_correction_kl; importance_sampling_level="sequence" is
 --ratio gspo); RLOOTrainer's are --advantage rloo --group-size 2 --ratio sequence --loss-type grpo --kl-penalty
-reward --kl-estimator k1 --ppo-epochs 1 --minibatches 1 --missing-eos-penalty 0. Our own defaults differ: auto
-picks the paper's aggregation (grpo for grpo), and 2 epochs x 2 minibatches per rollout.
+reward --kl-estimator k1 --ppo-epochs 1 --minibatches 1 --missing-eos-penalty 0. Ours differ: auto picks the
+paper's aggregation (grpo for grpo), 2 epochs x 2 minibatches per rollout.
 
 Details that matter (Huang et al. 2024, "The N+ implementation details of RLHF with PPO" = N+; Huang et al. 2022,
 "The 37 implementation details of PPO" = CleanRL #): the critic initialised from the reward model, its value for
@@ -32,12 +32,15 @@ eps 1e-5 (#3), LR annealing (#4), approx_kl / clipfrac / explained_var (#12).
 
 Departures: no entropy bonus (RLHF sets it to 0); the critic is trained in full, LoRA applies to the policy; no
 top-k / top-p in rollouts (a truncated nucleus makes a sampled token's reference log-prob -inf); a response ends
-at <|im_end|> (TRL, templating ChatML itself, also scores the "\n" after it). Under DDP each rank samples and
+at <|im_end|> (TRL, templating ChatML itself, also scores the "\\n" after it). Under DDP each rank samples and
 normalises its own rollout (groups never straddle ranks); loss denominators and metrics are summed over ranks.
 
-    python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --out out/ppo_gold.pt \
+    python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --out out/ppo_gold.pt \\
         --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo_gold.jsonl              # CPU, verifier
-    python ppo.py --model out/sft.pt --reward-model out/rm.pt --advantage grpo --group-size 4 --out out/grpo.pt
+    python ppo.py --model out/sft.pt --reward-model out/rm.pt --out out/ppo.pt \\
+        --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo.jsonl                   # CPU, learned RM
+    python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --advantage grpo --group-size 4 \\
+        --batch-size 8 --out out/grpo.pt                                                              # critic-free
     torchrun --nproc_per_node=2 ppo.py --model out/sft.pt --reward-model out/rm.pt                    # DDP
 """
 

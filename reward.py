@@ -29,7 +29,7 @@ both read the value with `model.last_token_values`, as this file does.
 Departures: truncation follows common.truncate (prompt cut from the left, response from the right), so the score
 of an over-long example is read at its last kept token instead of `<|im_end|>` (counted and reported). With
 --lora-rank the scalar head is trained in full beside the adapters (a fresh head has nothing to adapt). The score
-is read at `<|im_end|>`; TRL's RewardTrainer, templating ChatML itself, reads it at the "\n" after it.
+is read at `<|im_end|>`; TRL's RewardTrainer, templating ChatML itself, reads it at the "\\n" after it.
 
     python reward.py --model out/sft.pt --data data/toy/prefs.jsonl --out out/rm.pt \\
         --gold data/toyworld.py:gold_reward                                          # CPU

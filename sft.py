@@ -22,7 +22,7 @@ decay, gradient clipping, bf16 autocast on GPU, optional torch.compile, LoRA (`-
 checkpointing.
 
 Truncation: an example longer than --seq-len keeps its first --seq-len tokens (counted and reported);
-raw text is cut into --seq-len windows. Departure from TRL: the "\n" after each `<|im_end|>` is template, never
+raw text is cut into --seq-len windows. Departure from TRL: the "\\n" after each `<|im_end|>` is template, never
 supervised (TRL's assistant-only mask comes from the chat template's generation markers, which may include it).
 
     python sft.py --format text --init tiny --data data/toy/pretrain.txt --out out/base.pt       # CPU
