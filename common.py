@@ -37,6 +37,7 @@ from dataclasses import asdict, fields
 
 import tiktoken
 import torch
+from tqdm import tqdm
 
 from model import (Config, Transformer, UserError, apply_lora, last_token_values, lora_state_dict, pad_left,
                    plain_state_dict)
@@ -84,9 +85,17 @@ def read_ranks(path):
 
 
 def get_tokenizer(spec="byte"):
-    """'byte' (256 byte tokens, fully offline), 'gpt2' (GPT-2's BPE from data/gpt2.tiktoken), or a path to a
-    `.tiktoken` ranks file. The ChatML special tokens follow the last ordinary id. The Encoding's name is the
-    spec, so `get_tokenizer(enc.name)` rebuilds it (checkpoints store that name)."""
+    """'byte' (256 byte tokens, fully offline), 'gpt2' (GPT-2's BPE from data/gpt2.tiktoken), a path to a
+    `.tiktoken` ranks file, or a GGUF file (its own vocabulary). The ChatML special tokens follow the last
+    ordinary id. The Encoding's name is the spec, so `get_tokenizer(enc.name)` rebuilds it (checkpoints store that
+    name). Built once per spec and file version: loading a model asks for its tokenizer more than once (the file's
+    reader, then load_dense), and so do scripts that load several models."""
+    stat = os.stat(spec) if spec not in ("byte", "gpt2") and os.path.isfile(spec) else None
+    return _build_tokenizer(spec, stat and (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _build_tokenizer(spec, version):
     if spec == "byte":
         ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,256}"
     elif spec == "gpt2":
@@ -985,7 +994,6 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
 def step_range(cfg, start_step, rank, desc):
     """The optimiser steps this run takes, as a tqdm bar on rank 0, and the step it ends at: from start_step (0, or
     where --resume left off) to --steps, or to --stop-at (the schedule still spans --steps)."""
-    from tqdm import tqdm
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     return tqdm(range(start_step, end), disable=rank != 0, initial=start_step, total=cfg.steps, desc=desc,
                 mininterval=1.0), end

@@ -15,13 +15,15 @@ import dataclasses
 import json
 import os
 import re
+import struct
 from dataclasses import asdict
 
+import numpy as np
 import tiktoken
 import torch
 
-from common import (SIZE_LIMITS, SPECIAL_TOKENS, UserError, _check_size, _layer_ids, _one_line, _show, _tokenizer_of,
-                    atomic_write, config_from_dict, parse_json, special_id)
+from common import (CL100K_PATTERN, GPT2_PATTERN, SIZE_LIMITS, SPECIAL_TOKENS, UserError, _check_size, _layer_ids,
+                    _one_line, _show, _tokenizer_of, atomic_write, config_from_dict, parse_json, special_id)
 from model import plain_state_dict
 
 
@@ -294,7 +296,6 @@ def dequantize(raw, type_id, n):
              w = d (q - 8)
       Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m
       Q4_K, Q5_K, Q6_K  "k-quants", super-blocks of 256: see _dequantize_k"""
-    import numpy as np
     name = GGML_TYPES[type_id][0]
     if name == "F32":
         return raw.view("<f4").astype(np.float32)
@@ -319,7 +320,6 @@ def dequantize(raw, type_id, n):
 
 def _f16(blocks, start):
     """The float16 at byte `start` of every block -> (n_blocks, 1) float32."""
-    import numpy as np
     return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
 
 
@@ -334,7 +334,6 @@ def _dequantize_k(blocks, name):
             128 weights: its 64 low-bit bytes l give weights l (low nibble) and l + 64 (high nibble), its 32
             high-bit bytes give 2 bits to each of weights l, l + 32, l + 64, l + 96.
     blocks (n, block bytes) uint8 -> (n * 256,) float32."""
-    import numpy as np
     n = len(blocks)
     if name == "Q6_K":
         ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
@@ -380,7 +379,6 @@ class _Bytes:
         return out
 
     def scalar(self, fmt, what):
-        import struct
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
     def count(self, what):
@@ -412,7 +410,6 @@ def read_gguf(path, tensors=True):
 
     Every count, offset and size is checked against the file before it is used; a tensor type we do not read is
     refused by name, with the types we do."""
-    import numpy as np
     with open(path, "rb") as f:
         data = memoryview(f.read())
     r = _Bytes(data, path)
@@ -542,10 +539,10 @@ def _byte_decoder():
 
 # the pre-tokenizer names llama.cpp writes (tokenizer.ggml.pre) -> the split pattern, as one regex
 GGUF_PATTERNS = {
-    "gpt2": "gpt2",
+    "gpt2": GPT2_PATTERN,
     # SmolLM: digits split one by one, then GPT-2's rule; as one regex, a whitespace run before a digit stays whole
     "smollm": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
-    "llama-bpe": "cl100k",
+    "llama-bpe": CL100K_PATTERN,
     "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
              r"""|\s+(?!\S)|\s+""",
 }
@@ -553,7 +550,7 @@ GGUF_PATTERNS = {
 
 def gguf_vocab(path, meta):
     """GGUF tokenizer metadata (byte-level BPE, tokenizer.ggml.model "gpt2") -> (ranks {bytes: id}, specials
-    {str: id}, pattern name or regex). tiktoken merges by the rank of the merged token, the file by its merge list:
+    {str: id}, split regex). tiktoken merges by the rank of the merged token, the file by its merge list:
     the two agree when merged tokens' ids rise in merge order, which is checked."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
@@ -588,10 +585,8 @@ def gguf_vocab(path, meta):
 def gguf_encoding(path):
     """The tokenizer stored in a GGUF file as a tiktoken Encoding named by the path; ChatML special tokens it lacks
     (often <|pad|>) follow its last id, as for any tokenizer (common.get_tokenizer)."""
-    from common import CL100K_PATTERN, GPT2_PATTERN
     meta, _ = read_gguf(path, tensors=False)
     ranks, specials, pattern = gguf_vocab(path, meta)
-    pattern = {"gpt2": GPT2_PATTERN, "cl100k": CL100K_PATTERN}.get(pattern, pattern)
     first = max([*ranks.values(), *specials.values()]) + 1
     for tok in SPECIAL_TOKENS:
         if tok not in specials:
