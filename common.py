@@ -66,6 +66,32 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 CL100K_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
+# The chat templates we reproduce exactly: name -> (turn format, default system prompt, put first when a chat has
+# no system message; "" for none). A real model's own template is recognised from its text (recognise_template).
+CHAT_TEMPLATES = {
+    "chatml": ("chatml", ""),  # ours: <|im_start|>{role}\n{content}<|im_end|>\n
+    "smollm2": ("chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    "qwen2.5": ("chatml", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    # Llama-3: <|begin_of_text|>, then <|start_header_id|>{role}<|end_header_id|>\n\n{content, stripped}<|eot_id|>
+    "llama3": ("llama3", ""),
+}
+# the special tokens of each turn format, beside SPECIAL_TOKENS; the last one ends a turn (the stop to learn)
+TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+                   "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
+
+
+def recognise_template(text):
+    """A model's own chat template (its Jinja text, or None) -> a CHAT_TEMPLATES name. No template is ChatML;
+    a ChatML one is told apart by its default system prompt. Anything else is a UserError (pick one with a flag)."""
+    if not text:
+        return "chatml"
+    if "<|start_header_id|>" in text and "<|eot_id|>" in text and "Cutting Knowledge" not in text:
+        return "llama3"
+    if "<|im_start|>" in text and "<|im_end|>" in text:
+        return next((name for name, (_, system) in CHAT_TEMPLATES.items() if system and system in text), "chatml")
+    raise UserError(f"chat template not recognised (we reproduce {', '.join(CHAT_TEMPLATES)}): name one with "
+                    f"--chat-template, e.g. --chat-template chatml")
+
 
 def read_ranks(path):
     """A `.tiktoken` ranks file: one `base64(token) rank` per line."""
@@ -84,68 +110,117 @@ def read_ranks(path):
     return ranks
 
 
-def get_tokenizer(spec="byte"):
+def get_tokenizer(spec="byte", template=None):
     """'byte' (256 byte tokens, fully offline), 'gpt2' (GPT-2's BPE from data/gpt2.tiktoken), a path to a
-    `.tiktoken` ranks file, or a GGUF file (its own vocabulary). The ChatML special tokens follow the last
-    ordinary id. The Encoding's name is the spec, so `get_tokenizer(enc.name)` rebuilds it (checkpoints store that
-    name). Built once per spec and file version: loading a model asks for its tokenizer more than once (the file's
-    reader, then load_dense), and so do scripts that load several models."""
+    `.tiktoken` ranks file, a Hugging Face `tokenizer.json` or a GGUF file (their own vocabulary, special tokens
+    and chat template). SPECIAL_TOKENS and the template's tokens a vocabulary lacks follow its last id.
+
+    template: a CHAT_TEMPLATES name; None takes the file's own, else ChatML. The Encoding's name is the spec and
+    its `chat_template` the template's name, so `get_tokenizer(enc.name, enc.chat_template)` rebuilds it
+    (checkpoints store both). Built once per spec, template and file version: loading a model asks for its
+    tokenizer more than once (the file's reader, then load_dense), and so do scripts that load several models."""
+    if template is not None and template not in CHAT_TEMPLATES:
+        raise UserError(f"unknown chat template {template!r}: choose from {', '.join(CHAT_TEMPLATES)}")
     stat = os.stat(spec) if spec not in ("byte", "gpt2") and os.path.isfile(spec) else None
-    return _build_tokenizer(spec, stat and (stat.st_mtime_ns, stat.st_size))
+    return _build_tokenizer(spec, template, stat and (stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=8)
-def _build_tokenizer(spec, version):
+def _build_tokenizer(spec, template, version):
+    own_template, specials, quirks = None, {}, None
     if spec == "byte":
         ranks, pattern = {bytes([i]): i for i in range(256)}, r"[\s\S]{1,256}"
-    elif spec == "gpt2":
+    elif spec == "gpt2":  # GPT-2's own <|endoftext|> id
         ranks, pattern = read_ranks(os.path.join(HERE, "data", "gpt2.tiktoken")), GPT2_PATTERN
-    elif spec.endswith(".gguf") and os.path.isfile(spec):
-        import formats  # a GGUF file carries its own vocabulary and special tokens
-        return formats.gguf_encoding(spec)
+        specials = {"<|endoftext|>": 50256}
+    elif spec.endswith((".gguf", "tokenizer.json")) and os.path.isfile(spec):
+        import formats  # a GGUF file or tokenizer.json carries its own vocabulary, special tokens and template
+        ranks, specials, pattern, own_template, quirks = formats.file_vocab(spec)
     elif os.path.isfile(spec):
         ranks, pattern = read_ranks(spec), CL100K_PATTERN
     else:
-        raise UserError(f"unknown tokenizer {spec!r}: use 'byte', 'gpt2' or a path to a .tiktoken ranks file")
-    first = max(ranks.values()) + 1
-    specials = {tok: first + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    if spec == "gpt2":  # keep GPT-2's own <|endoftext|> id
-        specials = {"<|endoftext|>": 50256, **{t: 50257 + i for i, t in enumerate(SPECIAL_TOKENS[1:])}}
-    return tiktoken.Encoding(name=spec, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        raise UserError(f"unknown tokenizer {spec!r}: use 'byte', 'gpt2', a .tiktoken ranks file, a tokenizer.json "
+                        f"or a .gguf file")
+    name = template or recognise_template(own_template)
+    first = max([*ranks.values(), *specials.values()]) + 1
+    for tok in SPECIAL_TOKENS + list(TEMPLATE_TOKENS[CHAT_TEMPLATES[name][0]]):
+        if tok not in specials:
+            specials[tok] = first
+            first += 1
+    if quirks is None:
+        enc = tiktoken.Encoding(name=spec, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    else:  # a real model's vocabulary may need what tiktoken lacks
+        import formats
+        enc = formats.byte_level_encoding(spec, pattern, ranks, specials, **quirks)
+    enc.chat_template = name
+    return enc
 
 
 def special_id(enc, token):
     return enc.encode_single_token(token)
 
 
+def end_id(enc):
+    """The token that ends a turn in enc's chat template (<|im_end|>, Llama-3's <|eot_id|>): a chat's stop."""
+    return special_id(enc, TEMPLATE_TOKENS[CHAT_TEMPLATES[enc.chat_template][0]][-1])
+
+
 def never_sampled(enc, vocab_size, stop_ids):
     """The ids a sampler must never emit: every special token that is not one of this generation's stops, and the
     rows of a vocabulary padded beyond the tokenizer's ids. So `<|pad|>` is never sampled (a sampled pad could not
     be told from padding), a response never opens a turn with `<|im_start|>`, and `<|endoftext|>` ends a response
-    only where the caller makes it a stop (evaluate.py does; a chat policy in training stops at `<|im_end|>`)."""
-    specials = {special_id(enc, t) for t in SPECIAL_TOKENS} - set(stop_ids)
+    only where the caller makes it a stop (evaluate.py does; a chat policy in training stops at its end token)."""
+    specials = {special_id(enc, t) for t in enc.special_tokens_set} - set(stop_ids)
     return sorted(specials) + list(range(enc.n_vocab, vocab_size))
 
 
-def render_chat(enc, messages, add_generation_prompt=False):
-    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+def _encode_turn(enc, head, body, on):
+    """head + body as one text, as a Jinja template renders and a tokenizer then splits it (a pre-token may span
+    the two: "\\n" + "\\n..." is one "\\n\\n" token). -> (ids, mask): mask `on` from the first token that reaches
+    into the body."""
+    ids = enc.encode_ordinary(head + body)
+    n_head, end = 0, 0
+    for t in ids:
+        end += len(enc.decode_single_token_bytes(t))
+        if end > len(head.encode("utf-8")):
+            break
+        n_head += 1
+    return ids, [0] * n_head + [on] * (len(ids) - n_head)
 
-    Returns (ids, mask) as lists: mask is 1 on assistant content and its `<|im_end|>` (so the model learns to
-    stop), 0 elsewhere. Content is encoded with encode_ordinary, so text that spells a special token stays
-    text. add_generation_prompt appends `<|im_start|>assistant\\n` for sampling a reply."""
-    start, end = special_id(enc, "<|im_start|>"), special_id(enc, "<|im_end|>")
-    newline = enc.encode_ordinary("\n")
-    ids, mask = [], []
-    for m in messages:
-        head = [start] + enc.encode_ordinary(m["role"] + "\n")
-        body = enc.encode_ordinary(m["content"])
-        on = int(m["role"] == "assistant")
-        ids += head + body + [end] + newline
-        mask += [0] * len(head) + [on] * (len(body) + 1) + [0] * len(newline)
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """messages -> (ids, mask) as lists, in enc's chat template (CHAT_TEMPLATES), token for token what the model's
+    own Jinja template and tokenizer make (tests/test_templates.py checks it against transformers):
+      chatml   `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message; smollm2 and qwen2.5 first add their
+               default system message when the chat has none
+      llama3   `<|begin_of_text|>`, then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`
+    mask is 1 on assistant content and its end token (so the model learns to stop), 0 elsewhere. Content is
+    encoded with encode_ordinary, so text that spells a special token stays text. add_generation_prompt appends
+    the assistant's header for sampling a reply."""
+    style, system = CHAT_TEMPLATES[enc.chat_template]
+    if system and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + list(messages)
     if add_generation_prompt:
-        head = [start] + enc.encode_ordinary("assistant\n")
-        ids += head
-        mask += [0] * len(head)
+        messages = list(messages) + [{"role": "assistant", "content": None}]
+    ids, mask = [], []
+    if style == "llama3":
+        start, open_end, end = (special_id(enc, t) for t in TEMPLATE_TOKENS["llama3"][1:])
+        ids, mask = [special_id(enc, "<|begin_of_text|>")], [0]
+    else:
+        start, end = (special_id(enc, t) for t in TEMPLATE_TOKENS["chatml"])
+    for m in messages:
+        on, content = int(m["role"] == "assistant"), m["content"]
+        if style == "llama3":
+            head = [start] + enc.encode_ordinary(m["role"]) + [open_end]
+            text, body, tail = "\n\n", (content or "").strip(), []
+        else:
+            head, text, body, tail = [start], m["role"] + "\n", content or "", enc.encode_ordinary("\n")
+        turn_ids, turn_mask = _encode_turn(enc, text, body, on)
+        ids += head + turn_ids
+        mask += [0] * len(head) + turn_mask
+        if content is not None:  # a finished turn: its end token (supervised with the content), then the newline
+            ids += [end] + tail
+            mask += [on] + [0] * len(tail)
     return ids, mask
 
 
@@ -181,12 +256,13 @@ def show_mask(enc, ids, mask, color=None):
 
 
 def render_response(enc, prompt, response):
-    """prompt (messages) + response string -> (prompt ids, response ids) in ChatML. The response is its content and
-    its closing `<|im_end|>`, not the newline after it: the tokens a preference loss scores and the last one the
-    point where a reward model reads its score (TRL also counts that newline; see dpo.py's departures)."""
+    """prompt (messages) + response string -> (prompt ids, response ids): the prompt with the assistant's header,
+    the response as a sampler would write it after that header, its content and closing end token, not the
+    newline after it. These are the tokens a preference loss scores, and the last one is the point where a reward
+    model reads its score (TRL also counts that newline; see dpo.py's departures)."""
     prompt_ids, _ = render_chat(enc, prompt, add_generation_prompt=True)
-    full, _ = render_chat(enc, prompt + [{"role": "assistant", "content": response}])
-    return prompt_ids, full[len(prompt_ids):len(full) - len(enc.encode_ordinary("\n"))]
+    body = response.strip() if CHAT_TEMPLATES[enc.chat_template][0] == "llama3" else response
+    return prompt_ids, enc.encode_ordinary(body) + [end_id(enc)]
 
 
 @torch.no_grad()
@@ -245,7 +321,8 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
     sd = plain_state_dict(raw)
     dtype = next(iter(sd.values())).dtype
     ckpt = {
-        "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name, "step": int(step),
+        "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name,
+        "chat_template": enc.chat_template, "step": int(step),
         "args": dict(args or {}), "metrics": dict(metrics or {}),
         "format": DTYPE_NAMES.get(dtype, str(dtype)),
         "lineage": list(lineage),
@@ -292,12 +369,17 @@ def config_from_dict(d, where):
                         "(not a checkpoint of this project?)")
     d = dict(d)
     for k, v in d.items():
-        if k in SIZE_LIMITS:
-            _check_size(where, k, v, SIZE_LIMITS[k])
+        if k in SIZE_LIMITS or k == "rope_original_max_len":  # a context length, bounded as max_seq_len is
+            _check_size(where, k, v, SIZE_LIMITS.get(k, SIZE_LIMITS["max_seq_len"]))
+        elif k == "head_dim":  # 0 means d_model // n_head
+            if type(v) is not int or not 0 <= v <= SIZE_LIMITS["d_model"]:
+                raise UserError(f"{where}: head_dim = {_show(v)}: expected a whole number from 0 (d_model / n_head) "
+                                f"to {SIZE_LIMITS['d_model']}")
         elif kinds[k] is float:
             number = type(v) in (int, float) and -1e300 < v < 1e300  # finite; unlike float(), never overflows
-            if not number or (v <= 0 if k == "rope_theta" else not 0 <= v < 1):
-                want = "a positive number" if k == "rope_theta" else "a number in [0, 1)"
+            positive = k.startswith("rope_")  # RoPE's base and scaling factors; the other floats are rates, epsilons
+            if not number or (v <= 0 if positive else not 0 <= v < 1):
+                want = "a positive number" if positive else "a number in [0, 1)"
                 raise UserError(f"{where}: {k} = {_show(v)}: expected {want}")
             d[k] = float(v)
         elif type(v) is not kinds[k]:  # the str and bool fields
@@ -306,8 +388,8 @@ def config_from_dict(d, where):
         cfg = Config(**d)
     except UserError as e:  # Config's own checks (architecture, head, heads dividing d_model) do not know the file
         raise UserError(f"{where}: {e}")
-    if cfg.arch == "llama" and cfg.d_model // cfg.n_head % 2:
-        raise UserError(f"{where}: head size d_model / n_head = {cfg.d_model // cfg.n_head} is odd: RoPE rotates "
+    if cfg.arch == "llama" and cfg.head_size % 2:
+        raise UserError(f"{where}: head size {cfg.head_size} (head_dim, else d_model / n_head) is odd: RoPE rotates "
                         "pairs of channels")
     return cfg
 
@@ -358,8 +440,8 @@ def load_checkpoint(path):
         raise UserError(f"{path}: empty file (0 bytes), not a checkpoint")
     # llama.cpp's format: b"GGUF", then a uint32 version. torch.load would call it corrupt or a pickle
     if magic[:4] == b"GGUF":
-        import formats
-        return formats.load_gguf(path)
+        import gguf_file
+        return gguf_file.load_gguf(path)
     if path.endswith(".gguf"):
         raise UserError(f"{path}: not a GGUF file (bad magic {magic[:4]!r}, expected b'GGUF')")
     if path.endswith(".safetensors"):
@@ -444,7 +526,7 @@ def load_dense(ckpt, path, device="cpu", head=None):
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]})")
-    enc = _tokenizer_of(ckpt.get("tokenizer", "byte"), path)
+    enc = _tokenizer_of(ckpt.get("tokenizer", "byte"), path, ckpt.get("chat_template"))
     if enc.n_vocab > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
     model = Transformer(cfg)
@@ -470,12 +552,14 @@ def _layer_ids(keys, marker):
     return ids
 
 
-def _tokenizer_of(spec, where):
-    """get_tokenizer(spec) for a spec read from a file: every failure a UserError naming that file."""
+def _tokenizer_of(spec, where, template=None):
+    """get_tokenizer(spec, template) for a spec read from a file: every failure a UserError naming that file."""
     if not isinstance(spec, str):
         raise UserError(f"{where}: tokenizer {_show(spec)} is not a name ('byte', 'gpt2') or a path")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{where}: chat_template {_show(template)} is not a name ({', '.join(CHAT_TEMPLATES)})")
     try:
-        return get_tokenizer(spec)
+        return get_tokenizer(spec, template)
     except UserError as e:
         raise UserError(f"{where}: {e}")
     except (OSError, ValueError) as e:  # an unreadable or empty ranks file

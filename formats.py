@@ -1,29 +1,29 @@
 """
-formats.py: other people's files in and out. Imported lazily by common.load_checkpoint and by the callers of
-export_hf, so a script that never meets a Hugging Face directory never reads this file.
+formats.py: other people's files in and out. Imported lazily by common.load_checkpoint, common.get_tokenizer and
+the callers of export_hf, so a script that never meets a Hugging Face directory never reads this file.
 
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
-  any arithmetic on its sizes), `export_hf` (a directory `transformers.AutoModelForCausalLM` loads).
-  GGUF (llama.cpp) in: `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and
-  the k-quants Q4_K, Q5_K, Q6_K); `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's Q/K row
-  order undone); `gguf_encoding` -> the file's byte-level BPE tokenizer as a tiktoken Encoding (SentencePiece
-  vocabularies are refused).
+  any arithmetic on its sizes; the tokenizer from tokenizer.json), `export_hf` (a directory that
+  `transformers.AutoModelForCausalLM` and `AutoTokenizer` load, chat template and generation config included).
+  Byte-level BPE vocabularies of real models (tokenizer.json here, GGUF metadata in gguf_file.py) as tiktoken
+  Encodings: `file_vocab`, `byte_level_encoding`; and back out: `tokenizer_json`, `write_tokenizer`.
+  GGUF weights are read by gguf_file.py.
 """
 
 import dataclasses
 import json
 import os
 import re
-import struct
+import unicodedata
 from dataclasses import asdict
 
-import numpy as np
 import tiktoken
 import torch
 
-from common import (CL100K_PATTERN, GPT2_PATTERN, SIZE_LIMITS, SPECIAL_TOKENS, UserError, _check_size, _layer_ids,
-                    _one_line, _show, _tokenizer_of, atomic_write, config_from_dict, parse_json, special_id)
+from common import (CHAT_TEMPLATES, GPT2_PATTERN, SIZE_LIMITS, SPECIAL_TOKENS, TEMPLATE_TOKENS, UserError,
+                    _check_size, _layer_ids, _one_line, _show, _tokenizer_of, atomic_write, config_from_dict,
+                    end_id, parse_json, special_id)
 from model import plain_state_dict
 
 
@@ -174,8 +174,13 @@ def load_hf_dir(path):
         raise UserError(f"{cfg_path}: rope_parameters / rope_scaling is {_show(rope)}, expected an object")
     if family == "gpt2" and hc.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{path}: unsupported GPT-2 activation {_show(hc['activation_function'])}")
-    if family == "llama" and rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"{path}: RoPE scaling {_show(rope.get('rope_type', rope.get('type')))} is not implemented")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if family == "llama" and rope_type not in ("default", "llama3"):
+        raise UserError(f"{path}: RoPE scaling {_show(rope_type)} is not implemented (only 'default' and 'llama3')")
+    llama3 = family == "llama" and rope_type == "llama3"
+    for key in ("factor", "low_freq_factor", "high_freq_factor") if llama3 else ():
+        if key not in rope:
+            raise UserError(f"{cfg_path}: llama3 RoPE scaling without {key!r}")
     if family == "llama" and (hc.get("mlp_bias") or (mt == "llama" and hc.get("attention_bias"))):
         raise UserError(f"{path}: Llama with attention/MLP biases is not implemented")
     for key in HF_REQUIRED[family]:
@@ -192,15 +197,18 @@ def load_hf_dir(path):
             norm_eps=hc.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(hc.get("tie_word_embeddings", True))),
             cfg_path)
     else:
-        d, nh = hc["hidden_size"], hc["num_attention_heads"]
-        if hc.get("head_dim") not in (None, d // nh):
-            raise UserError(f"{path}: head_dim {hc['head_dim']} != hidden_size / heads is not implemented")
+        d, nh, max_len = hc["hidden_size"], hc["num_attention_heads"], hc.get("max_position_embeddings") or 2048
+        scaling = {} if not llama3 else dict(  # no original length: transformers takes max_position_embeddings
+            rope_scaling_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+            rope_high_freq_factor=rope["high_freq_factor"],
+            rope_original_max_len=rope.get("original_max_position_embeddings", max_len))
         cfg = config_from_dict(dict(
             arch="llama", vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_head=nh,
             n_kv_head=hc.get("num_key_value_heads") or nh, d_model=d, d_ff=hc["intermediate_size"],
-            max_seq_len=hc.get("max_position_embeddings") or 2048, norm_eps=hc.get("rms_norm_eps", 1e-6),
+            max_seq_len=max_len, norm_eps=hc.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hc.get("rope_theta", 10000.0)), qkv_bias=mt == "qwen2",
-            tie_embeddings=bool(hc.get("tie_word_embeddings", False))), cfg_path)
+            head_dim=0 if hc.get("head_dim") in (None, d / nh) else hc["head_dim"],  # 0: the default, as we save it
+            tie_embeddings=bool(hc.get("tie_word_embeddings", False)), **scaling), cfg_path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise UserError(f"{path}: no *.safetensors weights found")
@@ -217,25 +225,40 @@ def load_hf_dir(path):
         raise UserError(f"{path}: weight {e} missing for a {mt} model")
     except (RuntimeError, IndexError) as e:  # GPT-2's transposes and q, k, v split on tensors of the wrong rank
         raise UserError(f"{path}: weights do not have the shapes of a {mt} model ({_one_line(e)})")
-    tok_file = os.path.join(path, "tokenizer.json.posttrain")
-    has_tok_file = os.path.exists(tok_file)
-    tokenizer = _read_json(tok_file).get("tokenizer") if has_tok_file else ("gpt2" if mt == "gpt2" else None)
-    if tokenizer is None:
-        tiktoken_files = [f for f in os.listdir(path) if f.endswith((".tiktoken", "tokenizer.model"))]
-        if not tiktoken_files:
-            raise UserError(f"{path}: no tokenizer we can read (need a .tiktoken ranks file in the directory)")
-        tokenizer = os.path.join(path, tiktoken_files[0])
-    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(tokenizer, tok_file if has_tok_file else path))
-    return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "step": 0, "args": {}, "metrics": {},
-            "format": "fp32", "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
+    tokenizer, template = _hf_tokenizer(path, mt)
+    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(tokenizer, path, template))
+    return {"model": sd, "config": asdict(cfg), "tokenizer": tokenizer, "chat_template": template, "step": 0,
+            "args": {}, "metrics": {}, "format": "fp32",
+            "lineage": [f"hf:{os.path.basename(os.path.normpath(path))}"]}
+
+
+def _hf_tokenizer(path, model_type):
+    """The tokenizer of an HF directory -> (spec, chat template name or None for the file's own). Ours first
+    (tokenizer.json.posttrain, beside every export_hf: the spec and template we trained with), then tokenizer.json,
+    then a .tiktoken ranks file; GPT-2 without any is GPT-2's own BPE."""
+    marker = os.path.join(path, "tokenizer.json.posttrain")
+    if os.path.exists(marker):
+        ours = _read_json(marker)
+        return ours.get("tokenizer"), ours.get("chat_template")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return os.path.abspath(os.path.join(path, "tokenizer.json")), None
+    ranks = sorted(f for f in os.listdir(path) if f.endswith(".tiktoken"))
+    if ranks:
+        return os.path.join(path, ranks[0]), None
+    if model_type == "gpt2":
+        return "gpt2", None
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+        raise UserError(f"{path}: tokenizer.model is a SentencePiece tokenizer (Llama-2, Mistral, Gemma): not "
+                        f"implemented; only byte-level BPE (tokenizer.json, .tiktoken) is")
+    raise UserError(f"{path}: no tokenizer we can read (need tokenizer.json or a .tiktoken ranks file)")
 
 
 def add_special_rows(sd, cfg, enc):
-    """Rows for the ChatML special tokens a released model lacks (GPT-2's 50257 ids have none of them, SmolLM2 has
-    no <|pad|>): embedding and head rows at the mean embedding. Rows of any other shape are left for load_model to
-    report against the config. -> (state dict, config)."""
+    """Rows for the special tokens a released model lacks (SPECIAL_TOKENS and its template's: GPT-2's 50257 ids have
+    none of them, SmolLM2 has no <|pad|>): embedding and head rows at the mean embedding. Rows of any other shape
+    are left for load_model to report against the config. -> (state dict, config)."""
     extra = enc.n_vocab - cfg.vocab_size
-    if 0 < extra <= len(SPECIAL_TOKENS) and all(sd[k].shape == (cfg.vocab_size, cfg.d_model)
+    if 0 < extra <= len(SPECIAL_TOKENS) + max(map(len, TEMPLATE_TOKENS.values())) and all(sd[k].shape == (cfg.vocab_size, cfg.d_model)
                                                  for k in ("embed.weight", "lm_head.weight")):
         for k in ("embed.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], sd[k].mean(0, keepdim=True).expand(extra, -1)])  # (vocab + extra, C)
@@ -244,8 +267,10 @@ def add_special_rows(sd, cfg, enc):
 
 
 def export_hf(model, enc, out_dir):
-    """Write a Hugging Face directory (config.json + model.safetensors) that transformers'
-    AutoModelForCausalLM loads: GPT2LMHeadModel for arch gpt2, Qwen2 if qkv_bias, else Llama."""
+    """Write a Hugging Face directory that transformers' AutoModelForCausalLM (GPT2LMHeadModel for arch gpt2, Qwen2
+    if qkv_bias, else Llama) and AutoTokenizer load: config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json (the chat template), generation_config.json (eos = the template's end token). A built-in
+    tokenizer's name and the template are also kept in tokenizer.json.posttrain, which load_hf_dir reads first."""
     raw = getattr(model, "module", model)
     cfg = raw.cfg
     if cfg.head != "lm":
@@ -258,273 +283,41 @@ def export_hf(model, enc, out_dir):
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings)
     else:
         mt = "qwen2" if cfg.qkv_bias else "llama"
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling_factor != 1.0:
+            rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                        high_freq_factor=cfg.rope_high_freq_factor,
+                        original_max_position_embeddings=cfg.rope_original_max_len)
         hc = dict(model_type=mt, architectures=["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
                   vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                   num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
+                  rope_parameters=rope, head_dim=cfg.head_size, hidden_act="silu",
                   tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, torch_dtype="float32")
-    hc.update(bos_token_id=special_id(enc, "<|endoftext|>"), eos_token_id=special_id(enc, "<|im_end|>"),
-              pad_token_id=special_id(enc, "<|pad|>"))
+    bos = "<|begin_of_text|>" if CHAT_TEMPLATES[enc.chat_template][0] == "llama3" else "<|endoftext|>"
+    ids = dict(bos_token_id=special_id(enc, bos), eos_token_id=end_id(enc), pad_token_id=special_id(enc, "<|pad|>"))
+    hc.update(ids)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(_safetensors_bytes(hf)))
-    for name, obj in [("config.json", hc), ("tokenizer.json.posttrain", {"tokenizer": enc.name})]:
+    write_tokenizer(enc, out_dir, cfg.max_seq_len)
+    files = [("config.json", hc), ("generation_config.json", ids)]
+    if enc.name in ("byte", "gpt2"):  # a path would tie the export to a file outside it: its tokenizer.json stands
+        files.append(("tokenizer.json.posttrain", {"tokenizer": enc.name, "chat_template": enc.chat_template}))
+    for name, obj in files:
         atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, indent=1).encode()))
 
 
 # -----------------------------------------------------------------------------
-# GGUF (llama.cpp's single-file format), read with numpy and struct: a header (magic b"GGUF", version, tensor and
-# metadata counts), typed key-value metadata, tensor infos (name, dims innermost first, type, offset), then the
-# tensor data, aligned to general.alignment (32). Quantised types are blocks of 32 weights sharing a scale.
-
-GGUF_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-GGUF_STRING, GGUF_ARRAY = 8, 9
-# ggml type id -> (name, weights per block, bytes per block); other types are refused by name
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-              8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
-GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-              26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
-GGUF_MAX_COUNT = 1 << 24  # tensors, metadata keys or array items: far above any real file; beyond it, a lying header
+# Byte-level BPE vocabularies of real models (tokenizer.json, GGUF) as tiktoken Encodings, and tokenizer.json out
 
 
-def dequantize(raw, type_id, n):
-    """n weights of ggml type type_id from their bytes (a numpy uint8 array) -> float32 (n,).
-      F32, F16, BF16  the values themselves
-      Q8_0   blocks of 32: a float16 scale d, 32 int8 q;              w = d q
-      Q4_0   blocks of 32: d, 16 bytes of two 4-bit q (low nibbles are weights 0-15, high nibbles 16-31);
-             w = d (q - 8)
-      Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m
-      Q4_K, Q5_K, Q6_K  "k-quants", super-blocks of 256: see _dequantize_k"""
-    name = GGML_TYPES[type_id][0]
-    if name == "F32":
-        return raw.view("<f4").astype(np.float32)
-    if name == "F16":
-        return raw.view("<f2").astype(np.float32)
-    if name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    _, per_block, block_bytes = GGML_TYPES[type_id]
-    blocks = raw.reshape(n // per_block, block_bytes)
-    if name.endswith("_K"):
-        return _dequantize_k(blocks, name)
-    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n_blocks, 1)
-    if name == "Q8_0":
-        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
-    q = blocks[:, -16:]
-    q = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
-    if name == "Q4_0":
-        return (d * (q - 8)).reshape(-1)
-    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
-    return (d * q + m).reshape(-1)
+# SmolLM's pre-tokenizer (Digits, then GPT-2's ByteLevel split) as one regex: digits one by one, and a whitespace
+# run before a digit stays whole
+SMOLLM_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 
 
-def _f16(blocks, start):
-    """The float16 at byte `start` of every block -> (n_blocks, 1) float32."""
-    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
-
-
-def _dequantize_k(blocks, name):
-    """llama.cpp's k-quants, super-blocks of 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks:
-      Q4_K  d, dmin (float16), 12 bytes holding 8 six-bit scales s_j and 8 six-bit mins m_j, 128 bytes of 4-bit q;
-            w = d s_j q - dmin m_j. Each 64 weights are 32 low nibbles (sub-block 2i) then the same 32 bytes' high
-            nibbles (sub-block 2i + 1).
-      Q5_K  as Q4_K, plus 32 bytes of fifth bits: bit 2i of byte l tops up weight l of sub-block 2i, bit 2i + 1
-            weight l of sub-block 2i + 1; w = d s_j (q + 16 h) - dmin m_j
-      Q6_K  128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, d; w = d s_j (q - 32). Each half of
-            128 weights: its 64 low-bit bytes l give weights l (low nibble) and l + 64 (high nibble), its 32
-            high-bit bytes give 2 bits to each of weights l, l + 32, l + 64, l + 96.
-    blocks (n, block bytes) uint8 -> (n * 256,) float32."""
-    n = len(blocks)
-    if name == "Q6_K":
-        ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
-        scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # (n, 16)
-        d = _f16(blocks, 208)
-        out = np.empty((n, 256), np.float32)
-        for half in range(2):
-            lo, hi = ql[:, 64 * half:64 * half + 64], qh[:, 32 * half:32 * half + 32]
-            quarters = [(lo[:, :32] & 15) | ((hi & 3) << 4), (lo[:, 32:] & 15) | (((hi >> 2) & 3) << 4),
-                        (lo[:, :32] >> 4) | (((hi >> 4) & 3) << 4), (lo[:, 32:] >> 4) | (((hi >> 6) & 3) << 4)]
-            for k, q in enumerate(quarters):  # weights 32k..32k+31 of this half, two scales of 16 each
-                sc = np.repeat(scales[:, 8 * half + 2 * k:8 * half + 2 * k + 2], 16, axis=1)
-                out[:, 128 * half + 32 * k:128 * half + 32 * k + 32] = d * sc * (q - 32)
-        return out.reshape(-1)
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    raw = blocks[:, 4:16].astype(np.int32)  # (n, 12): the packed scales and mins
-    sc, mn = np.empty((n, 8), np.int32), np.empty((n, 8), np.int32)
-    sc[:, :4], mn[:, :4] = raw[:, :4] & 63, raw[:, 4:8] & 63
-    sc[:, 4:] = (raw[:, 8:12] & 15) | ((raw[:, :4] >> 6) << 4)
-    mn[:, 4:] = (raw[:, 8:12] >> 4) | ((raw[:, 4:8] >> 6) << 4)
-    qs = blocks[:, -128:].astype(np.int32).reshape(n, 4, 32)
-    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)  # sub-block j: low nibbles of chunk j // 2, or high
-    if name == "Q5_K":
-        qh = blocks[:, 16:48].astype(np.int32)  # (n, 32)
-        q = q + 16 * np.stack([(qh >> j) & 1 for j in range(8)], axis=1)
-    w = d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]
-    return w.astype(np.float32).reshape(-1)
-
-
-class _Bytes:
-    """A cursor over a file's bytes whose every read is bounds-checked: a lying count or a cut file is a
-    UserError naming the file and the offset, never a struct.error or an allocation of the claimed size."""
-
-    def __init__(self, data, path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def take(self, n, what):
-        if n < 0 or self.pos + n > len(self.data):
-            raise UserError(f"{self.path}: truncated GGUF: {what} at byte {self.pos} needs {n} bytes, the file "
-                            f"has {len(self.data) - self.pos} left")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def scalar(self, fmt, what):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def count(self, what):
-        n = self.scalar("<Q", what)
-        if n > GGUF_MAX_COUNT:
-            raise UserError(f"{self.path}: not a usable GGUF: {what} is {n}, beyond any real file")
-        return n
-
-    def string(self, what):
-        raw = bytes(self.take(self.count(what + " length"), what))
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{self.path}: GGUF {what} is not UTF-8 text")
-
-    def value(self, vtype, what, depth=0):
-        if vtype in GGUF_VALUE:
-            return self.scalar(GGUF_VALUE[vtype], what)
-        if vtype == GGUF_STRING:
-            return self.string(what)
-        if vtype == GGUF_ARRAY and depth == 0:
-            item = self.scalar("<I", what + " item type")
-            return [self.value(item, what, 1) for _ in range(self.count(what + " array length"))]
-        raise UserError(f"{self.path}: GGUF {what} has value type {vtype}, not one the format defines")
-
-
-def read_gguf(path, tensors=True):
-    """A GGUF file -> (metadata {key: value}, tensors {name: float32 numpy array in numpy's dim order}).
-
-    Every count, offset and size is checked against the file before it is used; a tensor type we do not read is
-    refused by name, with the types we do."""
-    with open(path, "rb") as f:
-        data = memoryview(f.read())
-    r = _Bytes(data, path)
-    if bytes(r.take(4, "magic")) != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (bad magic {bytes(data[:4])!r}, expected b'GGUF')")
-    version = r.scalar("<I", "version")
-    if version not in (2, 3):
-        raise UserError(f"{path}: GGUF version {version}; this reader knows versions 2 and 3")
-    n_tensors, n_kv = r.count("tensor count"), r.count("metadata count")
-    meta = {}
-    for _ in range(n_kv):
-        key = r.string("metadata key")
-        meta[key] = r.value(r.scalar("<I", f"type of {key}"), key)
-    infos = []
-    for _ in range(n_tensors):
-        name = r.string("tensor name")
-        n_dims = r.scalar("<I", f"{name} dims")
-        if not 1 <= n_dims <= 4:
-            raise UserError(f"{path}: GGUF tensor {name} has {n_dims} dimensions (1 to 4 expected)")
-        dims = [r.scalar("<Q", f"{name} size") for _ in range(n_dims)]
-        type_id, offset = r.scalar("<I", f"{name} type"), r.scalar("<Q", f"{name} offset")
-        infos.append((name, dims, type_id, offset))
-    align = meta.get("general.alignment", 32)
-    if not isinstance(align, int) or align < 1 or align & (align - 1):
-        raise UserError(f"{path}: GGUF general.alignment {_show(align)} is not a power of two")
-    start = -(-r.pos // align) * align
-    if not tensors:  # the metadata only (a tokenizer)
-        return meta, {}
-    tensors = {}
-    for name, dims, type_id, offset in infos:
-        if type_id not in GGML_TYPES:
-            kind = GGML_NAMES.get(type_id, f"type id {type_id}")
-            raise UserError(f"{path}: tensor {name} is {kind}, a GGUF type this reader does not dequantise (it reads "
-                            f"{', '.join(t[0] for t in GGML_TYPES.values())})")
-        _, per_block, block_bytes = GGML_TYPES[type_id]
-        n = 1
-        for d in dims:
-            n *= d
-        if n == 0 or n % per_block or n > SIZE_LIMITS["vocab_size"] * SIZE_LIMITS["d_model"]:
-            raise UserError(f"{path}: GGUF tensor {name} of shape {dims} cannot hold {GGML_TYPES[type_id][0]} "
-                            f"blocks of {per_block}")
-        size = n // per_block * block_bytes
-        if start + offset + size > len(data):
-            raise UserError(f"{path}: truncated GGUF: tensor {name} needs bytes {start + offset} to "
-                            f"{start + offset + size}, the file has {len(data)}")
-        raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=start + offset)
-        tensors[name] = dequantize(raw, type_id, n).reshape(dims[::-1])
-    return meta, tensors
-
-
-GGUF_NAMES = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
-              "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
-
-
-def unpermute_qk(w, n_heads):
-    """Undo llama.cpp's Q/K row order for the llama architecture. Its converter stores each head's rows as
-    (pairs, 2) interleaved, for ggml's rotate-adjacent-pairs RoPE; our RoPE (and transformers') rotates the two
-    halves of a head, rows (2, pairs). w (n_heads * head_dim, ...) -> the same shape in our order."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_int(path, meta, key, limit, default=None):
-    value = meta.get(key, default)
-    if value is None:
-        raise UserError(f"{path}: GGUF metadata has no {key!r}")
-    _check_size(path, key, value, limit)
-    return value
-
-
-def load_gguf(path):
-    """A llama.cpp GGUF file of the llama or qwen2 architecture -> our checkpoint dict, weights dequantised to
-    fp32; the tokenizer is the file's own (its spec is the path: `gguf_encoding`)."""
-    meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise UserError(f"{path}: GGUF architecture {_show(arch)} is not one we load (llama, qwen2)")
-    if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear") or \
-            meta.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
-        raise UserError(f"{path}: RoPE scaling {_show(meta.get(f'{arch}.rope.scaling.type'))} is not implemented")
-    if "token_embd.weight" not in tensors:
-        raise UserError(f"{path}: GGUF has no token_embd.weight")
-    n_layer = _gguf_int(path, meta, f"{arch}.block_count", SIZE_LIMITS["n_layer"])
-    d = _gguf_int(path, meta, f"{arch}.embedding_length", SIZE_LIMITS["d_model"])
-    n_head = _gguf_int(path, meta, f"{arch}.attention.head_count", SIZE_LIMITS["n_head"])
-    n_kv = _gguf_int(path, meta, f"{arch}.attention.head_count_kv", SIZE_LIMITS["n_kv_head"], n_head)
-    if meta.get(f"{arch}.attention.key_length", d // max(n_head, 1)) * n_head != d:
-        raise UserError(f"{path}: head size {meta[f'{arch}.attention.key_length']} != embedding_length / heads "
-                        f"is not implemented")
-    cfg = config_from_dict(dict(
-        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
-        n_kv_head=n_kv, d_model=d, d_ff=_gguf_int(path, meta, f"{arch}.feed_forward_length", SIZE_LIMITS["d_ff"]),
-        max_seq_len=_gguf_int(path, meta, f"{arch}.context_length", SIZE_LIMITS["max_seq_len"], 2048),
-        norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
-        tie_embeddings="output.weight" not in tensors), path)
-    if len(_layer_ids(tensors, "blk")) != cfg.n_layer:
-        raise UserError(f"{path}: block_count is {cfg.n_layer} but the file holds {len(_layer_ids(tensors, 'blk'))} "
-                        f"blocks")
-    sd = {"embed.weight": tensors["token_embd.weight"], "norm.weight": tensors.get("output_norm.weight")}
-    sd["lm_head.weight"] = tensors.get("output.weight", sd["embed.weight"])
-    for name, t in tensors.items():
-        parts = name.split(".")
-        if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
-            heads = {"attn_q": n_head, "attn_k": n_kv}.get(parts[2])
-            if arch == "llama" and heads and t.shape[0] % (2 * heads) == 0:
-                t = unpermute_qk(t, heads)
-            sd[f"blocks.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"] = t
-    sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items() if v is not None}
-    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(os.path.abspath(path), path))
-    return {"model": sd, "config": asdict(cfg), "tokenizer": os.path.abspath(path), "step": 0, "args": {},
-            "metrics": {}, "format": "fp32", "lineage": [f"gguf:{os.path.basename(path)}"]}
-
-
-def _byte_decoder():
-    """GPT-2's byte-level BPE writes each byte as a printable character: that table, inverted (char -> byte)."""
+def _byte_encoder():
+    """GPT-2's byte-level BPE writes each byte as a printable character: byte -> that character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     chars, n = {}, 0
@@ -534,73 +327,110 @@ def _byte_decoder():
         else:
             chars[b] = chr(256 + n)
             n += 1
-    return {c: b for b, c in chars.items()}
+    return chars
 
 
-# the pre-tokenizer names llama.cpp writes (tokenizer.ggml.pre) -> the split pattern, as one regex
-GGUF_PATTERNS = {
-    "gpt2": GPT2_PATTERN,
-    # SmolLM: digits split one by one, then GPT-2's rule; as one regex, a whitespace run before a digit stays whole
-    "smollm": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
-    "llama-bpe": CL100K_PATTERN,
-    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-             r"""|\s+(?!\S)|\s+""",
-}
+def _byte_decoder():
+    return {c: b for b, c in _byte_encoder().items()}
 
 
-def gguf_vocab(path, meta):
-    """GGUF tokenizer metadata (byte-level BPE, tokenizer.ggml.model "gpt2") -> (ranks {bytes: id}, specials
-    {str: id}, split regex). tiktoken merges by the rank of the merged token, the file by its merge list:
-    the two agree when merged tokens' ids rise in merge order, which is checked."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        kind = "SentencePiece (Llama-2, Mistral, Gemma)" if model == "llama" else _show(model)
-        raise UserError(f"{path}: tokenizer {kind} is not implemented: only byte-level BPE (GPT-2, SmolLM, Qwen2, "
-                        f"Llama-3) is")
-    pre = meta.get("tokenizer.ggml.pre", "gpt2")
-    if pre not in GGUF_PATTERNS:
-        raise UserError(f"{path}: pre-tokenizer {_show(pre)} is not one we know ({', '.join(GGUF_PATTERNS)})")
-    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
-    merges = meta.get("tokenizer.ggml.merges", [])
-    if not isinstance(tokens, list) or not isinstance(types, list) or len(tokens) != len(types):
-        raise UserError(f"{path}: GGUF tokenizer.ggml.tokens / token_type missing or of different lengths")
+def bpe_ranks(where, vocab, merges):
+    """A byte-level BPE vocabulary {token text: id} and its merge list ("a b" strings or [a, b] pairs) -> tiktoken's
+    ranks {token bytes: id}. tiktoken merges by the rank of the merged token, the file by its merge list: the two
+    agree when merged tokens' ids never fall along the merge list, which is checked."""
     decode = _byte_decoder()
-    ranks, specials = {}, {}
-    for i, (tok, kind) in enumerate(zip(tokens, types)):
-        if kind in (3, 4):  # control, user-defined: matched whole, never merged
-            specials[tok] = i
-        else:
-            try:
-                ranks[bytes(decode[c] for c in tok)] = i
-            except KeyError:
-                raise UserError(f"{path}: token {i} {tok!r} is not byte-level BPE text")
-    merged = [ranks.get(bytes(decode.get(c, 256) for c in m.replace(" ", "")) if all(c in decode for c in
-                                                                                    m.replace(" ", "")) else None)
-              for m in merges if isinstance(m, str)]
-    if len(merged) != len(merges) or None in merged or any(a >= b for a, b in zip(merged, merged[1:])):
-        raise UserError(f"{path}: token ids do not follow the merge order; such vocabularies are not implemented")
-    return ranks, specials, GGUF_PATTERNS[pre]
+    ranks = {}
+    for tok, i in vocab.items():
+        try:
+            ranks[bytes(decode[c] for c in tok)] = i
+        except KeyError:
+            raise UserError(f"{where}: token {i} {tok!r} is not byte-level BPE text")
+    merged = []
+    for m in merges:
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise UserError(f"{where}: merge {_show(m)} is not a pair of tokens")
+        merged.append(vocab.get(pair[0] + pair[1]))
+    if None in merged or any(a > b for a, b in zip(merged, merged[1:])):
+        raise UserError(f"{where}: token ids do not follow the merge order; such vocabularies are not implemented")
+    return ranks
 
 
-def gguf_encoding(path):
-    """The tokenizer stored in a GGUF file as a tiktoken Encoding named by the path; ChatML special tokens it lacks
-    (often <|pad|>) follow its last id, as for any tokenizer (common.get_tokenizer)."""
-    meta, _ = read_gguf(path, tensors=False)
-    ranks, specials, pattern = gguf_vocab(path, meta)
-    first = max([*ranks.values(), *specials.values()]) + 1
-    for tok in SPECIAL_TOKENS:
-        if tok not in specials:
-            specials[tok] = first
-            first += 1
+def _hf_pattern(where, pre):
+    """tokenizer.json's pre_tokenizer -> one split regex, for the byte-level forms real models use: ByteLevel alone
+    (GPT-2), Digits + ByteLevel (SmolLM), Split(regex) + ByteLevel (Qwen2, Llama-3)."""
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") if isinstance(s, dict) else None for s in steps or []]
+    if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("add_prefix_space", False):
+        regex = steps[-1].get("use_regex", True)
+        if kinds == ["ByteLevel"] and regex:
+            return GPT2_PATTERN
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and regex:
+            return SMOLLM_PATTERN
+        split = steps[0]
+        if kinds == ["Split", "ByteLevel"] and not regex and split.get("behavior") == "Isolated" and \
+                not split.get("invert") and isinstance(split.get("pattern", {}).get("Regex"), str):
+            return split["pattern"]["Regex"]
+    raise UserError(f"{where}: pre-tokenizer {json.dumps(pre)[:80]} is not one we read (ByteLevel, Digits + "
+                    f"ByteLevel, Split + ByteLevel)")
+
+
+def hf_vocab(path):
+    """A Hugging Face tokenizer.json (byte-level BPE) and the tokenizer_config.json / chat_template.jinja beside it
+    -> file_vocab's (ranks, specials, split regex, chat template text, quirks)."""
+    tj = _read_json(path)
+    model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else _show(model.get("type"))
+        raise UserError(f"{path}: tokenizer model {kind} is not implemented: only byte-level BPE (GPT-2, SmolLM, "
+                        f"Qwen2, Llama-3) is")
+    norm = tj.get("normalizer")
+    if norm is not None and (not isinstance(norm, dict) or norm.get("type") != "NFC"):
+        raise UserError(f"{path}: normalizer {json.dumps(norm)[:60]} is not implemented (none or NFC)")
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) and
+                                              type(t.get("id")) is int for t in added):
+        raise UserError(f"{path}: added_tokens is not a list of {{id, content}} objects")
+    specials = {t["content"]: t["id"] for t in added}
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+        raise UserError(f"{path}: model.vocab is not an object of token -> id")
+    vocab = {tok: i for tok, i in vocab.items() if tok not in specials}
+    ranks = bpe_ranks(path, vocab, model.get("merges") or [])
+    here = os.path.dirname(path)
+    template = None
+    if os.path.isfile(os.path.join(here, "chat_template.jinja")):
+        with open(os.path.join(here, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    elif os.path.isfile(os.path.join(here, "tokenizer_config.json")):
+        template = _read_json(os.path.join(here, "tokenizer_config.json")).get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and
+                             t.get("name") == "default"), None)
+    unk = model.get("unk_token")
+    return (ranks, specials, _hf_pattern(path, tj.get("pre_tokenizer")), template if isinstance(template, str)
+            else None, {"unk": vocab.get(unk, specials.get(unk, 0)), "nfc": norm is not None})
+
+
+def file_vocab(path):
+    """A tokenizer.json or GGUF file -> (ranks {bytes: id}, specials {str: id}, split regex, the file's chat
+    template text or None, quirks for byte_level_encoding): what common.get_tokenizer builds an Encoding from."""
+    if path.endswith(".gguf"):
+        import gguf_file
+        return gguf_file.gguf_vocab(path)
+    return hf_vocab(path)
+
+
+def byte_level_encoding(name, pattern, ranks, specials, unk=0, nfc=False):
+    """A real model's vocabulary as a tiktoken Encoding; a RealVocab where it needs what tiktoken lacks (NFC
+    normalisation, single bytes without a token)."""
     missing = [b for b in range(256) if bytes([b]) not in ranks and b not in (0xC0, 0xC1) and b < 0xF5]
-    if not missing:
-        return tiktoken.Encoding(name=os.path.abspath(path), pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens=specials)
+    if not missing and not nfc:
+        return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     if any(0x80 <= b < 0xC2 for b in missing):
-        raise UserError(f"{path}: the vocabulary lacks UTF-8 continuation bytes {missing}; not implemented")
-    unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    return UnknownBytes(name=os.path.abspath(path), pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials,
-                        missing=missing, unk=unk)
+        raise UserError(f"{name}: the vocabulary lacks UTF-8 continuation bytes {missing}; not implemented")
+    return RealVocab(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials, missing=missing,
+                     unk=unk, nfc=nfc)
 
 
 def _chars_with_lead(b):
@@ -613,23 +443,100 @@ def _chars_with_lead(b):
     return f"{re.escape(chr(lo))}-{re.escape(chr(min(lo + size - 1, 0x10FFFF)))}"
 
 
-class UnknownBytes(tiktoken.Encoding):
-    """A byte-level BPE vocabulary without some single bytes (SmolLM2 has no token for 6 ASCII control characters
-    and 2 rare 4-byte lead bytes), which tiktoken cannot encode: a character holding such a byte is cut out of the
-    text and becomes its bytes' ids, a missing byte the file's unknown-token id; the text around it is encoded as
-    if the character were a word break."""
+class RealVocab(tiktoken.Encoding):
+    """tiktoken plus two things real vocabularies need. nfc: text is NFC-normalised first (Qwen2's tokenizer.json).
+    missing: single bytes without a token (SmolLM2 has none for 6 ASCII control characters and 2 rare 4-byte lead
+    bytes), which tiktoken cannot encode: a character holding such a byte is cut out of the text and becomes its
+    bytes' ids, a missing byte the file's unknown-token id; the text around it is encoded as if the character were
+    a word break."""
 
-    def __init__(self, *, missing, unk, **kwargs):
+    def __init__(self, *, missing, unk, nfc, **kwargs):
         super().__init__(**kwargs)
-        self._bad = re.compile("[" + "".join(_chars_with_lead(b) for b in missing) + "]")
-        self._unk = unk
+        self._bad = re.compile("[" + "".join(_chars_with_lead(b) for b in missing) + "]") if missing else None
+        self._unk, self._nfc = unk, nfc
         self._byte_id = {b: self._mergeable_ranks[bytes([b])] for b in range(256)
                          if bytes([b]) in self._mergeable_ranks}
 
     def encode_ordinary(self, text):
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        if self._bad is None:
+            return super().encode_ordinary(text)
         out, last = [], 0
         for m in self._bad.finditer(text):
             out += super().encode_ordinary(text[last:m.start()])
             out += [self._byte_id.get(b, self._unk) for b in m.group().encode("utf-8")]
             last = m.end()
         return out + super().encode_ordinary(text[last:])
+
+
+# The Jinja text of each CHAT_TEMPLATES entry, written into an export's tokenizer_config.json. smollm2's is the
+# model's own, character for character; qwen2.5's is Qwen2.5's without its tool-calling branches; llama3's is
+# Llama-3-Instruct's.
+def _chatml_jinja(system):
+    default = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + system +
+               "<|im_end|>\\n' }}{% endif %}") if system else ""
+    return ("{% for message in messages %}" + default + "{{'<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+TEMPLATE_JINJA = {
+    "chatml": _chatml_jinja(""),
+    "smollm2": _chatml_jinja(CHAT_TEMPLATES["smollm2"][1]),
+    "qwen2.5": ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+                "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\n" + CHAT_TEMPLATES["qwen2.5"][1] +
+                "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and "
+                "loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+                "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                "{%- endif %}"),
+    "llama3": ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+}
+
+
+def tokenizer_json(enc):
+    """enc -> a tokenizer.json object the `tokenizers` library reads and that encodes as enc does: enc's split regex
+    (Split, Isolated), ByteLevel without its own regex, and BPE with tiktoken's semantics: a pre-token that is a
+    token is taken whole (ignore_merges), else every split of a token into two tokens is a merge, ranked by the
+    merged token's id."""
+    ranks = enc._mergeable_ranks
+    show = _byte_encoder()
+    text = {b: "".join(show[c] for c in b) for b in ranks}
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        pairs = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        merges += [f"{text[a]} {text[b]}" for a, b in sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    unk = getattr(enc, "_unk", None)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in specials],
+        "normalizer": {"type": "NFC"} if getattr(enc, "_nfc", False) else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": next((t for t, i in specials if i == unk), None),
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {**{text[b]: r for b, r in ranks.items()}, **dict(specials)}, "merges": merges},
+    }
+
+
+def write_tokenizer(enc, out_dir, max_len):
+    """tokenizer.json, and tokenizer_config.json with the chat template and its special tokens, into out_dir:
+    what `AutoTokenizer.from_pretrained(out_dir)` needs (GGUF export writes the same vocabulary as metadata)."""
+    style = CHAT_TEMPLATES[enc.chat_template][0]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": TEMPLATE_JINJA[enc.chat_template],
+              "bos_token": "<|begin_of_text|>" if style == "llama3" else "<|endoftext|>",
+              "eos_token": TEMPLATE_TOKENS[style][-1], "pad_token": "<|pad|>", "unk_token": None,
+              "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    for name, obj in [("tokenizer.json", tokenizer_json(enc)), ("tokenizer_config.json", config)]:
+        atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, ensure_ascii=False,
+                                                                                        indent=1).encode()))

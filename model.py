@@ -4,7 +4,8 @@ model.py: the one transformer every technique in this project trains. Torch only
 In reading order:
   1. Config and presets: one dataclass covers both families we implement by hand,
      GPT-2 (LayerNorm, learned positions, GELU MLP, biases, tied embeddings) and
-     Llama / Qwen2 (RMSNorm, RoPE, SwiGLU, grouped-query attention, optional qkv bias).
+     Llama / Qwen2 (RMSNorm, RoPE with optional Llama-3 scaling, SwiGLU, grouped-query attention, optional
+     qkv bias and head_dim).
   2. The transformer: Norm, Attention (scaled_dot_product_attention, KV cache, packed and padded masks),
      MLP, Block, Transformer. `head="lm"` gives next-token logits, `head="scalar"` one value per position
      (reward models and PPO critics read it at the last real token).
@@ -46,11 +47,16 @@ class Config:
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads
     n_kv_head: int = 4  # key/value heads (< n_head is grouped-query attention; gpt2 needs n_kv_head == n_head)
+    head_dim: int = 0  # width of one attention head; 0 means d_model // n_head (gpt2 needs 0)
     d_model: int = 128  # residual stream width
     d_ff: int = 512  # MLP hidden width
     max_seq_len: int = 512  # longest sequence (size of the learned position table for gpt2)
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     rope_theta: float = 10000.0  # RoPE base (llama family)
+    rope_scaling_factor: float = 1.0  # Llama-3 RoPE scaling: long wavelengths stretched this much (1 means off)
+    rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths over rope_original_max_len / this are stretched
+    rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths under rope_original_max_len / this are kept
+    rope_original_max_len: int = 8192  # Llama-3 scaling: the context length of pretraining, before the stretch
     qkv_bias: bool = False  # bias on q, k, v projections (Qwen2 has it; gpt2 always has biases)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     dropout: float = 0.0  # dropout on attention and residual branches (training only)
@@ -61,10 +67,17 @@ class Config:
             raise UserError(f"unknown architecture {self.arch!r}: expected 'gpt2' or 'llama'")
         if self.head not in ("lm", "scalar"):
             raise UserError(f"unknown head {self.head!r}: expected 'lm' or 'scalar'")
-        if self.d_model % self.n_head or self.n_head % self.n_kv_head:
+        if (not self.head_dim and self.d_model % self.n_head) or self.n_head % self.n_kv_head:
             raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head} do not divide")
-        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
-            raise UserError("gpt2 has no grouped-query attention: set n_kv_head == n_head")
+        if self.arch == "gpt2" and (self.n_kv_head != self.n_head or self.head_dim):
+            raise UserError("gpt2 has no grouped-query attention or head_dim: set n_kv_head == n_head, head_dim 0")
+        if self.rope_scaling_factor != 1.0 and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise UserError("Llama-3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor")
+
+    @property
+    def head_size(self):
+        """The width of one attention head: head_dim, or d_model // n_head when that is 0."""
+        return self.head_dim or self.d_model // self.n_head
 
 
 PRESETS = {
@@ -110,9 +123,25 @@ def make_norm(cfg):
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-def rope_cos_sin(positions, head_dim, theta):
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32, the rotate-half layout of HF Llama."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_inv_freq(head_dim, theta, device=None):
+    """The (head_dim/2,) fp32 RoPE frequencies theta^(-2i / head_dim), in radians per position."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+
+
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_len):
+    """Llama 3.1's RoPE scaling of (hd/2,) frequencies -> (hd/2,), transformers' "llama3" rope_type.
+
+    Wavelengths under original_max_len / high_freq_factor turn many times within the pretraining context: kept.
+    Those over original_max_len / low_freq_factor turn few times: divided by factor, so a context factor times
+    longer sees only angles seen in pretraining. Between, a linear blend in turns per context. Factor 1: identity."""
+    wavelen = 2 * math.pi / inv_freq
+    # 1 on the kept side, 0 on the stretched side: the clamp gives both ends without a where()
+    smooth = ((original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(positions, inv_freq):
+    """positions (B, T), inv_freq (hd/2,) -> cos, sin (B, 1, T, hd) in fp32, the rotate-half layout of HF Llama."""
     angles = positions[..., None].float() * inv_freq  # (B, T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd)
     return angles.cos()[:, None], angles.sin()[:, None]
@@ -132,7 +161,7 @@ class KVCache(nn.Module):
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         super().__init__()
-        hd = cfg.d_model // cfg.n_head
+        hd = cfg.head_size
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, hd)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -152,7 +181,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_size
         qkv_bias = cfg.arch == "gpt2" or cfg.qkv_bias
         self.q = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=qkv_bias)
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=qkv_bias)
@@ -305,7 +334,12 @@ class Transformer(nn.Module):
         if self.cfg.arch == "gpt2":
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
+            cfg = self.cfg
+            inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, idx.device)
+            if cfg.rope_scaling_factor != 1.0:
+                inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                           cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+            rope = rope_cos_sin(positions, inv_freq)
         x = self.drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:  # recompute activations in backward

@@ -1,4 +1,4 @@
-"""formats.read_gguf, our own GGUF reader, against llama.cpp's gguf-py (a test-only dependency) as the oracle:
+"""gguf_file.read_gguf, our own GGUF reader, against llama.cpp's gguf-py (a test-only dependency) as the oracle:
 files written by gguf-py's GGUFWriter, weights quantised by gguf-py's own quantisers (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1) and the k-quants Q4_K / Q5_K / Q6_K against gguf-py's dequantisation, every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
 UserError naming the file. Then a GGUF as a model: config from the metadata, llama.cpp's Q/K row order undone,
@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import common as C
 import formats
+import gguf_file
 import model as M
 
 gguf = pytest.importorskip("gguf", reason="gguf-py is not installed (pip install -r requirements-test.txt)")
@@ -29,7 +30,7 @@ def quantised(values, qtype):
 def test_dequantize_equals_gguf_py(qtype, rows, blocks, seed, scale):
     values = (np.random.default_rng(seed).standard_normal((rows, 32 * blocks)) * scale).astype(np.float32)
     raw, want = quantised(values, qtype)
-    got = formats.dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(qtype), values.size)
+    got = gguf_file.dequantize(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), int(qtype), values.size)
     np.testing.assert_array_equal(got.reshape(want.shape), want.astype(np.float32))
 
 
@@ -47,7 +48,7 @@ def test_k_quants_equal_gguf_py(qtype, n_blocks, seed):
     else:
         raw[:, :4] = scales
     want = gguf.quants.dequantize(raw, qtype).reshape(-1)
-    got = formats.dequantize(raw.reshape(-1), int(qtype), n_blocks * 256)
+    got = gguf_file.dequantize(raw.reshape(-1), int(qtype), n_blocks * 256)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -55,11 +56,11 @@ def test_dequantize_hand_computed_blocks():
     """One block of each quantised type built by hand from the format's definition."""
     d, m = np.float16(0.5).tobytes(), np.float16(-1.0).tobytes()
     q8 = np.arange(-16, 16, dtype=np.int8)
-    assert formats.dequantize(np.frombuffer(d + q8.tobytes(), np.uint8), 8, 32).tolist() == (0.5 * q8).tolist()
+    assert gguf_file.dequantize(np.frombuffer(d + q8.tobytes(), np.uint8), 8, 32).tolist() == (0.5 * q8).tolist()
     nibbles = bytes((lo | hi << 4) for lo, hi in zip(range(16), range(15, -1, -1)))  # low 0..15, high 15..0
     q = list(range(16)) + list(range(15, -1, -1))
-    assert formats.dequantize(np.frombuffer(d + nibbles, np.uint8), 2, 32).tolist() == [0.5 * (v - 8) for v in q]
-    assert formats.dequantize(np.frombuffer(d + m + nibbles, np.uint8), 3, 32).tolist() == [0.5 * v - 1 for v in q]
+    assert gguf_file.dequantize(np.frombuffer(d + nibbles, np.uint8), 2, 32).tolist() == [0.5 * (v - 8) for v in q]
+    assert gguf_file.dequantize(np.frombuffer(d + m + nibbles, np.uint8), 3, 32).tolist() == [0.5 * v - 1 for v in q]
 
 
 def write_file(path, tensors, metadata=True):
@@ -98,7 +99,7 @@ def good(tmp_path_factory):
 
 def test_reads_what_gguf_py_reads(good):
     path, written = good
-    meta, tensors = formats.read_gguf(path)
+    meta, tensors = gguf_file.read_gguf(path)
     reader = gguf.GGUFReader(path)
     for field in reader.fields.values():  # every key gguf-py sees, with the same value
         if field.name.startswith("GGUF."):  # its pseudo-fields for the header's counts
@@ -116,7 +117,7 @@ def test_reads_what_gguf_py_reads(good):
 
 def assert_user_error(path, *words):
     with pytest.raises(M.UserError) as e:
-        formats.read_gguf(path)
+        gguf_file.read_gguf(path)
     msg = str(e.value)
     assert msg.startswith(str(path)) and "\n" not in msg and all(w in msg for w in words), msg
 
@@ -227,7 +228,7 @@ def tiny_gguf(tmp_path_factory):
     w.add_token_merges(merges)
     w.add_eos_token_id(50256)
     names = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    ours = {v: k for k, v in formats.GGUF_NAMES.items()}
+    ours = {v: k for k, v in gguf_file.GGUF_NAMES.items()}
     for name, t in sd.items():
         if name.startswith("blocks."):
             _, i, *rest = name.split(".")

@@ -409,9 +409,12 @@ def check_chat(enc, messages):
             assert not any(inner_mask)  # never a user or system token
             continue
         h = inner_mask.index(1) if 1 in inner_mask else len(inner_mask)
-        assert all(inner_mask[h:])  # exactly the content: role header off, every content token on
-        assert enc.decode_bytes(inner[:h]) == b"assistant\n"
-        assert enc.decode_bytes(inner[h:]) == m["content"].encode()
+        # the content: the role header off, every token from the first that reaches into the content on (a
+        # tokenizer may merge the header's "\n" with a "\n" that opens the content, as the model's own does)
+        assert all(inner_mask[h:])
+        head = enc.decode_bytes(inner[:h])
+        assert head + enc.decode_bytes(inner[h:]) == b"assistant\n" + m["content"].encode()
+        assert b"assistant\n".startswith(head) and (len(head) == len(b"assistant\n") or m["content"].startswith("\n"))
 
 
 @given(st.lists(message, max_size=5))

@@ -1,0 +1,304 @@
+"""
+gguf_file.py: llama.cpp's single-file format in, read with numpy and struct. Imported lazily (through
+common.load_checkpoint and formats.file_vocab) when a .gguf file is met.
+
+  `read_gguf` -> metadata and dequantised tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, and the k-quants Q4_K, Q5_K,
+  Q6_K; any other type is refused by name); `load_gguf` -> our checkpoint (llama / qwen2 architectures, llama.cpp's
+  Q/K row order undone); `gguf_vocab` -> the file's byte-level BPE tokenizer and chat template (SentencePiece
+  vocabularies are refused). Every count, offset and size in the file is bounds-checked before it is used.
+"""
+
+import os
+import struct
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from common import (CL100K_PATTERN, GPT2_PATTERN, SIZE_LIMITS, UserError, _check_size, _layer_ids, _show,
+                    _tokenizer_of, config_from_dict)
+from formats import SMOLLM_PATTERN, add_special_rows, bpe_ranks
+
+
+# -----------------------------------------------------------------------------
+# The format: a header (magic b"GGUF", version, tensor and metadata counts), typed key-value metadata, tensor infos
+# (name, dims innermost first, type, offset), then the tensor data, aligned to general.alignment (32). Quantised
+# types are blocks of 32 (or 256, the k-quants) weights sharing a scale.
+
+GGUF_VALUE = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+# ggml type id -> (name, weights per block, bytes per block); other types are refused by name
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
+GGML_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+              26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+GGUF_MAX_COUNT = 1 << 24  # tensors, metadata keys or array items: far above any real file; beyond it, a lying header
+
+
+def dequantize(raw, type_id, n):
+    """n weights of ggml type type_id from their bytes (a numpy uint8 array) -> float32 (n,).
+      F32, F16, BF16  the values themselves
+      Q8_0   blocks of 32: a float16 scale d, 32 int8 q;              w = d q
+      Q4_0   blocks of 32: d, 16 bytes of two 4-bit q (low nibbles are weights 0-15, high nibbles 16-31);
+             w = d (q - 8)
+      Q4_1   blocks of 32: d, a float16 minimum m, the same nibbles;  w = d q + m
+      Q4_K, Q5_K, Q6_K  "k-quants", super-blocks of 256: see _dequantize_k"""
+    name = GGML_TYPES[type_id][0]
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    _, per_block, block_bytes = GGML_TYPES[type_id]
+    blocks = raw.reshape(n // per_block, block_bytes)
+    if name.endswith("_K"):
+        return _dequantize_k(blocks, name)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n_blocks, 1)
+    if name == "Q8_0":
+        return (d * blocks[:, 2:].copy().view(np.int8).astype(np.float32)).reshape(-1)
+    q = blocks[:, -16:]
+    q = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)  # (n_blocks, 32)
+    if name == "Q4_0":
+        return (d * (q - 8)).reshape(-1)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return (d * q + m).reshape(-1)
+
+
+def _f16(blocks, start):
+    """The float16 at byte `start` of every block -> (n_blocks, 1) float32."""
+    return blocks[:, start:start + 2].copy().view("<f2").astype(np.float32)
+
+
+def _dequantize_k(blocks, name):
+    """llama.cpp's k-quants, super-blocks of 256 weights in 8 (Q4_K, Q5_K) or 16 (Q6_K) sub-blocks:
+      Q4_K  d, dmin (float16), 12 bytes holding 8 six-bit scales s_j and 8 six-bit mins m_j, 128 bytes of 4-bit q;
+            w = d s_j q - dmin m_j. Each 64 weights are 32 low nibbles (sub-block 2i) then the same 32 bytes' high
+            nibbles (sub-block 2i + 1).
+      Q5_K  as Q4_K, plus 32 bytes of fifth bits: bit 2i of byte l tops up weight l of sub-block 2i, bit 2i + 1
+            weight l of sub-block 2i + 1; w = d s_j (q + 16 h) - dmin m_j
+      Q6_K  128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8 scales, d; w = d s_j (q - 32). Each half of
+            128 weights: its 64 low-bit bytes l give weights l (low nibble) and l + 64 (high nibble), its 32
+            high-bit bytes give 2 bits to each of weights l, l + 32, l + 64, l + 96.
+    blocks (n, block bytes) uint8 -> (n * 256,) float32."""
+    n = len(blocks)
+    if name == "Q6_K":
+        ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
+        scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # (n, 16)
+        d = _f16(blocks, 208)
+        out = np.empty((n, 256), np.float32)
+        for half in range(2):
+            lo, hi = ql[:, 64 * half:64 * half + 64], qh[:, 32 * half:32 * half + 32]
+            quarters = [(lo[:, :32] & 15) | ((hi & 3) << 4), (lo[:, 32:] & 15) | (((hi >> 2) & 3) << 4),
+                        (lo[:, :32] >> 4) | (((hi >> 4) & 3) << 4), (lo[:, 32:] >> 4) | (((hi >> 6) & 3) << 4)]
+            for k, q in enumerate(quarters):  # weights 32k..32k+31 of this half, two scales of 16 each
+                sc = np.repeat(scales[:, 8 * half + 2 * k:8 * half + 2 * k + 2], 16, axis=1)
+                out[:, 128 * half + 32 * k:128 * half + 32 * k + 32] = d * sc * (q - 32)
+        return out.reshape(-1)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    raw = blocks[:, 4:16].astype(np.int32)  # (n, 12): the packed scales and mins
+    sc, mn = np.empty((n, 8), np.int32), np.empty((n, 8), np.int32)
+    sc[:, :4], mn[:, :4] = raw[:, :4] & 63, raw[:, 4:8] & 63
+    sc[:, 4:] = (raw[:, 8:12] & 15) | ((raw[:, :4] >> 6) << 4)
+    mn[:, 4:] = (raw[:, 8:12] >> 4) | ((raw[:, 4:8] >> 6) << 4)
+    qs = blocks[:, -128:].astype(np.int32).reshape(n, 4, 32)
+    q = np.stack([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32)  # sub-block j: low nibbles of chunk j // 2, or high
+    if name == "Q5_K":
+        qh = blocks[:, 16:48].astype(np.int32)  # (n, 32)
+        q = q + 16 * np.stack([(qh >> j) & 1 for j in range(8)], axis=1)
+    w = d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]
+    return w.astype(np.float32).reshape(-1)
+
+
+class _Bytes:
+    """A cursor over a file's bytes whose every read is bounds-checked: a lying count or a cut file is a
+    UserError naming the file and the offset, never a struct.error or an allocation of the claimed size."""
+
+    def __init__(self, data, path):
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n, what):
+        if n < 0 or self.pos + n > len(self.data):
+            raise UserError(f"{self.path}: truncated GGUF: {what} at byte {self.pos} needs {n} bytes, the file "
+                            f"has {len(self.data) - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt, what):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what):
+        n = self.scalar("<Q", what)
+        if n > GGUF_MAX_COUNT:
+            raise UserError(f"{self.path}: not a usable GGUF: {what} is {n}, beyond any real file")
+        return n
+
+    def string(self, what):
+        raw = bytes(self.take(self.count(what + " length"), what))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path}: GGUF {what} is not UTF-8 text")
+
+    def value(self, vtype, what, depth=0):
+        if vtype in GGUF_VALUE:
+            return self.scalar(GGUF_VALUE[vtype], what)
+        if vtype == GGUF_STRING:
+            return self.string(what)
+        if vtype == GGUF_ARRAY and depth == 0:
+            item = self.scalar("<I", what + " item type")
+            return [self.value(item, what, 1) for _ in range(self.count(what + " array length"))]
+        raise UserError(f"{self.path}: GGUF {what} has value type {vtype}, not one the format defines")
+
+
+def read_gguf(path, tensors=True):
+    """A GGUF file -> (metadata {key: value}, tensors {name: float32 numpy array in numpy's dim order}).
+
+    Every count, offset and size is checked against the file before it is used; a tensor type we do not read is
+    refused by name, with the types we do."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    r = _Bytes(data, path)
+    if bytes(r.take(4, "magic")) != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (bad magic {bytes(data[:4])!r}, expected b'GGUF')")
+    version = r.scalar("<I", "version")
+    if version not in (2, 3):
+        raise UserError(f"{path}: GGUF version {version}; this reader knows versions 2 and 3")
+    n_tensors, n_kv = r.count("tensor count"), r.count("metadata count")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string("metadata key")
+        meta[key] = r.value(r.scalar("<I", f"type of {key}"), key)
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string("tensor name")
+        n_dims = r.scalar("<I", f"{name} dims")
+        if not 1 <= n_dims <= 4:
+            raise UserError(f"{path}: GGUF tensor {name} has {n_dims} dimensions (1 to 4 expected)")
+        dims = [r.scalar("<Q", f"{name} size") for _ in range(n_dims)]
+        type_id, offset = r.scalar("<I", f"{name} type"), r.scalar("<Q", f"{name} offset")
+        infos.append((name, dims, type_id, offset))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise UserError(f"{path}: GGUF general.alignment {_show(align)} is not a power of two")
+    start = -(-r.pos // align) * align
+    if not tensors:  # the metadata only (a tokenizer)
+        return meta, {}
+    tensors = {}
+    for name, dims, type_id, offset in infos:
+        if type_id not in GGML_TYPES:
+            kind = GGML_NAMES.get(type_id, f"type id {type_id}")
+            raise UserError(f"{path}: tensor {name} is {kind}, a GGUF type this reader does not dequantise (it reads "
+                            f"{', '.join(t[0] for t in GGML_TYPES.values())})")
+        _, per_block, block_bytes = GGML_TYPES[type_id]
+        n = 1
+        for d in dims:
+            n *= d
+        if n == 0 or n % per_block or n > SIZE_LIMITS["vocab_size"] * SIZE_LIMITS["d_model"]:
+            raise UserError(f"{path}: GGUF tensor {name} of shape {dims} cannot hold {GGML_TYPES[type_id][0]} "
+                            f"blocks of {per_block}")
+        size = n // per_block * block_bytes
+        if start + offset + size > len(data):
+            raise UserError(f"{path}: truncated GGUF: tensor {name} needs bytes {start + offset} to "
+                            f"{start + offset + size}, the file has {len(data)}")
+        raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=start + offset)
+        tensors[name] = dequantize(raw, type_id, n).reshape(dims[::-1])
+    return meta, tensors
+
+
+GGUF_NAMES = {"attn_norm": "norm1", "ffn_norm": "norm2", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+              "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's Q/K row order for the llama architecture. Its converter stores each head's rows as
+    (pairs, 2) interleaved, for ggml's rotate-adjacent-pairs RoPE; our RoPE (and transformers') rotates the two
+    halves of a head, rows (2, pairs). w (n_heads * head_dim, ...) -> the same shape in our order."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_int(path, meta, key, limit, default=None):
+    value = meta.get(key, default)
+    if value is None:
+        raise UserError(f"{path}: GGUF metadata has no {key!r}")
+    _check_size(path, key, value, limit)
+    return value
+
+
+def load_gguf(path):
+    """A llama.cpp GGUF file of the llama or qwen2 architecture -> our checkpoint dict, weights dequantised to
+    fp32; the tokenizer is the file's own (its spec is the path: `gguf_encoding`)."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise UserError(f"{path}: GGUF architecture {_show(arch)} is not one we load (llama, qwen2)")
+    if meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear") or \
+            meta.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
+        raise UserError(f"{path}: RoPE scaling {_show(meta.get(f'{arch}.rope.scaling.type'))} is not implemented")
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: GGUF has no token_embd.weight")
+    n_layer = _gguf_int(path, meta, f"{arch}.block_count", SIZE_LIMITS["n_layer"])
+    d = _gguf_int(path, meta, f"{arch}.embedding_length", SIZE_LIMITS["d_model"])
+    n_head = _gguf_int(path, meta, f"{arch}.attention.head_count", SIZE_LIMITS["n_head"])
+    n_kv = _gguf_int(path, meta, f"{arch}.attention.head_count_kv", SIZE_LIMITS["n_kv_head"], n_head)
+    if meta.get(f"{arch}.attention.key_length", d // max(n_head, 1)) * n_head != d:
+        raise UserError(f"{path}: head size {meta[f'{arch}.attention.key_length']} != embedding_length / heads "
+                        f"is not implemented")
+    cfg = config_from_dict(dict(
+        arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
+        n_kv_head=n_kv, d_model=d, d_ff=_gguf_int(path, meta, f"{arch}.feed_forward_length", SIZE_LIMITS["d_ff"]),
+        max_seq_len=_gguf_int(path, meta, f"{arch}.context_length", SIZE_LIMITS["max_seq_len"], 2048),
+        norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
+        tie_embeddings="output.weight" not in tensors), path)
+    if len(_layer_ids(tensors, "blk")) != cfg.n_layer:
+        raise UserError(f"{path}: block_count is {cfg.n_layer} but the file holds {len(_layer_ids(tensors, 'blk'))} "
+                        f"blocks")
+    sd = {"embed.weight": tensors["token_embd.weight"], "norm.weight": tensors.get("output_norm.weight")}
+    sd["lm_head.weight"] = tensors.get("output.weight", sd["embed.weight"])
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
+            heads = {"attn_q": n_head, "attn_k": n_kv}.get(parts[2])
+            if arch == "llama" and heads and t.shape[0] % (2 * heads) == 0:
+                t = unpermute_qk(t, heads)
+            sd[f"blocks.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"] = t
+    sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items() if v is not None}
+    sd, cfg = add_special_rows(sd, cfg, _tokenizer_of(os.path.abspath(path), path))
+    return {"model": sd, "config": asdict(cfg), "tokenizer": os.path.abspath(path), "step": 0, "args": {},
+            "metrics": {}, "format": "fp32", "lineage": [f"gguf:{os.path.basename(path)}"]}
+
+
+# the pre-tokenizer names llama.cpp writes (tokenizer.ggml.pre) -> the split pattern, as one regex
+GGUF_PATTERNS = {
+    "gpt2": GPT2_PATTERN,
+    "smollm": SMOLLM_PATTERN,
+    "llama-bpe": CL100K_PATTERN,
+    "qwen2": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+             r"""|\s+(?!\S)|\s+""",
+}
+
+
+def gguf_vocab(path):
+    """The tokenizer in a GGUF file's metadata (byte-level BPE: tokenizer.ggml.model "gpt2") -> formats.file_vocab's
+    (ranks, specials, split regex, chat template text, quirks). Control and user-defined tokens are specials."""
+    meta, _ = read_gguf(path, tensors=False)
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        kind = "SentencePiece (Llama-2, Mistral, Gemma)" if model == "llama" else _show(model)
+        raise UserError(f"{path}: tokenizer {kind} is not implemented: only byte-level BPE (GPT-2, SmolLM, Qwen2, "
+                        f"Llama-3) is")
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in GGUF_PATTERNS:
+        raise UserError(f"{path}: pre-tokenizer {_show(pre)} is not one we know ({', '.join(GGUF_PATTERNS)})")
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not isinstance(types, list) or len(tokens) != len(types):
+        raise UserError(f"{path}: GGUF tokenizer.ggml.tokens / token_type missing or of different lengths")
+    specials = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}  # control, user
+    vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind not in (3, 4)}
+    ranks = bpe_ranks(path, vocab, meta.get("tokenizer.ggml.merges", []))
+    template = meta.get("tokenizer.chat_template")
+    return (ranks, specials, GGUF_PATTERNS[pre], template if isinstance(template, str) else None,
+            {"unk": meta.get("tokenizer.ggml.unknown_token_id", 0)})
