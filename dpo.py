@@ -535,7 +535,7 @@ def main(argv=None):
     C.catch_interrupts(cfg.save_on_interrupt)
     last_saved = f"{cfg.resume} (step {start_step})" if cfg.resume else None
     model.grad_checkpointing = cfg.grad_checkpointing
-    pad_id, stop_id = C.special_id(enc, "<|pad|>"), C.special_id(enc, "<|im_end|>")
+    pad_id, stop_id = C.special_id(enc, "<|pad|>"), C.end_id(enc)
 
     train, held, n_truncated = load_examples(cfg, enc)
     if not train:

@@ -249,11 +249,11 @@ def render(enc, messages, cfg):
 
 
 def stop_ids(enc, chat_template):
-    """ChatML stops at <|im_end|>; plain text at the first token holding a newline. <|endoftext|> always."""
+    """A chat stops at its template's end token; plain text at the first token holding a newline. <|endoftext|> always."""
     stops = [C.special_id(enc, "<|endoftext|>")]
     if chat_template:
-        return stops + [C.special_id(enc, "<|im_end|>")]
-    specials = {C.special_id(enc, t) for t in C.SPECIAL_TOKENS}
+        return stops + [C.end_id(enc)]
+    specials = {C.special_id(enc, t) for t in enc.special_tokens_set}
     return stops + [t for t in range(enc.n_vocab) if t not in specials and b"\n" in enc.decode_single_token_bytes(t)]
 
 
@@ -353,7 +353,7 @@ def generate_responses(model, enc, prompts, cfg, device):
     prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
     stops = stop_ids(enc, cfg.chat_template)
     banned = C.never_sampled(enc, model.cfg.vocab_size, stops)  # <|pad|>, <|im_start|>; a stop is never banned
-    special_stops = {C.special_id(enc, "<|endoftext|>"), C.special_id(enc, "<|im_end|>")}
+    special_stops = {C.special_id(enc, "<|endoftext|>"), C.end_id(enc)}
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same random stream for every checkpoint
     texts, responses = [], []
     for i in range(0, len(prompt_ids), cfg.batch_size):

@@ -258,8 +258,8 @@ def add_special_rows(sd, cfg, enc):
     none of them, SmolLM2 has no <|pad|>): embedding and head rows at the mean embedding. Rows of any other shape
     are left for load_model to report against the config. -> (state dict, config)."""
     extra = enc.n_vocab - cfg.vocab_size
-    if 0 < extra <= len(SPECIAL_TOKENS) + max(map(len, TEMPLATE_TOKENS.values())) and all(sd[k].shape == (cfg.vocab_size, cfg.d_model)
-                                                 for k in ("embed.weight", "lm_head.weight")):
+    fits = all(sd[k].shape == (cfg.vocab_size, cfg.d_model) for k in ("embed.weight", "lm_head.weight"))
+    if 0 < extra <= len(SPECIAL_TOKENS) + max(map(len, TEMPLATE_TOKENS.values())) and fits:
         for k in ("embed.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], sd[k].mean(0, keepdim=True).expand(extra, -1)])  # (vocab + extra, C)
         cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + extra)
@@ -511,7 +511,9 @@ def tokenizer_json(enc):
         pairs = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
         merges += [f"{text[a]} {text[b]}" for a, b in sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
     specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
-    unk = getattr(enc, "_unk", None)
+    # the unknown token (a vocabulary missing single bytes) must be in the BPE vocabulary; no other special may
+    # be: a pre-token spelling it would then be taken whole as it
+    unk = [(t, i) for t, i in specials if i == getattr(enc, "_unk", None) and getattr(enc, "_bad", None)]
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -522,10 +524,10 @@ def tokenizer_json(enc):
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": next((t for t, i in specials if i == unk), None),
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk[0][0] if unk else None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
                   "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {**{text[b]: r for b, r in ranks.items()}, **dict(specials)}, "merges": merges},
+                  "vocab": {**{text[b]: r for b, r in ranks.items()}, **dict(unk)}, "merges": merges},
     }
 
 

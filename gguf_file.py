@@ -229,7 +229,7 @@ def _gguf_int(path, meta, key, limit, default=None):
 
 def load_gguf(path):
     """A llama.cpp GGUF file of the llama or qwen2 architecture -> our checkpoint dict, weights dequantised to
-    fp32; the tokenizer is the file's own (its spec is the path: `gguf_encoding`)."""
+    fp32; the tokenizer is the file's own (its spec is the path: `gguf_vocab`)."""
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2"):
@@ -243,15 +243,19 @@ def load_gguf(path):
     d = _gguf_int(path, meta, f"{arch}.embedding_length", SIZE_LIMITS["d_model"])
     n_head = _gguf_int(path, meta, f"{arch}.attention.head_count", SIZE_LIMITS["n_head"])
     n_kv = _gguf_int(path, meta, f"{arch}.attention.head_count_kv", SIZE_LIMITS["n_kv_head"], n_head)
-    if meta.get(f"{arch}.attention.key_length", d // max(n_head, 1)) * n_head != d:
-        raise UserError(f"{path}: head size {meta[f'{arch}.attention.key_length']} != embedding_length / heads "
-                        f"is not implemented")
+    head_dim = _gguf_int(path, meta, f"{arch}.attention.key_length", SIZE_LIMITS["d_model"], d // n_head)
+    if meta.get(f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise UserError(f"{path}: key and value head sizes differ; not implemented")
+    if "rope_freqs.weight" in tensors:  # llama.cpp's form of Llama-3 RoPE scaling: per-frequency divisors
+        raise UserError(f"{path}: RoPE frequency factors (rope_freqs, Llama-3.1+) are not implemented for GGUF; "
+                        f"load the Hugging Face directory, which we read with its rope_scaling")
     cfg = config_from_dict(dict(
         arch="llama", vocab_size=tensors["token_embd.weight"].shape[0], n_layer=n_layer, n_head=n_head,
         n_kv_head=n_kv, d_model=d, d_ff=_gguf_int(path, meta, f"{arch}.feed_forward_length", SIZE_LIMITS["d_ff"]),
         max_seq_len=_gguf_int(path, meta, f"{arch}.context_length", SIZE_LIMITS["max_seq_len"], 2048),
         norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0), qkv_bias="blk.0.attn_q.bias" in tensors,
+        head_dim=0 if head_dim * n_head == d else head_dim,
         tie_embeddings="output.weight" not in tensors), path)
     if len(_layer_ids(tensors, "blk")) != cfg.n_layer:
         raise UserError(f"{path}: block_count is {cfg.n_layer} but the file holds {len(_layer_ids(tensors, 'blk'))} "

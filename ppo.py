@@ -333,7 +333,7 @@ def sample(model, prompt_ids, cfg, enc, device, temperature, gen=None):
     """Batched KV-cache sampling -> dict of seq, attn (B, P+N), tokens, logp, mask (B, N), P, texts, ended and
     banned, the (V,) mask of ids never sampled (common.never_sampled: <|pad|>, <|im_start|>, <|endoftext|>, ids
     beyond the tokenizer), which the trainer's log-probs exclude too."""
-    stop, pad = C.special_id(enc, "<|im_end|>"), C.special_id(enc, "<|pad|>")
+    stop, pad = C.end_id(enc), C.special_id(enc, "<|pad|>")
     banned_ids = C.never_sampled(enc, model.cfg.vocab_size, [stop])
     with C.autocast(device, cfg.dtype):
         tokens, logp, gen_mask = M.generate(model, prompt_ids, cfg.max_new_tokens, temperature, 0, 1.0, [stop], pad,

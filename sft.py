@@ -2,9 +2,10 @@
 sft.py: supervised fine-tuning on chats, and plain language-model training on raw text.
 
 Two formats, one loop:
-  --format chat  `{"messages": [...]}` JSONL rendered with the ChatML template; the loss is on the assistant's
-                 tokens only (content and its `<|im_end|>`, the mask from common.render_chat), multi-turn included.
-                 `--template plain` is the no-template ablation (common.render_plain).
+  --format chat  `{"messages": [...]}` JSONL rendered with the model's chat template; the loss is on the assistant's
+                 tokens only (content and its end token, the mask from common.render_chat), multi-turn included.
+                 `--template NAME` renders with another of common.CHAT_TEMPLATES instead (the checkpoint keeps
+                 it); `--template plain` is the no-template ablation (common.render_plain).
   --format text  a `.txt` file (one stream) or `{"text": ...}` JSONL: every token is a target. With
                  `--init tiny` it pre-trains a fresh model from a preset; with `--model` it is continued
                  pre-training / domain adaptation.
@@ -54,7 +55,7 @@ class Config:
     tokenizer: str = "byte"  # tokenizer of a fresh --init model: byte, gpt2 or a .tiktoken path
     data: str = "data/toy/sft.jsonl"  # training data: chats JSONL, or .txt / {"text"} JSONL with --format text
     format: str = "chat"  # chat (assistant-only loss) or text (every token)
-    template: str = "chatml"  # chat rendering: chatml, or plain (the no-template ablation)
+    template: str = "auto"  # auto (the model's own chat template), plain (ablation), or chatml/smollm2/qwen2.5/llama3
     out: str = "out/sft.pt"  # output checkpoint
     steps: int = 400  # optimiser steps
     batch_size: int = 16  # rows per micro-batch per process
@@ -113,7 +114,7 @@ def tokenize(cfg, enc):
             stream += enc.encode_ordinary(doc) + [eot]
         windows = [stream[i:i + cfg.seq_len] for i in range(0, len(stream), cfg.seq_len)]
         return [(w, [1] * len(w)) for w in windows if len(w) > 1], 0
-    render = {"chatml": C.render_chat, "plain": C.render_plain}[cfg.template]
+    render = C.render_plain if cfg.template == "plain" else C.render_chat
     examples, truncated = [], 0
     for rec in C.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
         ids, mask = render(enc, rec["messages"])
@@ -171,6 +172,11 @@ def eval_loss(model, rows, cfg, device):
 # -----------------------------------------------------------------------------
 
 
+def chat_template(cfg):
+    """--template as a common.CHAT_TEMPLATES name, None for the model's own."""
+    return None if cfg.template in ("auto", "plain") else cfg.template
+
+
 def load_start(cfg, device):
     """The model to train (and its tokenizer, lineage, start step, saved train state)."""
     if bool(cfg.model) == bool(cfg.init):
@@ -180,12 +186,17 @@ def load_start(cfg, device):
         if cfg.format != "text":
             raise M.UserError("--init trains a fresh model: use it with --format text (pre-training)")
         torch.manual_seed(cfg.seed)
-        enc = C.get_tokenizer(cfg.tokenizer)
+        enc = C.get_tokenizer(cfg.tokenizer, chat_template(cfg))
         max_seq_len = max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))
         model, lineage = M.build_model(cfg.init, enc, max_seq_len=max_seq_len), [f"init:{cfg.init}"]
     else:
         model, enc, ckpt = C.load_model(cfg.model)
         lineage = ckpt.get("lineage", [])
+        if chat_template(cfg) not in (None, enc.chat_template):  # the model's own template, overridden
+            enc = C.get_tokenizer(enc.name, chat_template(cfg))
+            if enc.n_vocab > model.cfg.vocab_size:
+                raise M.UserError(f"--template {cfg.template} needs {enc.n_vocab} token ids, {cfg.model} has "
+                                  f"{model.cfg.vocab_size}: pre-train with --init ... --template {cfg.template}")
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
@@ -194,8 +205,9 @@ def load_start(cfg, device):
 
 def main(argv=None):
     cfg = C.parse_config(Config, argv, description=__doc__)
-    if cfg.format not in ("chat", "text") or cfg.template not in ("chatml", "plain"):
-        raise M.UserError("--format must be chat or text, --template chatml or plain")
+    if cfg.format not in ("chat", "text") or cfg.template not in ("auto", "plain", *C.CHAT_TEMPLATES):
+        raise M.UserError(f"--format must be chat or text, --template auto, plain or one of "
+                          f"{', '.join(C.CHAT_TEMPLATES)}")
     rank, world, device = C.setup_ddp(cfg.device)
     torch.manual_seed(cfg.seed)
     model, enc, lineage, start_step, state = load_start(cfg, device)
