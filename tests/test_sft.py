@@ -13,7 +13,7 @@ import common as C
 import model as M
 import sft
 from conftest import (assert_one_line_error, assert_refused, assert_same_first_step, assert_same_training, ROOT,
-                      run_script)
+                      run_script, save_tiny)
 
 
 def write_chats(path, n=40, seed=0):
@@ -245,3 +245,23 @@ def test_compile_matches_eager(tmp_path, tiny_ckpt):
     assert_same_first_step(tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl", rel=1e-4)  # fused kernels round
     assert_same_training(final_weights(tmp_path / "eager.pt"), final_weights(tmp_path / "compiled.pt"),
                          lr=1e-3, steps=2)
+
+
+def test_template_follows_the_model_and_can_be_switched(tmp_path, tiny_ckpt):
+    """--template auto trains in the checkpoint's own template (llama3 here), and the
+    output keeps it; --template NAME switches and is kept; a template whose tokens the model lacks is one line."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1?"},
+                                                     {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                            for i in range(40)))
+    llama3 = save_tiny(tmp_path / "llama3.pt", C.get_tokenizer("byte", "llama3"))
+    args = ["--data", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-every", "0"]
+    run_script("sft.py", "--model", llama3, "--out", str(tmp_path / "a.pt"), *args)
+    assert C.load_checkpoint(str(tmp_path / "a.pt"))["chat_template"] == "llama3"
+    run_script("sft.py", "--model", llama3, "--out", str(tmp_path / "b.pt"), "--template", "qwen2.5", *args)
+    _, enc, _ = C.load_model(str(tmp_path / "b.pt"))
+    ids, _ = C.render_chat(enc, [{"role": "user", "content": "x"}])
+    assert enc.chat_template == "qwen2.5" and enc.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
+    proc = run_script("sft.py", "--model", tiny_ckpt, "--out", str(tmp_path / "c.pt"), "--template", "llama3",
+                      *args, check=False)
+    assert_one_line_error(proc, "", "--template llama3 needs 264 token ids")
