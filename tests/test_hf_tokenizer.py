@@ -159,12 +159,41 @@ def test_llama3_template_tokens_are_added_to_our_tokenizers():
 # Export: what transformers loads
 
 
-@pytest.fixture(scope="module", params=["byte", "gpt2-json", "smollm2", "llama3"])
+def low_specials_json(path, n_merges=300):
+    """A tokenizer.json laid out as SmolLM2's is: its special tokens first (ids 0-2), then the 256 bytes, then the
+    tokens of GPT-2's first n_merges merges, in merge order."""
+    gpt2 = json.loads(open(gpt2_tokenizer_json(path)).read())
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    for ch in formats._byte_encoder().values():
+        vocab[ch] = len(vocab)
+    merges = []
+    for a, b in gpt2["model"]["merges"][:n_merges]:
+        if a in vocab and b in vocab:  # GPT-2's list has every split of a token; keep those already reachable
+            merges.append([a, b])
+            vocab.setdefault(a + b, len(vocab))
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for t, i in list(vocab.items())[:3]]
+    path.write_text(json.dumps({**gpt2, "added_tokens": added,
+                                "model": {**gpt2["model"], "vocab": vocab, "merges": merges}}))
+    return str(path)
+
+
+def test_low_special_ids_read_as_transformers(tmp_path):
+    path = low_specials_json(tmp_path / "tokenizer.json")
+    ours, theirs = C.get_tokenizer(path), transformers.PreTrainedTokenizerFast(tokenizer_file=path)
+    assert C.special_id(ours, "<|im_start|>") == 1 and C.special_id(ours, "<|pad|>") == ours.n_vocab - 1
+    for text in ["Hello there, the 12 cats<|im_end|>", " the  the\n\nthe", "日本 é"]:
+        assert ours.encode(text, allowed_special="all") == theirs.encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module", params=["byte", "gpt2-json", "low-specials", "smollm2", "llama3"])
 def exported(request, tmp_path_factory):
     """A tiny random model exported by export_hf with one tokenizer / template, and what transformers loads."""
     tmp = tmp_path_factory.mktemp("export")
     if request.param == "byte":
         enc = C.get_tokenizer("byte")
+    elif request.param == "low-specials":
+        enc = C.get_tokenizer(low_specials_json(tmp / "tokenizer.json"))
     else:
         path = gpt2_tokenizer_json(tmp / "tokenizer.json")
         enc = C.get_tokenizer(path, None if request.param == "gpt2-json" else request.param)
