@@ -2,7 +2,7 @@
 files written by gguf-py's GGUFWriter, weights quantised by gguf-py's own quantisers (F32, F16, BF16, Q8_0, Q4_0,
 Q4_1) and the k-quants Q4_K / Q5_K / Q6_K against gguf-py's dequantisation, every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
 UserError naming the file. Then a GGUF as a model: config from the metadata, llama.cpp's Q/K row order undone,
-and the tokenizer from the metadata against transformers' GGUF tokenizer."""
+the logits against transformers' own GGUF load, and the tokenizer from the metadata against transformers' GGUF tokenizer."""
 import struct
 
 import numpy as np
@@ -269,6 +269,19 @@ def test_gguf_loads_as_the_model_it_was_written_from(tiny_gguf):
     with M.torch.no_grad():
         got, expected = model.eval()(ids)[..., :50257], reference.eval()(ids)
     M.torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_logits_equal_transformers_gguf_load(tiny_gguf):
+    """transformers' own GGUF loader (its dequantisation and Q/K un-permutation) on the same file: equal logits."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers reads GGUF only with accelerate (requirements-test.txt)")
+    path = tiny_gguf[0]
+    folder, name = path.rsplit("/", 1)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    model, enc, _ = C.load_model(path)
+    ids = M.torch.tensor([enc.encode_ordinary("The quick brown fox jumps over the lazy dog, 12 times.")])
+    with M.torch.no_grad():
+        M.torch.testing.assert_close(model.eval()(ids)[..., :50257], theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
