@@ -1,8 +1,9 @@
 """gguf_file.read_gguf, our own GGUF reader, against llama.cpp's gguf-py (a test-only dependency) as the oracle:
 files written by gguf-py's GGUFWriter, weights quantised by gguf-py's own quantisers (F32, F16, BF16, Q8_0, Q4_0,
-Q4_1) and the k-quants Q4_K / Q5_K / Q6_K against gguf-py's dequantisation, every metadata value type; and damaged files (cut anywhere, lying counts, types we do not read) as one
-UserError naming the file. Then a GGUF as a model: config from the metadata, llama.cpp's Q/K row order undone,
-the logits against transformers' own GGUF load, and the tokenizer from the metadata against transformers' GGUF tokenizer."""
+Q4_1) and the k-quants Q4_K / Q5_K / Q6_K against gguf-py's dequantisation, every metadata value type; and damaged
+files (cut anywhere, lying counts, types we do not read) as one UserError naming the file. Then a GGUF as a model:
+config from the metadata, llama.cpp's Q/K row order undone, the logits against transformers' own GGUF load, and
+the tokenizer from the metadata against transformers' GGUF tokenizer."""
 import struct
 
 import numpy as np
