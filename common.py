@@ -194,7 +194,7 @@ def _encode_turn(enc, head, body, on):
 
 def render_chat(enc, messages, add_generation_prompt=False):
     """messages -> (ids, mask) as lists, in enc's chat template (CHAT_TEMPLATES), token for token what the model's
-    own Jinja template and tokenizer make (tests/test_templates.py checks it against transformers):
+    own Jinja template and tokenizer make (tests/test_hf_tokenizer.py checks it against transformers):
       chatml   `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message; smollm2 and qwen2.5 first add their
                default system message when the chat has none
       llama3   `<|begin_of_text|>`, then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`
