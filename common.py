@@ -164,9 +164,14 @@ def special_id(enc, token):
     return enc.encode_single_token(token)
 
 
+def chat_style(enc):
+    """The turn format of enc's chat template: "chatml" or "llama3" (CHAT_TEMPLATES)."""
+    return CHAT_TEMPLATES[enc.chat_template][0]
+
+
 def end_id(enc):
     """The token that ends a turn in enc's chat template (<|im_end|>, Llama-3's <|eot_id|>): a chat's stop."""
-    return special_id(enc, TEMPLATE_TOKENS[CHAT_TEMPLATES[enc.chat_template][0]][-1])
+    return special_id(enc, TEMPLATE_TOKENS[chat_style(enc)][-1])
 
 
 def never_sampled(enc, vocab_size, stop_ids):
@@ -183,10 +188,10 @@ def _encode_turn(enc, head, body, on):
     the two: "\\n" + "\\n..." is one "\\n\\n" token). -> (ids, mask): mask `on` from the first token that reaches
     into the body."""
     ids = enc.encode_ordinary(head + body)
-    n_head, end = 0, 0
+    n_head, end, head_bytes = 0, 0, len(head.encode("utf-8"))
     for t in ids:
         end += len(enc.decode_single_token_bytes(t))
-        if end > len(head.encode("utf-8")):
+        if end > head_bytes:
             break
         n_head += 1
     return ids, [0] * n_head + [on] * (len(ids) - n_head)
@@ -265,7 +270,7 @@ def render_response(enc, prompt, response):
     newline after it. These are the tokens a preference loss scores, and the last one is the point where a reward
     model reads its score (TRL also counts that newline; see dpo.py's departures)."""
     prompt_ids, _ = render_chat(enc, prompt, add_generation_prompt=True)
-    body = response.strip() if CHAT_TEMPLATES[enc.chat_template][0] == "llama3" else response
+    body = response.strip() if chat_style(enc) == "llama3" else response
     return prompt_ids, enc.encode_ordinary(body) + [end_id(enc)]
 
 

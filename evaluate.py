@@ -66,7 +66,7 @@ class Config:
     reward_model: str = ""  # scalar-head checkpoint judging the win rate by its scores
     judge: str = ""  # LM checkpoint judging the win rate by log p("A") vs log p("B"), both orders
     ref: str = ""  # reference checkpoint (e.g. SFT): kl_ref on the policy's own --data responses
-    chat_template: bool = True  # ChatML prompts; --no-chat-template: plain "User: ...\nAssistant: " text
+    chat_template: bool = True  # the model's chat template; --no-chat-template: plain "User: ...\nAssistant: " text
     shots: int = 0  # k-shot: prepend k solved examples as earlier turns
     shots_data: str = ""  # JSONL {"prompt", "answer"} the --data shots come from (default: first k records)
     cot: bool = False  # append "Think step by step." to the last user turn of --data prompts
@@ -249,7 +249,8 @@ def render(enc, messages, cfg):
 
 
 def stop_ids(enc, chat_template):
-    """A chat stops at its template's end token; plain text at the first token holding a newline. <|endoftext|> always."""
+    """A chat stops at its template's end token, plain text at the first token holding a newline; both at
+    <|endoftext|>."""
     stops = [C.special_id(enc, "<|endoftext|>")]
     if chat_template:
         return stops + [C.end_id(enc)]

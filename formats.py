@@ -23,7 +23,7 @@ import torch
 
 from common import (CHAT_TEMPLATES, GPT2_PATTERN, SIZE_LIMITS, SPECIAL_TOKENS, TEMPLATE_TOKENS, UserError,
                     _check_size, _layer_ids, _one_line, _show, _tokenizer_of, atomic_write, config_from_dict,
-                    end_id, parse_json, special_id)
+                    chat_style, end_id, parse_json, special_id)
 from model import plain_state_dict
 
 
@@ -294,8 +294,8 @@ def export_hf(model, enc, out_dir):
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                   rope_parameters=rope, head_dim=cfg.head_size, hidden_act="silu",
                   tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, torch_dtype="float32")
-    bos = "<|begin_of_text|>" if CHAT_TEMPLATES[enc.chat_template][0] == "llama3" else "<|endoftext|>"
-    ids = dict(bos_token_id=special_id(enc, bos), eos_token_id=end_id(enc), pad_token_id=special_id(enc, "<|pad|>"))
+    ids = dict(bos_token_id=special_id(enc, _bos_token(enc)), eos_token_id=end_id(enc),
+               pad_token_id=special_id(enc, "<|pad|>"))
     hc.update(ids)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(_safetensors_bytes(hf)))
@@ -304,7 +304,16 @@ def export_hf(model, enc, out_dir):
     if enc.name in ("byte", "gpt2"):  # a path would tie the export to a file outside it: its tokenizer.json stands
         files.append(("tokenizer.json.posttrain", {"tokenizer": enc.name, "chat_template": enc.chat_template}))
     for name, obj in files:
-        atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, indent=1).encode()))
+        _write_json(os.path.join(out_dir, name), obj)
+
+
+def _write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")))
+
+
+def _bos_token(enc):
+    """The token HF configs name bos: Llama-3's <|begin_of_text|>, else <|endoftext|>."""
+    return "<|begin_of_text|>" if chat_style(enc) == "llama3" else "<|endoftext|>"
 
 
 # -----------------------------------------------------------------------------
@@ -536,11 +545,8 @@ def tokenizer_json(enc):
 def write_tokenizer(enc, out_dir, max_len):
     """tokenizer.json, and tokenizer_config.json with the chat template and its special tokens, into out_dir:
     what `AutoTokenizer.from_pretrained(out_dir)` needs (GGUF export writes the same vocabulary as metadata)."""
-    style = CHAT_TEMPLATES[enc.chat_template][0]
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": TEMPLATE_JINJA[enc.chat_template],
-              "bos_token": "<|begin_of_text|>" if style == "llama3" else "<|endoftext|>",
-              "eos_token": TEMPLATE_TOKENS[style][-1], "pad_token": "<|pad|>", "unk_token": None,
-              "model_max_length": max_len, "clean_up_tokenization_spaces": False}
-    for name, obj in [("tokenizer.json", tokenizer_json(enc)), ("tokenizer_config.json", config)]:
-        atomic_write(os.path.join(out_dir, name), lambda f, obj=obj: f.write(json.dumps(obj, ensure_ascii=False,
-                                                                                        indent=1).encode()))
+              "bos_token": _bos_token(enc), "eos_token": TEMPLATE_TOKENS[chat_style(enc)][-1], "pad_token": "<|pad|>",
+              "unk_token": None, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    _write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json(enc))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)

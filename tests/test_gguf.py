@@ -180,7 +180,7 @@ def gpt2_gguf_vocab():
     bytes with only the tokens ranked before it)."""
     enc = C.get_tokenizer("gpt2")
     ranks = C.read_ranks(f"{C.HERE}/data/gpt2.tiktoken")
-    to_char = {b: c for c, b in formats._byte_decoder().items()}
+    to_char = formats._byte_encoder()
 
     def text(bs):
         return "".join(to_char[b] for b in bs)
