@@ -336,6 +336,9 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
         "format": DTYPE_NAMES.get(dtype, str(dtype)),
         "lineage": list(lineage),
     }
+    quant = getattr(raw, "quant", None)  # quantize.py's settings, while packed layers remain (QLoRA writes them dense)
+    if quant is not None and any(k.endswith(".qweight") for k in sd):
+        ckpt["format"], ckpt["quant"] = quant["format"], dict(quant)
     if train_state is not None:
         ckpt["train_state"] = train_state
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -486,10 +489,10 @@ def load_model(path, device="cpu", head=None):
     head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
     ckpt = load_checkpoint(path)
     fmt = ckpt.get("format", "fp32")
-    if not isinstance(fmt, str) or fmt not in WEIGHT_FORMATS:
+    if not isinstance(fmt, str) or fmt.split("-")[0] not in WEIGHT_FORMATS:
         raise UserError(f"{path}: weight format {_show(fmt)} is not one this project reads "
                         f"({', '.join(WEIGHT_FORMATS)})")
-    loader = WEIGHT_FORMATS[fmt]
+    loader = WEIGHT_FORMATS[fmt.split("-")[0]]
     if isinstance(loader, str):
         module, name = loader.split(":")
         loader = getattr(importlib.import_module(module), name)
@@ -499,6 +502,19 @@ def load_model(path, device="cpu", head=None):
 def load_dense(ckpt, path, device="cpu", head=None):
     """A checkpoint dict of float weights (load_checkpoint's) -> (model, tokenizer, ckpt), every name, dtype and
     shape checked against the config before the model is allocated."""
+    cfg, sd, enc = check_weights(ckpt, path, head)
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
+        raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
+    return model.to(device), enc, ckpt
+
+
+def check_weights(ckpt, path, head=None):
+    """A checkpoint dict's float weights against its config -> (config, state dict, tokenizer): every name, dtype
+    and shape checked on a meta-device twin of the model, so nothing of a corrupt size is allocated. head changes
+    the model's head as load_model's does (the state dict then leaves out the old head)."""
     cfg = config_from_dict(ckpt["config"], path)
     sd = ckpt["model"]
     for k, v in sd.items():
@@ -538,18 +554,14 @@ def load_dense(ckpt, path, device="cpu", head=None):
     enc = _tokenizer_of(ckpt.get("tokenizer", "byte"), path, ckpt.get("chat_template"))
     if enc.n_vocab > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
-        raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
-    return model.to(device), enc, ckpt
+    return cfg, sd, enc
 
 
-# How a checkpoint's weights become a model, by its "format": our dense floats here. A technique that stores its
-# weights another way (quantize.py's integer formats) adds an entry, a function or a "module:function" imported
-# only when a file of that format is loaded; every entry has load_dense's signature and return value.
-WEIGHT_FORMATS = {name: load_dense for name in DTYPE_NAMES.values()}
+# How a checkpoint's weights become a model, by its "format" (the part before any "-": "int4-g128" is "int4"): our
+# dense floats here, quantize.py's packed integer formats imported only when a file of theirs is loaded. Every
+# entry is a function or a "module:function" with load_dense's signature and return value.
+WEIGHT_FORMATS = {**{name: load_dense for name in DTYPE_NAMES.values()},
+                  **{name: "quantize:load_quantized" for name in ("int8", "int4", "int3", "int2", "nf4", "w8a8")}}
 
 
 def _layer_ids(keys, marker):
@@ -1029,6 +1041,10 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
         if head != model.cfg.head:
             raise UserError(f"{resume}: a checkpoint with head {_show(head)}, but this run trains a "
                             f"{model.cfg.head!r} head (resume a checkpoint of the same script)")
+    quant = getattr(model, "quant", None)
+    if quant is not None and not lora_rank:
+        raise UserError(f"the model is quantised ({quant['format']}): its packed weights do not train; train LoRA "
+                        "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
         if resume and not lora_rank:
             model.load_state_dict(ckpt["model"])

@@ -275,7 +275,7 @@ def export_hf(model, enc, out_dir):
     cfg = raw.cfg
     if cfg.head != "lm":
         raise UserError("export_hf writes language models only (this model has a scalar head)")
-    hf = ours_to_hf(plain_state_dict(raw), cfg)
+    hf = ours_to_hf(plain_state_dict(raw, dense=True), cfg)  # a quantised model exports dequantised
     if cfg.arch == "gpt2":
         hc = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
                   n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,

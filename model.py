@@ -301,6 +301,19 @@ class Transformer(nn.Module):
         p = next(self.parameters())
         return KVCache(self.cfg, batch_size, max_len, p.device, p.dtype)
 
+    def embed_positions(self, idx, positions):
+        """Token embeddings, with GPT-2's learned positions added -> (x, rope): rope is the (cos, sin) pair every
+        llama block rotates q and k by, None for gpt2."""
+        x = self.embed(idx)  # (B, T, C)
+        if self.cfg.arch == "gpt2":
+            return x + self.pos_embed(positions), None
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, idx.device)
+        if cfg.rope_scaling_factor != 1.0:
+            inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                       cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+        return x, rope_cos_sin(positions, inv_freq)
+
     def forward(self, idx, positions=None, attention_mask=None, doc_ids=None, cache=None, return_hidden=False):
         """idx (B, T) -> logits (B, T, vocab) for head="lm", values (B, T) for head="scalar".
 
@@ -329,17 +342,7 @@ class Transformer(nn.Module):
         else:
             mask = None  # plain causal: the fast is_causal kernel
 
-        x = self.embed(idx)  # (B, T, C)
-        rope = None
-        if self.cfg.arch == "gpt2":
-            x = x + self.pos_embed(positions)
-        else:
-            cfg = self.cfg
-            inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, idx.device)
-            if cfg.rope_scaling_factor != 1.0:
-                inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-                                           cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-            rope = rope_cos_sin(positions, inv_freq)
+        x, rope = self.embed_positions(idx, positions)
         x = self.drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:  # recompute activations in backward
@@ -487,6 +490,9 @@ class LoRALinear(nn.Module):
         return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
 
     def merge(self):
+        if not isinstance(self.base, nn.Linear):
+            raise UserError("a LoRA adapter over a quantised layer does not merge in place; plain_state_dict writes "
+                            "the layer dense with the adapter merged in")
         if not self.merged:
             self.base.weight.data += self.delta().to(self.base.weight.dtype)
             self.merged = True
@@ -511,7 +517,8 @@ def apply_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            # an nn.Linear, or a quantised linear (quantize.QuantLinear: QLoRA); not a LoRALinear already
+            if child_name in targets and hasattr(child, "in_features"):
                 setattr(module, child_name, LoRALinear(child, rank, alpha or 2 * rank, dropout))
     return model
 
@@ -538,16 +545,29 @@ def lora_disabled(model):
             m.merge()
 
 
-def plain_state_dict(model):
-    """The state dict of the model as a plain Transformer: LoRA deltas merged in, adapter tensors dropped."""
+def plain_state_dict(model, dense=False):
+    """The state dict of the model as a plain Transformer: LoRA deltas merged in, adapter tensors dropped.
+
+    A quantised layer (a module with a dequantize() method: quantize.QuantLinear) keeps its packed tensors, unless
+    dense=True (exports) or a LoRA adapter over it is merged in (QLoRA): then it is written as a float weight."""
     model = getattr(model, "module", model)  # unwrap DDP
     sd = {}
     for name, t in model.state_dict().items():
         if ".lora_" in name:
             continue
         sd[name.replace(".base.", ".")] = t.detach().clone()
+    bases = {id(m.base) for m in lora_layers(model)}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and m.enabled and not m.merged:
+        if id(m) in bases:
+            continue  # its LoRALinear, named without ".base", stands for it
+        lora = isinstance(m, LoRALinear) and m.enabled and not m.merged
+        base = m.base if isinstance(m, LoRALinear) else m
+        if hasattr(base, "dequantize") and (dense or lora):
+            packed = [k for k in sd if k.startswith(name + ".") and k != name + ".bias"]
+            for k in packed:
+                del sd[k]
+            sd[name + ".weight"] = base.dequantize().detach()
+        if lora:
             sd[name + ".weight"] += m.delta().detach().to(sd[name + ".weight"].dtype)
     return sd
 
