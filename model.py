@@ -293,9 +293,11 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def num_params(self, trainable=False):
-        """Parameters counted once (tied embeddings are one tensor); trainable=True: only those requiring grad."""
+        """Parameters counted once (tied embeddings are one tensor), a quantised layer's packed weights among them;
+        trainable=True: only those requiring grad."""
         unique = {id(p): p for p in self.parameters()}.values()
-        return sum(p.numel() for p in unique if p.requires_grad or not trainable)
+        packed = sum(m.in_features * m.out_features for m in self.modules() if hasattr(m, "dequantize"))
+        return sum(p.numel() for p in unique if p.requires_grad or not trainable) + (0 if trainable else packed)
 
     def new_cache(self, batch_size, max_len):
         p = next(self.parameters())

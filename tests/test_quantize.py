@@ -401,3 +401,31 @@ def test_corrupt_quantised_checkpoints_are_refused(tmp_path, enc):
             C.load_model(str(bad))
         assert message in str(e.value), (message, str(e.value))
     assert good["format"] == "int4-g32"
+
+
+def test_dpo_and_reward_train_adapters_over_a_quantised_base(tmp_path, enc, toy_dir):
+    """DPO's cached reference log-probs are the quantised base's own (the adapters-off model is the reference), and
+    a reward model trains its fresh head and adapters over the packed weights."""
+    import dpo
+    import reward
+    path = save_tiny(tmp_path / "fp.pt", enc, std=0.05)
+    model = C.load_model(path)[0]
+    Q.quantize_model(model, "rtn", 4, 32)
+    C.save_checkpoint(str(tmp_path / "q.pt"), model, enc)
+    prefs = tmp_path / "prefs.jsonl"
+    with open(f"{toy_dir}/prefs.jsonl") as f:
+        prefs.write_text("".join(f.readlines()[:12]))
+    out = str(tmp_path / "dpo.pt")
+    dpo.main(["--model", str(tmp_path / "q.pt"), "--data", str(prefs), "--out", out, "--steps", "2", "--seq-len",
+              "128", "--batch-size", "4", "--eval-frac", "0", "--kl-prompts", "0", "--warmup", "0", "--lora-rank", "4"])
+    cache = C.load_checkpoint(out)["train_state"]["ref_logps"]
+    train, _, _ = dpo.load_examples(dpo.Config(data=str(prefs), seq_len=128, eval_frac=0.0), enc)
+    pad = C.special_id(enc, "<|pad|>")
+    with torch.no_grad():
+        live = torch.tensor([[dpo.forward_logps(model, [s], torch.device("cpu"), dpo.Config(), pad)[0][0].item()
+                              for s in ex["seqs"]] for ex in train])
+    torch.testing.assert_close(cache, live, rtol=1e-5, atol=1e-4)
+    reward.main(["--model", str(tmp_path / "q.pt"), "--data", str(prefs), "--out", str(tmp_path / "rm.pt"), "--steps",
+                 "2", "--batch-size", "4", "--seq-len", "128", "--lora-rank", "4", "--eval-every", "0", "--lr", "1e-2"])
+    rm = C.load_model(str(tmp_path / "rm.pt"))[0]
+    assert rm.cfg.head == "scalar" and rm.score.weight.abs().sum() > 0

