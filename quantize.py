@@ -340,13 +340,20 @@ def fake_quant_per_token(x, bits=8):
     return torch.round(x / s).clamp(-qmax, qmax) * s
 
 
+# torch's weight-only CPU kernels are built for decoding, with bf16 activations (given fp32 ones they fall back to a
+# path ~20x slower than a dense matmul): at a few rows they read 4x / 8x fewer weight bytes than fp32; at hundreds
+# of rows (prefill, calibration, training) a dense matmul on the dequantised weight is far faster
+FAST_ROWS = 16
+
+
 class QuantLinear(nn.Module):
     """A linear layer holding the packed layout of the module docstring (buffers, saved in the state dict).
 
     scheme "int": (code - zero) * scale; "nf4": NF4[code] * absmax. act_bits 8: inputs rounded to int8 per token
     first (W8A8). forward uses torch's int8 / int4 weight-only CPU kernels when the layer fits them (symmetric int8
-    per channel; int4 with in % group_size == 0 and out % 16 == 0), with no grad and fp32 inputs; else it
-    dequantises and multiplies, which is also what every kernel is tested against."""
+    per channel; int4 with in % group_size == 0 and out % 16 == 0), with no grad, fp32 inputs and at most FAST_ROWS
+    rows, the inputs rounded to bf16 for them (as gpt-fast runs them); else it dequantises and multiplies in the
+    inputs' dtype, which is also what every kernel is tested against."""
 
     def __init__(self, in_features, out_features, bits, group_size, scheme="int", bias=None, act_bits=0):
         super().__init__()
@@ -391,24 +398,24 @@ class QuantLinear(nn.Module):
     def _fast(self, x):
         """y from torch's weight-only CPU kernels, or None where they do not apply."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad
-                or self.scheme != "int"):
+                or self.scheme != "int" or x.numel() > FAST_ROWS * self.in_features):
             return None
         per_channel = self.group_size == self.in_features
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernels' fast paths take bf16 activations
         if self.bits == 8 and per_channel and bool((self.zeros == 128).all()):
             if self._kernel is None:
-                self._kernel = ((self.codes().to(torch.int16) - 128).to(torch.int8), self.scales[:, 0].float())
+                self._kernel = ((self.codes().to(torch.int16) - 128).to(torch.int8), self.scales[:, 0].bfloat16())
             w, s = self._kernel
-            return torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), w, s)
+            return torch.ops.aten._weight_int8pack_mm(xb, w, s).float()
         if (self.bits == 4 and self.in_features % self.group_size == 0 and self.out_features % 16 == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
             if self._kernel is None:  # torch's convention: w = (code - 8) * scale + zero, so zero = (8 - ours) * scale
                 s = self.scales.float()
                 offset = (8 - self.zeros.float()) * s
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
-                self._kernel = (packed, torch.stack([s.t(), offset.t()], -1).contiguous())
+                self._kernel = (packed, torch.stack([s.t(), offset.t()], -1).bfloat16().contiguous())
             packed, scales_and_zeros = self._kernel
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed,
-                                                              self.group_size, scales_and_zeros)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, scales_and_zeros).float()
         return None
 
     def forward(self, x):

@@ -221,7 +221,11 @@ def test_quant_linear_equals_the_dequantised_linear(spec, bias):
         got = layer(x)  # torch's int8 / int4 kernel where the layer fits one
     fits = (spec["bits"] == 8 and spec.get("symmetric")) or (spec["bits"] == 4 and spec.get("scheme") != "nf4")
     assert (layer._kernel is not None) == bool(fits)
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    if fits:  # the kernels compute in bf16 (activations, scales, outputs: 8 bits of mantissa, 2^-9 relative each),
+        # so they agree to ~1e-2 of the outputs' size; a wrong nibble, scale or zero is off by the size itself
+        assert torch.allclose(got, want, atol=1e-2 * want.abs().max().item()), (got - want).abs().max()
+    else:
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     # with gradients: the dequantise-then-matmul reference, and its backward equals the float layer's
     xg = x.clone().requires_grad_(True)
     y = layer(xg)
