@@ -35,6 +35,7 @@ dimension (g = in when group_size is 0: one group per output channel), G = ceil(
 Embeddings, norms and the output head stay in floating point, as in GPTQ and AWQ.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -128,6 +129,10 @@ def pack_bits(codes, bits):
 def unpack_bits(packed, bits, n):
     """pack_bits' inverse: uint8 (out, ceil(n / 8) * bits) -> codes uint8 (out, n)."""
     out = packed.shape[0]
+    if bits == 8:
+        return packed[:, :n]
+    if bits == 4:  # the same layout, the common case made fast: low nibble first
+        return torch.stack([packed & 0xF, packed >> 4], -1).view(out, -1)[:, :n]
     b = packed.to(torch.int64).view(out, -1, bits)
     word = torch.zeros(b.shape[:2], dtype=torch.int64, device=packed.device)
     for k in range(bits):
@@ -370,6 +375,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.uint8))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._kernel = None  # torch's own layout of the weights, built on the first fast call (not saved)
+        self._dense = None  # the dequantised weight, held only inside dequantized()
 
     @classmethod
     def from_linear(cls, linear, bits, group_size, scheme="int", codes=None, scales=None, zeros=None, act_bits=0,
@@ -421,6 +427,8 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         if self.act_bits:
             x = fake_quant_per_token(x, self.act_bits)
+        if self._dense is not None:  # inside dequantized(): calibration's many batches through one block
+            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = self._fast(x)
         if y is None:
             y = _DequantMatmul.apply(x, self)
@@ -436,6 +444,19 @@ class QuantLinear(nn.Module):
         act = f", act_bits={self.act_bits}" if self.act_bits else ""
         return (f"in={self.in_features}, out={self.out_features}, {self.scheme}{self.bits}, "
                 f"group_size={self.group_size}{act}")
+
+
+@contextlib.contextmanager
+def dequantized(module):
+    """Every QuantLinear in module computes with its weight dequantised once, not at each call, until the end."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m._dense = m.dequantize()
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m._dense = None
 
 
 def linear_names(model):
@@ -571,7 +592,8 @@ def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False,
                                                 symmetric=symmetric)
             _swap(block, name, layer)
         if need:
-            xs = [block(x, rope, None, None) for x in xs]
+            with dequantized(block):
+                xs = [block(x, rope, None, None) for x in xs]
         if progress:
             progress(index)
     model.quant = {"format": weight_format(method, bits, group_size, scheme), "method": method, "bits": bits,
