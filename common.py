@@ -489,10 +489,11 @@ def load_model(path, device="cpu", head=None):
     head="scalar" turns a language model into a reward model / critic with a fresh value head, and back."""
     ckpt = load_checkpoint(path)
     fmt = ckpt.get("format", "fp32")
-    if not isinstance(fmt, str) or fmt.split("-")[0] not in WEIGHT_FORMATS:
+    family = fmt.split("-")[0] if isinstance(fmt, str) else None  # "int4-g128" is read as "int4" is
+    if not isinstance(fmt, str) or (fmt not in WEIGHT_FORMATS and family not in WEIGHT_FORMATS):
         raise UserError(f"{path}: weight format {_show(fmt)} is not one this project reads "
                         f"({', '.join(WEIGHT_FORMATS)})")
-    loader = WEIGHT_FORMATS[fmt.split("-")[0]]
+    loader = WEIGHT_FORMATS.get(fmt) or WEIGHT_FORMATS[family]
     if isinstance(loader, str):
         module, name = loader.split(":")
         loader = getattr(importlib.import_module(module), name)
@@ -557,9 +558,9 @@ def check_weights(ckpt, path, head=None):
     return cfg, sd, enc
 
 
-# How a checkpoint's weights become a model, by its "format" (the part before any "-": "int4-g128" is "int4"): our
-# dense floats here, quantize.py's packed integer formats imported only when a file of theirs is loaded. Every
-# entry is a function or a "module:function" with load_dense's signature and return value.
+# How a checkpoint's weights become a model, by its "format" (else the part before its first "-": "int4-g128" is
+# "int4"): our dense floats here, quantize.py's packed integer formats imported only when a file of theirs is
+# loaded. Every entry is a function or a "module:function" with load_dense's signature and return value.
 WEIGHT_FORMATS = {**{name: load_dense for name in DTYPE_NAMES.values()},
                   **{name: "quantize:load_quantized" for name in ("int8", "int4", "int3", "int2", "nf4", "w8a8")}}
 
