@@ -51,6 +51,8 @@ from model import UserError
 
 
 # -----------------------------------------------------------------------------
+# The math, sections 1 to 3: pure functions, torch and math only (this block can be copied alone)
+#
 # 1. The grid: round to nearest (RTN), pack, NF4
 
 
@@ -188,7 +190,6 @@ def dequantize_nf4(codes, absmax_q, absmax_scale, absmax_mean, group_size):
     return NF4.to(codes.device)[codes.long()] * absmax.repeat_interleave(group_size, 1)[:, :n]
 
 
-# -----------------------------------------------------------------------------
 # 2. GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers")
 #
 # The layer's output error on calibration inputs X is ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T) with H = X X^T.
@@ -248,7 +249,6 @@ def gptq_quantize(W, H, bits=4, group_size=128, damp=0.01, act_order=False, symm
     return codes[:, torch.argsort(perm)], scales, zeros
 
 
-# -----------------------------------------------------------------------------
 # 3. Per-input-channel scales: AWQ (Lin et al. 2023) and SmoothQuant (Xiao et al. 2022)
 #
 # For any s > 0, W x = (W diag(s)) (diag(s)^-1 x). Dividing the op before the linear (a norm's weight, or the rows
@@ -295,7 +295,7 @@ def smoothquant_scales(act_absmax, weight_absmax, alpha=0.5):
 @torch.no_grad()
 def fold_scales(prev, linears, s):
     """x -> x / s in `prev` (a norm: its weight and bias; a linear: its output rows), W -> W diag(s) in `linears`."""
-    if isinstance(prev, nn.Linear):
+    if prev.weight.dim() == 2:  # a linear
         prev.weight.div_(s[:, None])
     else:
         prev.weight.div_(s)
