@@ -328,6 +328,12 @@ def test_quantised_model_evaluates_exports_and_writes_dense(tmp_path, enc):
     dense = M.plain_state_dict(model, dense=True)
     assert not any(k.endswith(".qweight") for k in dense)
     assert torch.equal(dense["blocks.0.attn.q.weight"], model.blocks[0].attn.q.dequantize())
+    # and as a GGUF file for llama.cpp, through the CLI: F32 carries the dequantised weights exactly
+    run_script("quantize.py", "--model", str(tmp_path / "q.pt"), "--method", "gguf", "--gguf-type", "f32",
+               "--out", str(tmp_path / "q.gguf"))
+    from_gguf = C.load_model(str(tmp_path / "q.gguf"))[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def write_chats(path, n=24):
