@@ -1158,6 +1158,92 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# Calibration (quantize.py, prune.py): windows of data, and every block's inputs gathered block by block, as GPTQ,
+# AWQ, Wanda and SparseGPT do it: each block fed the outputs of the already-compressed blocks before it.
+
+def calibration_ids(enc, path, fmt, n, seq_len, seed, skip=0):
+    """n windows of seq_len tokens from the data (raw text, or chats rendered with the model's template), drawn at
+    random (seeded) from the token stream as GPTQ draws from C4. skip: windows drawn and left out first (so a
+    held-out set drawn with the same seed never overlaps). -> (n, seq_len) ids."""
+    eot = special_id(enc, "<|endoftext|>") if "<|endoftext|>" in enc._special_tokens else end_id(enc)
+    stream = []
+    if fmt == "text":
+        for doc in read_text(path):
+            stream += enc.encode_ordinary(doc) + [eot]
+    else:
+        for rec in read_jsonl(path, "chat"):
+            stream += render_chat(enc, rec["messages"])[0]
+    starts = len(stream) - seq_len
+    if starts < 1:
+        raise UserError(f"{path}: {len(stream)} tokens, fewer than --calib-len {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, starts, (skip + n,), generator=g)[skip:]
+    return torch.tensor([stream[i:i + seq_len] for i in picks.tolist()])
+
+
+@torch.no_grad()
+def block_inputs(model, ids, batch_size):
+    """The first block's inputs for the calibration ids, and the rope (cos, sin) every block shares."""
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    xs, rope = [], None
+    for i in range(0, len(ids), batch_size):
+        x, rope = model.embed_positions(ids[i:i + batch_size], positions[i:i + batch_size])
+        xs.append(x)
+    if rope is not None:
+        rope = tuple(t[:1] for t in rope)  # the same positions in every row
+    return xs, rope
+
+
+@torch.no_grad()
+def collect_inputs(block, xs, rope, names, need, max_tokens):
+    """Run the block on every batch, recording each linear's inputs x (tokens, in), in fp32: "hessian" sum x^T x,
+    "sqnorm" sum x^2 per channel (its diagonal, Wanda's ||x_j||^2), "absmax" per channel, "sample" (at most max_tokens
+    rows, evenly strided). -> {name: {stat: tensor}}."""
+    stats = {name: {} for name in names}
+    total = sum(x.shape[0] * x.shape[1] for x in xs)
+    stride = max(1, total // max_tokens)
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            st = stats[name]
+            if "hessian" in need:
+                st["hessian"] = st.get("hessian", 0) + x.t() @ x
+            if "sqnorm" in need:
+                st["sqnorm"] = st.get("sqnorm", 0) + x.pow(2).sum(0)
+            if "absmax" in need:
+                st["absmax"] = torch.maximum(st.get("absmax", torch.zeros(x.shape[1])), x.abs().amax(0))
+            if "sample" in need:
+                st.setdefault("sample", []).append(x[::stride])
+        return record
+
+    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for x in xs:
+            block(x, rope, None, None)
+    finally:
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        if "sample" in st:
+            st["sample"] = torch.cat(st["sample"])[:max_tokens]
+    return stats
+
+
+@torch.no_grad()
+def perplexity(model, ids, batch_size=8):
+    """exp(mean next-token loss) over (n, T) ids."""
+    nll, count = 0.0, 0
+    for i in range(0, len(ids), batch_size):
+        x = ids[i:i + batch_size]
+        logits = model(x)
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(),
+                                                 reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+# -----------------------------------------------------------------------------
 
 def main():
     enc = get_tokenizer("byte")

@@ -36,7 +36,6 @@ Embeddings, norms and the output head stay in floating point, as in GPTQ and AWQ
 """
 
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -478,73 +477,8 @@ def weight_format(method, bits, group_size, scheme):
 
 
 # -----------------------------------------------------------------------------
-# 5. Calibration, block by block
-
-
-def calibration_ids(enc, path, fmt, n, seq_len, seed, skip=0):
-    """n windows of seq_len tokens from the data (raw text, or chats rendered with the model's template), drawn at
-    random (seeded) from the token stream as GPTQ draws from C4. skip: windows drawn and left out first (so a
-    held-out set drawn with the same seed never overlaps). -> (n, seq_len) ids."""
-    eot = C.special_id(enc, "<|endoftext|>") if "<|endoftext|>" in enc._special_tokens else C.end_id(enc)
-    stream = []
-    if fmt == "text":
-        for doc in C.read_text(path):
-            stream += enc.encode_ordinary(doc) + [eot]
-    else:
-        for rec in C.read_jsonl(path, "chat"):
-            stream += C.render_chat(enc, rec["messages"])[0]
-    starts = len(stream) - seq_len
-    if starts < 1:
-        raise UserError(f"{path}: {len(stream)} tokens, fewer than --calib-len {seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, starts, (skip + n,), generator=g)[skip:]
-    return torch.tensor([stream[i:i + seq_len] for i in picks.tolist()])
-
-
-@torch.no_grad()
-def _block_inputs(model, ids, batch_size):
-    """The first block's inputs for the calibration ids, and the rope (cos, sin) every block shares."""
-    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-    xs, rope = [], None
-    for i in range(0, len(ids), batch_size):
-        x, rope = model.embed_positions(ids[i:i + batch_size], positions[i:i + batch_size])
-        xs.append(x)
-    if rope is not None:
-        rope = tuple(t[:1] for t in rope)  # the same positions in every row
-    return xs, rope
-
-
-@torch.no_grad()
-def _collect(block, xs, rope, names, need, max_tokens):
-    """Run the block on every batch, recording each linear's inputs: "hessian" sum x x^T (fp32), "absmax" and
-    "absmean" per channel, "sample" (at most max_tokens rows, evenly strided). -> {name: {stat: tensor}}."""
-    stats = {name: {} for name in names}
-    total = sum(x.shape[0] * x.shape[1] for x in xs)
-    stride = max(1, total // max_tokens)
-
-    def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            st = stats[name]
-            if "hessian" in need:
-                st["hessian"] = st.get("hessian", 0) + x.t() @ x
-            if "absmax" in need:
-                st["absmax"] = torch.maximum(st.get("absmax", torch.zeros(x.shape[1])), x.abs().amax(0))
-            if "sample" in need:
-                st.setdefault("sample", []).append(x[::stride])
-        return record
-
-    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        for x in xs:
-            block(x, rope, None, None)
-    finally:
-        for h in handles:
-            h.remove()
-    for st in stats.values():
-        if "sample" in st:
-            st["sample"] = torch.cat(st["sample"])[:max_tokens]
-    return stats
+# 5. Calibration, block by block (the plumbing, common.calibration_ids / block_inputs / collect_inputs, is shared
+#    with prune.py)
 
 
 @torch.no_grad()
@@ -564,10 +498,10 @@ def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False,
         bits = 4
     act_bits = 8 if method == "smoothquant" else 0
     need = {"gptq": {"hessian"}, "awq": {"sample"}, "smoothquant": {"absmax"}}.get(method, set())
-    xs, rope = _block_inputs(model, ids, batch_size) if need else (None, None)
+    xs, rope = C.block_inputs(model, ids, batch_size) if need else (None, None)
     for index, block in enumerate(model.blocks):
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        stats = _collect(block, xs, rope, names, need, awq_tokens) if need else {}
+        stats = C.collect_inputs(block, xs, rope, names, need, awq_tokens) if need else {}
         if method in ("awq", "smoothquant"):
             groups = scale_groups(block, cfg)
             if method == "smoothquant":
@@ -699,18 +633,6 @@ def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-@torch.no_grad()
-def perplexity(model, ids, batch_size=8):
-    """exp(mean next-token loss) over (n, T) ids."""
-    nll, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        x = ids[i:i + batch_size]
-        logits = model(x)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 # -----------------------------------------------------------------------------
 # 7. The script
 
@@ -782,13 +704,13 @@ def main(argv=None):
     model = model.float().to(device).eval()
     calib = held = None
     if cfg.data:
-        calib = calibration_ids(enc, cfg.data, cfg.format, cfg.calib_samples, cfg.calib_len, cfg.seed)
+        calib = C.calibration_ids(enc, cfg.data, cfg.format, cfg.calib_samples, cfg.calib_len, cfg.seed)
         if cfg.eval_samples:
-            held = calibration_ids(enc, cfg.data, cfg.format, cfg.eval_samples, cfg.calib_len, cfg.seed,
+            held = C.calibration_ids(enc, cfg.data, cfg.format, cfg.eval_samples, cfg.calib_len, cfg.seed,
                                    skip=cfg.calib_samples)
     metrics = {"fp_bytes": model_bytes(model)}
     if held is not None:
-        metrics["ppl_fp"] = perplexity(model, held.to(device), cfg.batch_size)
+        metrics["ppl_fp"] = C.perplexity(model, held.to(device), cfg.batch_size)
     bar = C.tqdm(total=model.cfg.n_layer, desc=f"{cfg.method} W{cfg.bits}", disable=None)
     quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
                    calib.to(device) if calib is not None else None, cfg.damp, cfg.act_order, cfg.alpha, cfg.awq_grid,
@@ -796,7 +718,7 @@ def main(argv=None):
     bar.close()
     metrics["bytes"] = model_bytes(model)
     if held is not None:
-        metrics["ppl"] = perplexity(model, held.to(device), cfg.batch_size)
+        metrics["ppl"] = C.perplexity(model, held.to(device), cfg.batch_size)
     lineage = [*ckpt.get("lineage", []), f"quantize:{model.quant['format']}:{cfg.method}"]
     C.save_checkpoint(cfg.out, model.cpu(), enc, ckpt.get("step", 0), vars(cfg), metrics, lineage)
     report = f"{model.quant['format']} ({cfg.method}): {metrics['fp_bytes'] / 1e6:.1f} MB -> {metrics['bytes'] / 1e6:.1f} MB"

@@ -263,8 +263,8 @@ def calib(tmp_path_factory):
 def test_quantised_checkpoint_reloads_to_the_same_model(tmp_path, enc, calib, preset, method, bits, group):
     path = save_tiny(tmp_path / "fp.pt", enc, std=0.05, preset=preset)
     model = C.load_model(path)[0]
-    ids = Q.calibration_ids(enc, calib, "text", 8, 48, 0)
-    x = Q.calibration_ids(enc, calib, "text", 2, 48, 1)
+    ids = C.calibration_ids(enc, calib, "text", 8, 48, 0)
+    x = C.calibration_ids(enc, calib, "text", 2, 48, 1)
     with torch.no_grad():
         fp = model(x)
         Q.quantize_model(model, method, bits, group, ids=ids)
@@ -294,8 +294,8 @@ def test_calibrated_methods_beat_rtn_on_a_model_with_outlier_channels(enc, calib
             for norm in (block.norm1, block.norm2):
                 norm.weight.fill_(1.0)
                 norm.weight[:4] = 20.0
-    ids = Q.calibration_ids(enc, calib, "text", 16, 64, 0)
-    held = Q.calibration_ids(enc, calib, "text", 8, 64, 0, skip=16)
+    ids = C.calibration_ids(enc, calib, "text", 16, 64, 0)
+    held = C.calibration_ids(enc, calib, "text", 8, 64, 0, skip=16)
     with torch.no_grad():
         reference = base(held)
     error = {}
