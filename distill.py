@@ -217,14 +217,15 @@ def load_examples(cfg, enc, need_prompts):
         examples, truncated = sft.tokenize(cfg, enc)
         return examples, None, truncated
     examples, prompts, truncated = [], [] if need_prompts else None, 0
+    keep = max(cfg.seq_len - cfg.max_new_tokens, 1)
     for rec in C.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
         ids, mask = C.render_chat(enc, rec["messages"])
         truncated += len(ids) > cfg.seq_len
         examples.append((ids[:cfg.seq_len], mask[:cfg.seq_len]))
         if need_prompts:
             head = prompt_of(rec["messages"])
-            prompts.append((head, C.render_chat(enc, head, add_generation_prompt=True)[0][-(cfg.seq_len -
-                                                                                          cfg.max_new_tokens):]))
+            ids = C.render_chat(enc, head, add_generation_prompt=True)[0]
+            prompts.append((head, ids[max(len(ids) - keep, 0):]))
     return examples, prompts, truncated
 
 

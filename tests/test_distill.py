@@ -245,6 +245,17 @@ def test_hidden_state_loss_is_the_mean_cosine_distance():
     assert got.item() == pytest.approx(want.item() / 2, rel=1e-5)
 
 
+def test_off_policy_rows_are_sfts_rows(world, enc):
+    """distill.py reads chats as sft.py does, so an off-policy run and an SFT run of the same flags see the same
+    rows in the same order (the SFT-vs-KD comparison is for the same data, not only the same steps)."""
+    cfg = distill.Config(data=world["data"], seq_len=128, max_new_tokens=8)
+    examples, prompts, truncated = distill.load_examples(cfg, enc, need_prompts=True)
+    assert examples == sft.tokenize(sft.Config(data=world["data"], seq_len=128), enc)[0] and truncated == 0
+    for (messages, ids), (full, _) in zip(prompts, examples):
+        assert messages[-1]["role"] == "user" and enc.decode(ids).endswith("<|im_start|>assistant\n")
+        assert full[:len(ids)] == ids  # the prompt is the chat's own beginning (the byte tokenizer splits alike)
+
+
 def test_on_policy_steps_come_at_rate_lmbda():
     for lmbda in (0.0, 0.3, 1.0):
         draws = [distill.on_policy_step(0, s, lmbda) for s in range(2000)]
