@@ -336,6 +336,11 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
         "format": DTYPE_NAMES.get(dtype, str(dtype)),
         "lineage": list(lineage),
     }
+    masks = weight_masks(raw)  # prune.py's masks: the zeros are kept, whatever training did (LoRA deltas included)
+    if masks:
+        for name, mask in masks.items():
+            sd[name] = sd[name] * mask.to(sd[name].device)
+        ckpt["sparsity"] = {**getattr(raw, "sparsity", {}), "masks": {k: pack_mask(m.cpu()) for k, m in masks.items()}}
     quant = getattr(raw, "quant", None)  # quantize.py's settings, while packed layers remain (QLoRA writes them dense)
     if quant is not None and any(k.endswith(".qweight") for k in sd):
         ckpt["format"], ckpt["quant"] = quant["format"], dict(quant)
@@ -497,7 +502,10 @@ def load_model(path, device="cpu", head=None):
     if isinstance(loader, str):
         module, name = loader.split(":")
         loader = getattr(importlib.import_module(module), name)
-    return loader(ckpt, path, device, head)
+    model, enc, ckpt = loader(ckpt, path, device, head)
+    if "sparsity" in ckpt:
+        set_masks(model, read_masks(ckpt["sparsity"], model, path), ckpt["sparsity"])
+    return model, enc, ckpt
 
 
 def load_dense(ckpt, path, device="cpu", head=None):
@@ -556,6 +564,67 @@ def check_weights(ckpt, path, head=None):
     if enc.n_vocab > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer {enc.name!r} has {enc.n_vocab} ids but the model only {cfg.vocab_size}")
     return cfg, sd, enc
+
+
+# Sparsity masks (prune.py): a pruned linear holds `weight_mask` (a bool buffer, not in the state dict; True = kept).
+# Checkpoints carry them under "sparsity": {"method", "pattern", "target", "masks": {weight name: bits}}, eight mask
+# entries per byte along the input dimension (bit j of byte k is column 8k + j). Training keeps the zeros: the
+# weights are re-masked after every optimiser step (wrap_for_training) and a LoRA delta is masked (LoRALinear.delta).
+
+def pack_mask(mask):
+    """(out, in) bool -> (out, ceil(in / 8)) uint8."""
+    bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, -mask.shape[1] % 8)).view(mask.shape[0], -1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed, n):
+    """pack_mask's inverse: (out, ceil(n / 8)) uint8 -> (out, n) bool."""
+    return ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(1)[:, :n].bool()
+
+
+def read_masks(sparsity, model, path):
+    """A checkpoint's "sparsity" entry -> {weight name: (out, in) bool mask}, every name and shape checked against
+    the model's linears."""
+    masks = sparsity.get("masks") if isinstance(sparsity, dict) else None
+    if not isinstance(masks, dict):
+        raise UserError(f"{path}: 'sparsity' holds no dict of masks")
+    weights = {n + ".weight": m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out = {}
+    for name, packed in masks.items():
+        w = weights.get(name)
+        if w is None:
+            raise UserError(f"{path}: sparsity mask {_show(name)} names no linear weight of the model")
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or \
+                tuple(packed.shape) != (w.shape[0], -(-w.shape[1] // 8)):
+            raise UserError(f"{path}: sparsity mask {name} is not a uint8 tensor of shape "
+                            f"{[w.shape[0], -(-w.shape[1] // 8)]}")
+        out[name] = unpack_mask(packed, w.shape[1])
+    return out
+
+
+def set_masks(model, masks, settings=None):
+    """Attach {weight name: bool mask} to the model's linears and zero what they prune; settings (method, pattern,
+    target) go to model.sparsity, which save_checkpoint writes beside the masks."""
+    for name, mask in masks.items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        module.register_buffer("weight_mask", mask.to(module.weight.device), persistent=False)
+        module.weight.data.mul_(module.weight_mask)
+    model.sparsity = {k: v for k, v in (settings or {}).items() if k != "masks"}
+
+
+def weight_masks(model):
+    """{weight name as plain_state_dict names it: bool mask} of the model's pruned linears (LoRA-wrapped or not)."""
+    model = getattr(model, "module", model)
+    return {n.replace(".base", "") + ".weight": m.weight_mask for n, m in model.named_modules()
+            if getattr(m, "weight_mask", None) is not None}
+
+
+@torch.no_grad()
+def apply_masks(model):
+    """Zero every pruned weight again (after an optimiser step)."""
+    for m in model.modules():
+        if getattr(m, "weight_mask", None) is not None:
+            m.weight.mul_(m.weight_mask)
 
 
 # How a checkpoint's weights become a model, by its "format" (else the part before its first "-": "int4-g128" is
@@ -1067,6 +1136,8 @@ def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-
     wrapped by a second call with its own key; restoring the RNG again sets the same state."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=eps)
+    if weight_masks(model):  # a pruned model stays pruned: its zeros restored after every step
+        optimizer.register_step_post_hook(lambda *_: apply_masks(model))
     if state is not None:
         try:
             optimizer.load_state_dict(state[key])

@@ -489,7 +489,9 @@ class LoRALinear(nn.Module):
         self.enabled, self.merged = True, False
 
     def delta(self):
-        return (self.lora_b @ self.lora_a) * self.scale  # (out, in)
+        delta = (self.lora_b @ self.lora_a) * self.scale  # (out, in)
+        mask = getattr(self.base, "weight_mask", None)  # a pruned base (prune.py): the adapter keeps its zeros too
+        return delta if mask is None else delta * mask
 
     def merge(self):
         if not isinstance(self.base, nn.Linear):
@@ -506,7 +508,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled and not self.merged:
+        if self.enabled and not self.merged and getattr(self.base, "weight_mask", None) is not None:
+            y = y + F.linear(self.dropout(x), self.delta().to(x.dtype))  # masked: the product must be formed
+        elif self.enabled and not self.merged:
             y = y + (self.dropout(x) @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
         return y
 
