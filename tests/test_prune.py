@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import common as C
+import distill
 import dpo
 import evaluate
 import model as M
@@ -345,6 +346,19 @@ def test_masks_survive_fine_tuning(tmp_path, enc, lora):
     _zeros_kept(before, after)
     w0, w1 = before.state_dict()["blocks.0.mlp.up.weight"], after.state_dict()["blocks.0.mlp.up.weight"]
     assert not torch.equal(w0, w1)  # it did train
+
+
+def test_distilling_into_a_sparse_model_keeps_its_zeros(tmp_path, enc):
+    """Healing a pruned student from the dense teacher: distill.py trains through the same masked optimiser."""
+    sparse = _sparse_ckpt(tmp_path, enc, "unstructured")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    distill.main(["--teacher", str(tmp_path / "fp.pt"), "--model", sparse, "--data", str(text), "--format", "text",
+                  "--out", str(tmp_path / "kd.pt"), "--steps", "2", "--batch-size", "4", "--seq-len", "64", "--lr",
+                  "1e-2", "--eval-every", "0", "--warmup", "0"])
+    before, after = C.load_model(sparse)[0], C.load_model(str(tmp_path / "kd.pt"))[0]
+    _zeros_kept(before, after)
+    assert not torch.equal(before.state_dict()["blocks.1.attn.v.weight"], after.state_dict()["blocks.1.attn.v.weight"])
 
 
 def test_dpo_on_a_sparse_model_keeps_its_zeros(tmp_path, enc):
