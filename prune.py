@@ -185,28 +185,21 @@ def prune_state_dict(sd, cfg, layers, heads, kv_heads, channels, embed):
         elif k == "score.bias":
             out[k] = v
     for new, old in enumerate(layers):
-        p, q = f"blocks.{old}.", f"blocks.{new}."
-        qrows, kvrows = rows_of(heads[new]), rows_of(kv_heads[new])
-        ch = channels[new]
-        for name in ("norm1", "norm2"):
-            for t in ("weight", "bias"):
-                if p + f"{name}.{t}" in sd:
-                    out[q + f"{name}.{t}"] = sd[p + f"{name}.{t}"][embed]
+        qrows, kvrows, ch = rows_of(heads[new]), rows_of(kv_heads[new]), channels[new]
+
+        def take(name, rows, cols=None):  # block `old`'s tensor, its rows (and columns) kept, as block `new`'s
+            if f"blocks.{old}.{name}" in sd:
+                t = sd[f"blocks.{old}.{name}"][rows]
+                out[f"blocks.{new}.{name}"] = t if cols is None else t[:, cols]
+
+        for norm in ("norm1", "norm2"):
+            take(f"{norm}.weight", embed), take(f"{norm}.bias", embed)
         for name, rows in (("q", qrows), ("k", kvrows), ("v", kvrows)):
-            out[q + f"attn.{name}.weight"] = sd[p + f"attn.{name}.weight"][rows][:, embed]
-            if p + f"attn.{name}.bias" in sd:
-                out[q + f"attn.{name}.bias"] = sd[p + f"attn.{name}.bias"][rows]
-        out[q + "attn.o.weight"] = sd[p + "attn.o.weight"][embed][:, qrows]
-        if p + "attn.o.bias" in sd:
-            out[q + "attn.o.bias"] = sd[p + "attn.o.bias"][embed]
+            take(f"attn.{name}.weight", rows, embed), take(f"attn.{name}.bias", rows)
+        take("attn.o.weight", embed, qrows), take("attn.o.bias", embed)
         for name in ("up", "gate"):
-            if p + f"mlp.{name}.weight" in sd:
-                out[q + f"mlp.{name}.weight"] = sd[p + f"mlp.{name}.weight"][ch][:, embed]
-            if p + f"mlp.{name}.bias" in sd:
-                out[q + f"mlp.{name}.bias"] = sd[p + f"mlp.{name}.bias"][ch]
-        out[q + "mlp.down.weight"] = sd[p + "mlp.down.weight"][embed][:, ch]
-        if p + "mlp.down.bias" in sd:
-            out[q + "mlp.down.bias"] = sd[p + "mlp.down.bias"][embed]
+            take(f"mlp.{name}.weight", ch, embed), take(f"mlp.{name}.bias", ch)
+        take("mlp.down.weight", embed, ch), take("mlp.down.bias", embed)
     return {k: v.contiguous() for k, v in out.items()}, new_cfg
 
 
