@@ -7,6 +7,7 @@
 # on the pydoc text; calibration and healing text is the pydoc text *after* the part measured.
 #   usage: scripts/prune_real.sh OUT [MODEL] [CALIB_SAMPLES] [STEPS] [HEAL]
 #   HEAL: the structures to heal (default "width"; "width depth both" heals all three)
+# An output already in OUT is kept, not made again: rerun the same command after an interruption.
 set -euo pipefail
 OUT=${1:-out/prune}
 MODEL=${2:-}
@@ -22,9 +23,9 @@ fi
 $PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
 open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(t[20000:420000])"
 MODELS="$MODEL"
-: > "$OUT/times.txt"
 timed() {  # name, then a command: runs it, appends "name: seconds" to times.txt
   local name=$1; shift
+  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; return; fi
   local t0; t0=$(date +%s)
   "$@"
   echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"

@@ -4,6 +4,7 @@
 # source's own Q4_1 grid), SmoothQuant W8A8 and NF4; each evaluated beside the float model on the pydoc text and
 # the built-in world. Calibration: 128 windows of 512 tokens of the pydoc text *after* the part measured.
 #   usage: scripts/quantize_real.sh OUT [MODEL] [LIMIT] [CALIB_SAMPLES]
+# An output already in OUT is kept, not made again: rerun the same command after an interruption.
 set -euo pipefail
 OUT=${1:-out/quant}
 MODEL=${2:-}
@@ -22,13 +23,13 @@ open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(
 MODELS="$MODEL"
 run() {  # name, then quantize.py flags
   local name=$1; shift
+  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; MODELS="$MODELS,$OUT/$name.pt"; return; fi
   local t0; t0=$(date +%s)
   $PY quantize.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \
       --eval-samples 0 --out "$OUT/$name.pt" "$@"
   echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
   MODELS="$MODELS,$OUT/$name.pt"
 }
-: > "$OUT/times.txt"
 run rtn-w4g128 --method rtn --bits 4 --group-size 128
 run gptq-w4g128 --method gptq --bits 4 --group-size 128
 run awq-w4g128 --method awq --bits 4 --group-size 128
