@@ -321,12 +321,11 @@ def shape_for_target(cfg, structure, target, depth_order):
     units = group if group > 1 else cfg.n_head
 
     def width(r, n_layer):
-        c = replace(cfg, n_layer=n_layer, d_ff=max(8, round(cfg.d_ff * r / 8) * 8),
-                    d_model=max(8, round(cfg.d_model * r / 8) * 8))
-        per = max(1, round(units * r))
+        d_model, per = max(8, round(cfg.d_model * r / 8) * 8), max(1, round(units * r))
         heads = per * cfg.n_kv_head if group > 1 else per
-        c = replace(c, n_head=heads, n_kv_head=cfg.n_kv_head if group > 1 else per,
-                    head_dim=0 if heads * cfg.head_size == c.d_model else cfg.head_size)
+        c = replace(cfg, n_layer=n_layer, d_ff=max(8, round(cfg.d_ff * r / 8) * 8), d_model=d_model, n_head=heads,
+                    n_kv_head=cfg.n_kv_head if group > 1 else per,
+                    head_dim=0 if heads * cfg.head_size == d_model else cfg.head_size)
         return c, per
 
     n_layer = cfg.n_layer

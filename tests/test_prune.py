@@ -300,6 +300,17 @@ def test_minitron_meets_its_parameter_target(enc, structure):
         assert small.cfg.d_ff < 128 and small.cfg.d_model < 64
 
 
+def test_minitron_width_on_a_shape_whose_heads_do_not_divide_the_new_width(enc):
+    """SmolLM2's shape in small: 9 heads in 3 KV groups over d_model 72 (head_dim 8); 40% of the parameters keeps 6
+    heads over d_model 40, which no head count divides: the head width is written out (head_dim) and it loads."""
+    model = _model(enc, n_layer=2, n_head=9, n_kv_head=3, d_model=72, d_ff=192)
+    small, report = P.minitron_prune(model, _ids(0), "width", 0.4)
+    assert (small.cfg.n_head, small.cfg.head_dim, small.cfg.d_model) == (6, 8, 40)
+    assert report["params_after"] <= 0.4 * report["params_before"]
+    with torch.no_grad():
+        assert torch.isfinite(small(_ids(1))).all()
+
+
 def test_importance_ranks_a_silenced_unit_last(enc):
     """A head, an MLP channel and an embedding channel made silent have the lowest importance."""
     model = _model(enc, n_layer=2)
