@@ -502,10 +502,7 @@ def load_model(path, device="cpu", head=None):
     if isinstance(loader, str):
         module, name = loader.split(":")
         loader = getattr(importlib.import_module(module), name)
-    model, enc, ckpt = loader(ckpt, path, device, head)
-    if "sparsity" in ckpt:
-        set_masks(model, read_masks(ckpt["sparsity"], model, path), ckpt["sparsity"])
-    return model, enc, ckpt
+    return loader(ckpt, path, device, head)
 
 
 def load_dense(ckpt, path, device="cpu", head=None):
@@ -517,6 +514,8 @@ def load_dense(ckpt, path, device="cpu", head=None):
         model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # the checks above leave nothing for this; kept so no mismatch is ever a traceback
         raise UserError(f"{path}: weights do not match the config ({_one_line(e, 160)})")
+    if "sparsity" in ckpt:  # prune.py's masks, attached to the linears they prune
+        set_masks(model, read_masks(ckpt["sparsity"], model, path), ckpt["sparsity"])
     return model.to(device), enc, ckpt
 
 
