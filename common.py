@@ -295,6 +295,19 @@ def score_responses(rm, enc, prompts, responses, batch_size=32):
 # Checkpoints
 
 
+def peak_rss_mb():
+    """This process's peak resident memory, MiB: /proc/self/status's VmHWM on Linux (the high-water mark of this
+    program's own memory; getrusage's ru_maxrss carries over the parent's peak across fork + exec, so a child of a
+    big process would report the parent's), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
 def atomic_write(path, write):
     """write(file) into a temp file beside `path`, fsync, rename: a crash or a full disk leaves the old file intact,
     and two processes saving to one path leave one of their files whole (each writes its own temp file)."""
@@ -328,6 +341,8 @@ def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(
     train_state (optimiser, RNG, data position, LoRA tensors) is what --resume needs; it is optional."""
     raw = getattr(model, "module", model)
     sd = plain_state_dict(raw)
+    if raw.cfg.tie_embeddings and raw.cfg.head == "lm":
+        sd.pop("lm_head.weight", None)  # the embedding's copy (plain_state_dict clones, breaking the sharing): tying restores it
     dtype = next(iter(sd.values())).dtype
     ckpt = {
         "model": sd, "config": asdict(raw.cfg), "tokenizer": enc.name,
@@ -1116,7 +1131,8 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
                         "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
         if resume and not lora_rank:
-            model.load_state_dict(ckpt["model"])
+            tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if model.cfg.tie_embeddings else {}
+            model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
         if lora_rank:
             apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
             for name in train_also:

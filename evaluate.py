@@ -38,7 +38,6 @@ import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -79,6 +78,8 @@ class Config:
     stride: int = 0  # tokens each later perplexity window moves on and scores (0 = seq_len // 2)
     limit: int = 0  # evaluate the first N records of each file (raw text: N windows); 0 = all
     speed: bool = True  # measure prefill / decode tokens/s (params, size and memory are always reported)
+    dequantize: bool = False  # quantised checkpoints: every packed weight dequantised once at load (the same outputs;
+    # generation at the float model's speed where no integer kernel applies; memory and speed are then the float's)
     speed_batch: int = 8  # rows of the speed benchmark batch
     speed_prompt_len: int = 128  # prompt tokens per row of the speed benchmark
     speed_new_tokens: int = 32  # decoded tokens per row of the speed benchmark
@@ -453,19 +454,21 @@ def size_on_disk(path):
 
 def peak_memory_mb(device, resident=0):
     """peak_mem_mb, MiB. CUDA: torch.cuda.max_memory_allocated while this checkpoint is evaluated, less what was
-    resident before it was loaded (judge, reference). CPU: the process's peak RSS so far (getrusage ru_maxrss), so
+    resident before it was loaded (judge, reference). CPU: the process's peak RSS so far (common.peak_rss_mb), so
     it never decreases down the table."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return C.peak_rss_mb()
 
 
-def load(path, device, head):
+def load(path, device, head, dequantize=False):
     model, enc, _ = C.load_model(path, device)
     if model.cfg.head != head:
         raise M.UserError(f"{path}: has a {model.cfg.head!r} head, this role needs {head!r} "
                           f"({'--reward-model takes reward models' if head == 'scalar' else 'a language model'})")
+    if dequantize and getattr(model, "quant", None) is not None:
+        import quantize  # already imported: its loader read this checkpoint
+        quantize.hold_dequantized(model)
     return model.eval(), enc
 
 
@@ -566,7 +569,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
-        model, enc = load(path, device, "lm")
+        model, enc = load(path, device, "lm", cfg.dequantize)
         if ref is not None and (ref[1].name != enc.name or ref[0].cfg.vocab_size != model.cfg.vocab_size):
             raise M.UserError(f"--ref {cfg.ref} and {path} use different tokenizers: their KL is undefined")
         row = {"model": path}
@@ -619,7 +622,7 @@ def main(argv=None):
         clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
                  for r in rows]
         notes = {"device": str(device), "peak_mem_mb": "torch.cuda.max_memory_allocated" if device.type == "cuda"
-                 else "process peak RSS (ru_maxrss), cumulative", "n_data": len(data), "n_answered": len(answered),
+                 else "process peak RSS (VmHWM), cumulative", "n_data": len(data), "n_answered": len(answered),
                  "n_redteam": len(redteam), "n_mc": len(mc)}
         payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
         C.atomic_write(cfg.out, lambda f: f.write(payload.encode()))

@@ -445,12 +445,21 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}{act}")
 
 
-@contextlib.contextmanager
-def dequantized(module):
-    """Every QuantLinear in module computes with its weight dequantised once, not at each call, until the end."""
+def hold_dequantized(module):
+    """Every QuantLinear in module computes with its weight dequantised once, not at each call, from now on: the
+    same outputs as the packed path (the reference dequantises the same way), at the float model's speed and
+    memory. -> the layers. evaluate.py --dequantize: generating with int3 would otherwise dequantise every weight at
+    every token."""
     layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m._dense = m.dequantize()
+    return layers
+
+
+@contextlib.contextmanager
+def dequantized(module):
+    """hold_dequantized until the end of the with block (calibration's many batches through one block)."""
+    layers = hold_dequantized(module)
     try:
         yield module
     finally:
@@ -483,12 +492,13 @@ def weight_format(method, bits, group_size, scheme):
 
 @torch.no_grad()
 def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False, ids=None, damp=0.01,
-                   act_order=False, alpha=0.5, awq_grid=20, awq_tokens=4096, batch_size=8, progress=None):
+                   act_order=False, alpha=0.5, awq_grid=20, awq_tokens=4096, batch_size=8, progress=None, act_bits=0):
     """Quantise every linear in the blocks in place -> the model, with `model.quant` its settings.
 
     rtn / nf4 need no data. gptq / awq / smoothquant run the calibration ids block by block: each block's inputs
     are the previous (already quantised) block's outputs, its linears' input statistics gathered on the float block,
-    then its linears replaced and its outputs computed for the next."""
+    then its linears replaced and its outputs computed for the next. act_bits 8 rounds every quantised linear's
+    inputs to int8 per token as well (W4A8 with rtn / gptq / awq; smoothquant is always W8A8)."""
     cfg = model.cfg
     model.eval()
     scheme = "nf4" if method == "nf4" else "int"
@@ -496,7 +506,7 @@ def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False,
         bits, group_size, symmetric = 8, 0, True
     if scheme == "nf4":
         bits = 4
-    act_bits = 8 if method == "smoothquant" else 0
+    act_bits = 8 if method == "smoothquant" else act_bits
     need = {"gptq": {"hessian"}, "awq": {"sample"}, "smoothquant": {"absmax"}}.get(method, set())
     xs, rope = C.block_inputs(model, ids, batch_size) if need else (None, None)
     for index, block in enumerate(model.blocks):
@@ -520,7 +530,8 @@ def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False,
             if method == "gptq":
                 codes, scales, zeros = gptq_quantize(linear.weight, stats[name]["hessian"], bits, group_size, damp,
                                                      act_order, symmetric)
-                layer = QuantLinear.from_linear(linear, bits, group_size, codes=codes, scales=scales, zeros=zeros)
+                layer = QuantLinear.from_linear(linear, bits, group_size, codes=codes, scales=scales, zeros=zeros,
+                                                act_bits=act_bits)
             else:
                 layer = QuantLinear.from_linear(linear, bits, group_size, scheme, act_bits=act_bits,
                                                 symmetric=symmetric)
@@ -645,6 +656,7 @@ class Config:
     bits: int = 4  # 8, 4, 3 or 2 (rtn, gptq, awq; smoothquant is 8, nf4 is 4)
     group_size: int = 128  # weights per scale along the input dimension (0: one scale per output channel)
     symmetric: bool = False  # a grid symmetric about 0 (zero point fixed at 2^(bits-1)); else min-max
+    act_bits: int = 0  # 8: the quantised linears' inputs rounded to int8 per token too (W4A8); smoothquant is W8A8
     data: str = ""  # calibration data (gptq, awq, smoothquant need it; with rtn/nf4 it only measures perplexity)
     format: str = "text"  # data format: text (.txt or {"text"} lines) or chat ({"messages"} rendered as the model's)
     calib_samples: int = 128  # calibration windows (GPTQ: 128)
@@ -678,6 +690,8 @@ def check_config(cfg):
         raise UserError(f"--bits {cfg.bits}: choose 8, 4, 3 or 2")
     if cfg.group_size < 0 or cfg.group_size % 8:
         raise UserError(f"--group-size {cfg.group_size}: a multiple of 8, or 0 for one scale per output channel")
+    if cfg.act_bits not in (0, 8) or cfg.act_bits and cfg.method not in ("rtn", "gptq", "awq"):
+        raise UserError(f"--act-bits {cfg.act_bits}: 0, or 8 with --method rtn, gptq or awq (smoothquant is W8A8)")
     if cfg.method == "nf4" and not cfg.group_size:
         raise UserError("--method nf4 needs a --group-size (QLoRA's is 64)")
     if cfg.method in ("gptq", "awq", "smoothquant") and not cfg.data:
@@ -714,7 +728,7 @@ def main(argv=None):
     bar = C.tqdm(total=model.cfg.n_layer, desc=f"{cfg.method} W{cfg.bits}", disable=None)
     quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
                    calib.to(device) if calib is not None else None, cfg.damp, cfg.act_order, cfg.alpha, cfg.awq_grid,
-                   batch_size=cfg.batch_size, progress=lambda i: bar.update(1))
+                   batch_size=cfg.batch_size, progress=lambda i: bar.update(1), act_bits=cfg.act_bits)
     bar.close()
     metrics["bytes"] = model_bytes(model)
     if held is not None:

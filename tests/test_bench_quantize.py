@@ -3,7 +3,7 @@
     python -m pytest tests/test_bench_quantize.py -q -s -m slow      (or: make bench)
 
   - decode tokens/s at batch 1 (a 32-token prompt, then 64 greedy one-token steps on the KV cache, the second of
-    two runs), the weights' bytes and the process's peak RSS, for fp32, int8 (per channel, symmetric: torch's
+    two runs), the weights' bytes and the process's peak RSS (VmHWM: ru_maxrss would carry over pytest's own), for fp32, int8 (per channel, symmetric: torch's
     `_weight_int8pack_mm`), int4 g64 (torch's `_weight_int4pack_mm_for_cpu`) and int4 g128 (576-wide inputs are not
     a multiple of 128, so q/k/v/gate/up take the dequantise-then-matmul reference: the cost of having no kernel);
   - QLoRA: peak RSS of two sft.py LoRA steps (rank 16, batch 4 x 256 tokens) over the fp32 base, over NF4 and over
@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT
 
 DECODE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, {root!r})
 import common as C, quantize as Q
 model = C.load_model({path!r})[0].eval()
@@ -36,18 +36,19 @@ with torch.no_grad():
             tok = model(tok, cache=cache)[:, -1:].argmax(-1)
         seconds = time.perf_counter() - t0
 print(json.dumps({{"decode_tok_s": 64 / seconds, "weights_mb": Q.model_bytes(model) / 2**20,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}}))
+                  "peak_rss_mb": C.peak_rss_mb()}}))
 """
 
 PEAK = r"""
-import resource, runpy, sys
+import runpy, sys
 sys.path.insert(0, {root!r})
+import common as C
 sys.argv = ["sft.py", *{argv!r}]
 try:
     runpy.run_path("sft.py", run_name="__main__")
 except SystemExit as e:
     assert not e.code, e.code
-print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
+print("PEAK_RSS_MB", C.peak_rss_mb())
 """
 
 
