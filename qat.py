@@ -43,7 +43,8 @@ The output (--out, every save): the converted model, each fake-quantised linear 
 round(w_q / s) + z packed, in quantize.py's checkpoint format (its `quant` entry: the format, bits, group size,
 act_bits); its outputs are the fake-quant model's (tests/test_qat.py). The train_state beside it holds the latent
 float weights and scales ("qat", the fake-quant model's state dict) and the optimiser: --resume continues from them.
-Departure from torchao: no separate convert step (its `convert` is what every save does); activations of the head
+Departures: qat.py imports sft.py (its data plumbing) and distill.py (its loss) beside quantize.py, where DESIGN.md
+names quantize.py only. From torchao: no separate convert step (its `convert` is what every save does); activations of the head
 and attention (q @ k) stay float, as in quantize.py's W8A8.
 
 Logged per step: loss, ce, kd (with --teacher), lr, grad_norm, tok_s, clipped (the share of weights whose code is

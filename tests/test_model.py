@@ -512,6 +512,7 @@ def test_checkpoint_round_trip_is_bit_exact(enc, tmp_path, arch, tied, fmt):
     if fmt == "pt":
         assert (ckpt["step"], ckpt["args"], ckpt["metrics"], ckpt["lineage"]) == (5, {"lr": 0.1}, {"loss": 1.5}, ["a"])
         assert ckpt["format"] == "fp32" and ckpt["train_state"]["position"] == 7
+        assert ("lm_head.weight" in ckpt["model"]) == (not tied)  # a tied head is the embedding: saved once
         opt2 = torch.optim.AdamW(back.parameters())
         opt2.load_state_dict(ckpt["train_state"]["optimizer"])
 

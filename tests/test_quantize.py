@@ -258,17 +258,19 @@ def calib(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
-@pytest.mark.parametrize("method,bits,group", [("rtn", 8, 0), ("gptq", 4, 32), ("awq", 3, 32), ("smoothquant", 8, 0),
-                                               ("nf4", 4, 64)])
-def test_quantised_checkpoint_reloads_to_the_same_model(tmp_path, enc, calib, preset, method, bits, group):
+@pytest.mark.parametrize("method,bits,group,act_bits", [("rtn", 8, 0, 0), ("gptq", 4, 32, 0), ("awq", 3, 32, 0),
+                                                        ("smoothquant", 8, 0, 8), ("nf4", 4, 64, 0), ("gptq", 4, 32, 8)])
+def test_quantised_checkpoint_reloads_to_the_same_model(tmp_path, enc, calib, preset, method, bits, group, act_bits):
     path = save_tiny(tmp_path / "fp.pt", enc, std=0.05, preset=preset)
     model = C.load_model(path)[0]
     ids = C.calibration_ids(enc, calib, "text", 8, 48, 0)
     x = C.calibration_ids(enc, calib, "text", 2, 48, 1)
     with torch.no_grad():
         fp = model(x)
-        Q.quantize_model(model, method, bits, group, ids=ids)
+        Q.quantize_model(model, method, bits, group, ids=ids, act_bits=act_bits)
         ours = model(x)
+    assert model.quant["act_bits"] == act_bits and all(m.act_bits == act_bits for m in model.modules()
+                                                       if isinstance(m, Q.QuantLinear))
     C.save_checkpoint(str(tmp_path / "q.pt"), model, enc)
     again, _, ckpt = C.load_model(str(tmp_path / "q.pt"))
     assert ckpt["format"] == model.quant["format"] and ckpt["quant"] == model.quant
@@ -317,8 +319,19 @@ def test_quantised_model_evaluates_exports_and_writes_dense(tmp_path, enc):
     text.write_text("The cat sat on the mat. " * 40)
     proc = run_script("evaluate.py", "--model", str(tmp_path / "q.pt"), "--text", str(text), "--seq-len", "64",
                       "--out", str(tmp_path / "eval.json"))
-    row = json.loads((tmp_path / "eval.json").read_text())
-    assert "q.pt" in proc.stdout and row
+    row = json.loads((tmp_path / "eval.json").read_text())["results"][0]
+    assert "q.pt" in proc.stdout and row["ppl"] > 1
+    # --dequantize: every weight dequantised once, the same numbers (generation at the float model's speed)
+    run_script("evaluate.py", "--model", str(tmp_path / "q.pt"), "--text", str(text), "--seq-len", "64",
+               "--dequantize", "--no-speed", "--out", str(tmp_path / "eval2.json"))
+    again = json.loads((tmp_path / "eval2.json").read_text())["results"][0]
+    assert again["ppl"] == pytest.approx(row["ppl"], rel=1e-5) and again["bpb"] == pytest.approx(row["bpb"], rel=1e-5)
+    loaded = C.load_model(str(tmp_path / "q.pt"))[0].eval()
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        want = loaded(x)
+        layers = Q.hold_dequantized(loaded)
+        assert layers and torch.equal(loaded(x), want)
     import formats
     formats.export_hf(model, enc, str(tmp_path / "hf"))
     exported = C.load_model(str(tmp_path / "hf"))[0]
@@ -380,6 +393,8 @@ def test_quantize_cli_reports_and_refuses(tmp_path, enc, calib):
                            (["--method", "rtn", "--bits", "5"], "--bits 5"),
                            (["--method", "gguf"], "--out NAME.gguf"),
                            (["--method", "nf4", "--group-size", "0"], "needs a --group-size"),
+                           (["--method", "nf4", "--act-bits", "8"], "--act-bits 8"),
+                           (["--method", "rtn", "--act-bits", "4"], "--act-bits 4"),
                            (["--method", "tiny"], "choose from")]:
         proc = run_script("quantize.py", "--model", path, "--out", str(tmp_path / "x.pt"), *flags, check=False)
         assert_one_line_error(proc, "", message)
