@@ -1131,7 +1131,8 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
                         "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
         if resume and not lora_rank:
-            tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if model.cfg.tie_embeddings else {}
+            tied = ({"lm_head.weight": ckpt["model"]["embed.weight"]}
+                    if model.cfg.tie_embeddings and model.cfg.head == "lm" else {})
             model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
         if lora_rank:
             apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
