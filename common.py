@@ -335,13 +335,18 @@ def atomic_write(path, write):
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
+def shares_head(cfg):
+    """A language model whose head is its embedding: a checkpoint holds that tensor once, as embed.weight."""
+    return cfg.tie_embeddings and cfg.head == "lm"
+
+
 def save_checkpoint(path, model, enc, step=0, args=None, metrics=None, lineage=(), train_state=None):
     """Our checkpoint schema, plain tensors and values only (loadable with weights_only=True).
 
     train_state (optimiser, RNG, data position, LoRA tensors) is what --resume needs; it is optional."""
     raw = getattr(model, "module", model)
     sd = plain_state_dict(raw)
-    if raw.cfg.tie_embeddings and raw.cfg.head == "lm":
+    if shares_head(raw.cfg):
         sd.pop("lm_head.weight", None)  # the embedding's copy (plain_state_dict clones, breaking the sharing): tying restores it
     dtype = next(iter(sd.values())).dtype
     ckpt = {
@@ -1131,8 +1136,7 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
                         "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
         if resume and not lora_rank:
-            tied = ({"lm_head.weight": ckpt["model"]["embed.weight"]}
-                    if model.cfg.tie_embeddings and model.cfg.head == "lm" else {})
+            tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if shares_head(model.cfg) else {}
             model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
         if lora_rank:
             apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)

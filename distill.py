@@ -408,8 +408,9 @@ def check_flags(cfg):
 
 
 @torch.no_grad()
-def evaluate(student, teacher, rows, cfg, device, vocab):
-    """Held-out rows -> {eval_kd: the mean --loss divergence to the teacher, eval_loss: the student's CE}."""
+def evaluate(student, teacher, rows, cfg, device, vocab=None, loss="forward", beta=0.5, temperature=1.0):
+    """Held-out rows -> {eval_kd: the mean `loss` divergence to the teacher, eval_loss: the student's CE}, per
+    supervised token (cfg: batch_size, compile, dtype)."""
     if rows is None:
         return {}
     student.eval()
@@ -419,8 +420,7 @@ def evaluate(student, teacher, rows, cfg, device, vocab):
         batch = dict(ids=ids, doc=doc)
         with C.autocast(device, cfg.dtype):
             s, t = forward(student, batch, vocab), forward(teacher, batch, vocab)
-        _, kd, ce = distill_loss(s[:, :-1], t[:, :-1], mask[:, 1:], cfg.loss, cfg.beta, cfg.temperature, ids[:, 1:],
-                                 n_tokens=1)
+        _, kd, ce = distill_loss(s[:, :-1], t[:, :-1], mask[:, 1:], loss, beta, temperature, ids[:, 1:], n_tokens=1)
         sums = dict(kd=sums["kd"] + kd.item(), ce=sums["ce"] + ce.item(), n=sums["n"] + mask[:, 1:].sum().item())
     total = C.reduce_sums(sums, device)
     student.train()
@@ -539,7 +539,8 @@ def main(argv=None):
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
-            record.update(evaluate(raw, teacher, eval_rows, cfg, device, vocab))
+            record.update(evaluate(raw, teacher, eval_rows, cfg, device, vocab, cfg.loss, cfg.beta,
+                                              cfg.temperature))
         if rank == 0:
             bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", lr=f"{lr:.1e}")
             C.log_jsonl(cfg.log, record)

@@ -190,8 +190,7 @@ def prepare(model, bits=4, group_size=128, symmetric=False, act_bits=0, learn_sc
     lora_rank everything else is frozen. -> the model."""
     if lora_rank:
         model.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Q.QuantLinear)) and n.startswith("blocks.")]
-    for name in names:
+    for name in Q.linear_names(model, (nn.Linear, Q.QuantLinear)):
         layer = model.get_submodule(name)
         if isinstance(layer, Q.QuantLinear):
             weight, scales, zeros = layer.dequantize(), layer.scales, layer.zeros
@@ -335,21 +334,9 @@ def save(cfg, raw, enc, optimizer, step, metrics, lineage, rank):
 @torch.no_grad()
 def evaluate(model, teacher, rows, cfg, device):
     """Held-out rows -> {eval_loss: the CE, eval_kd: KL(teacher || model) with a teacher}, per supervised token."""
-    if rows is None:
-        return {}
-    model.eval()
-    sums = dict(ce=0.0, kd=0.0, n=0.0)
-    for i in range(0, len(rows[0]), cfg.batch_size):
-        ids, mask, doc = sft.batch_of(rows, slice(i, i + cfg.batch_size), device, trim=not cfg.compile)
-        with C.autocast(device, cfg.dtype):
-            logits = model(ids, doc_ids=doc)
-            t_logits = teacher(ids, doc_ids=doc) if teacher is not None else logits
-        _, kd, ce = distill.distill_loss(logits[:, :-1], t_logits[:, :-1], mask[:, 1:], labels=ids[:, 1:], n_tokens=1)
-        sums = dict(ce=sums["ce"] + ce.item(), kd=sums["kd"] + kd.item(), n=sums["n"] + mask[:, 1:].sum().item())
-    total = C.reduce_sums(sums, device)
-    model.train()
-    out = {"eval_loss": total["ce"] / max(total["n"], 1)}
-    return {**out, "eval_kd": total["kd"] / max(total["n"], 1)} if teacher is not None else out
+    if teacher is not None:
+        return distill.evaluate(model, teacher, rows, cfg, device)
+    return {"eval_loss": sft.eval_loss(model, rows, cfg, device)} if rows is not None else {}
 
 
 def main(argv=None):

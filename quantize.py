@@ -467,9 +467,10 @@ def dequantized(module):
             m._dense = None
 
 
-def linear_names(model):
-    """The names of the linears quantised: every nn.Linear in the blocks (never the embedding or the head)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.")]
+def linear_names(model, kinds=(nn.Linear,)):
+    """The names of the linears quantised: every nn.Linear (or other `kinds`) in the blocks, never the embedding or
+    the head."""
+    return [name for name, m in model.named_modules() if isinstance(m, kinds) and name.startswith("blocks.")]
 
 
 def _swap(model, name, layer):
