@@ -39,24 +39,37 @@ train() {  # name, start, then qat.py flags
 train qat-w4g128 "$QUANT/gptq-w4g128.pt" --bits 4 --group-size 128
 train qat-w3g128 "$QUANT/gptq-w3g128.pt" --bits 3 --group-size 128
 train qat-w4a8g128 "$OUT/gptq-w4a8g128.pt" --bits 4 --group-size 128 --act-bits 8
+# the same from the general text (the pydoc text after the part measured, every token scored): what torchao does
+TEXT="--data $QUANT/calib.txt --format text"
+# shellcheck disable=SC2086
+train qat-w4g128-text "$QUANT/gptq-w4g128.pt" --bits 4 --group-size 128 $TEXT
+# shellcheck disable=SC2086
+train qat-w3g128-text "$QUANT/gptq-w3g128.pt" --bits 3 --group-size 128 $TEXT
 # the fp and the W4 / W3 PTQ rows are quantize_real.sh's ($QUANT/eval.json: the same prompts, the same settings)
 MODELS="$OUT/qat-w4g128.pt,$OUT/qat-w3g128.pt,$OUT/rtn-w4a8g128.pt,$OUT/gptq-w4a8g128.pt,$OUT/qat-w4a8g128.pt"
 [ -f "$OUT/eval.json" ] || $PY evaluate.py --model "$MODELS" --text "$QUANT/pydoc.txt" --seq-len 512 --batch-size 8 \
     --no-speed --dequantize --data $D/eval.jsonl --scorer data/toyworld.py:gold_reward \
     --correct data/toyworld.py:is_correct --limit "$LIMIT" --out "$OUT/eval.json"
+[ -f "$OUT/eval-text.json" ] || $PY evaluate.py --model "$OUT/qat-w4g128-text.pt,$OUT/qat-w3g128-text.pt" \
+    --text "$QUANT/pydoc.txt" --seq-len 512 --batch-size 8 --no-speed --dequantize --data $D/eval.jsonl \
+    --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct --limit "$LIMIT" \
+    --out "$OUT/eval-text.json"
 # the table, and the share of PTQ's loss QAT recovers: (PTQ - QAT) / (PTQ - fp), for perplexity and accuracy
-$PY - "$QUANT/eval.json" "$OUT/eval.json" "$FP" <<'PYEOF'
+$PY - "$FP" "$QUANT/eval.json" "$OUT/eval.json" "$OUT/eval-text.json" <<'PYEOF'
 import json, os, sys
-rows = {os.path.basename(r["model"]).removesuffix(".pt"): r for f in sys.argv[1:3] for r in json.load(open(f))["results"]}
-fp = rows[os.path.basename(sys.argv[3]).removesuffix(".pt")]
+rows = {os.path.basename(r["model"]).removesuffix(".pt"): r for f in sys.argv[2:] for r in json.load(open(f))["results"]}
+fp = rows[os.path.basename(sys.argv[1]).removesuffix(".pt")]
 print("| setting | model | ppl | accuracy | gold_reward | recovered (ppl) vs RTN / GPTQ | recovered (acc) vs RTN / GPTQ |")
 print("|---|---|---:|---:|---:|---:|---:|")
-print(f"| float | {sys.argv[3]} | {fp['ppl']:.2f} | {fp['accuracy']:.3f} | {fp['gold_reward']:.3f} | | |")
+print(f"| float | {sys.argv[1]} | {fp['ppl']:.2f} | {fp['accuracy']:.3f} | {fp['gold_reward']:.3f} | | |")
 for setting in ("w4g128", "w3g128", "w4a8g128"):
-    for kind in ("rtn", "gptq", "qat"):
-        r = rows[f"{kind}-{setting}"]
+    for kind in ("rtn", "gptq", "qat", "qat-text"):
+        name = f"qat-{setting}-text" if kind == "qat-text" else f"{kind}-{setting}"
+        if name not in rows:
+            continue
+        r = rows[name]
         share = ""
-        if kind == "qat":
+        if kind.startswith("qat"):
             def rec(key, sign):
                 out = []
                 for base in ("rtn", "gptq"):
