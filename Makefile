@@ -11,7 +11,8 @@
 # make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
 #                 width-pruned one healed by distillation and by plain training: the pruning table of the README
 # make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
-#                 W4 / W3 / W4A8 models trained on by qat.py: the QAT table of the README (~1.5 hours on 2 cores)
+#                 W4 / W3 / W4A8 models trained on by qat.py, on chats and on text: the QAT table of the README
+#                 (~2 hours on 2 cores)
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
