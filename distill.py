@@ -539,8 +539,7 @@ def main(argv=None):
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
-            record.update(evaluate(raw, teacher, eval_rows, cfg, device, vocab, cfg.loss, cfg.beta,
-                                              cfg.temperature))
+            record.update(evaluate(raw, teacher, eval_rows, cfg, device, vocab, cfg.loss, cfg.beta, cfg.temperature))
         if rank == 0:
             bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", lr=f"{lr:.1e}")
             C.log_jsonl(cfg.log, record)

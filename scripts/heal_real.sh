@@ -19,13 +19,6 @@ mkdir -p "$OUT"
 [ -e "$FP" ] || { echo "$FP: missing (run scripts/real_model.sh first)"; exit 2; }
 . "$(dirname "$0")/real_common.sh"
 pydoc_text "$OUT"
-timed() {  # name, then a command: runs it unless OUT/name.pt exists, appends "name: seconds" to times.txt
-  local name=$1; shift
-  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; return; fi
-  local t0; t0=$(date +%s)
-  "$@"
-  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
-}
 timed width $PY prune.py --model "$FP" --method minitron --structure width --target 0.5 --data $D/sft.jsonl \
     --format chat --calib-samples 32 --calib-len 512 --eval-samples 0 --out "$OUT/width.pt"
 HEALING="--data $D/sft.jsonl --steps $STEPS --batch-size 4 --seq-len 256 --lr $LR --warmup 3 --eval-every 0"

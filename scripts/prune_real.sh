@@ -20,13 +20,6 @@ mkdir -p "$OUT"
 [ -n "$MODEL" ] || MODEL=$(smollm2_gguf)
 pydoc_text "$OUT"
 MODELS="$MODEL"
-timed() {  # name, then a command: runs it, appends "name: seconds" to times.txt
-  local name=$1; shift
-  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; return; fi
-  local t0; t0=$(date +%s)
-  "$@"
-  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
-}
 prune() {  # name, then prune.py flags
   local name=$1; shift
   timed "$name" $PY prune.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \

@@ -21,11 +21,8 @@ pydoc_text "$OUT"
 MODELS="$MODEL"
 run() {  # name, then quantize.py flags
   local name=$1; shift
-  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; MODELS="$MODELS,$OUT/$name.pt"; return; fi
-  local t0; t0=$(date +%s)
-  $PY quantize.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \
+  timed "$name" $PY quantize.py --model "$MODEL" --data "$OUT/calib.txt" --calib-samples "$CALIB" --calib-len 512 \
       --eval-samples 0 --out "$OUT/$name.pt" "$@"
-  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
   MODELS="$MODELS,$OUT/$name.pt"
 }
 run rtn-w4g128 --method rtn --bits 4 --group-size 128

@@ -12,3 +12,12 @@ pydoc_text() {
   $PY -c "from pydoc_data.topics import topics; t = '\n\n'.join(topics[k] for k in sorted(topics))
 open('$1/pydoc.txt', 'w').write(t[:20000]); open('$1/calib.txt', 'w').write(t[20000:420000])"
 }
+# timed NAME CMD...: runs CMD unless $OUT/NAME.pt exists (rerunning a script after an interruption keeps what it
+# made), and appends "NAME: seconds" to $OUT/times.txt.
+timed() {
+  local name=$1; shift
+  if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; return; fi
+  local t0; t0=$(date +%s)
+  "$@"
+  echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
+}
