@@ -203,7 +203,8 @@ def render_chat(enc, messages, add_generation_prompt=False):
       chatml   `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message; smollm2 and qwen2.5 first add their
                default system message when the chat has none
       llama3   `<|begin_of_text|>`, then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`
-    mask is 1 on assistant content and its end token (so the model learns to stop), 0 elsewhere. Content is
+    mask is 1 on assistant content and its end token (so the model learns to stop), 0 elsewhere and on an
+    assistant message with "weight": 0 (context only, as in OpenAI's fine-tuning format). Content is
     encoded with encode_ordinary, so text that spells a special token stays text. add_generation_prompt appends
     the assistant's header for sampling a reply."""
     style, system = CHAT_TEMPLATES[enc.chat_template]
@@ -218,7 +219,7 @@ def render_chat(enc, messages, add_generation_prompt=False):
     else:
         start, end = (special_id(enc, t) for t in TEMPLATE_TOKENS["chatml"])
     for m in messages:
-        on, content = int(m["role"] == "assistant"), m["content"]
+        on, content = int(m["role"] == "assistant" and m.get("weight", 1) != 0), m["content"]
         if style == "llama3":
             head = [start] + enc.encode_ordinary(m["role"]) + [open_end]
             text, body, tail = "\n\n", (content or "").strip(), []
@@ -241,7 +242,7 @@ def render_plain(enc, messages, add_generation_prompt=False):
         head = enc.encode_ordinary(m["role"].capitalize() + ": ")
         body = enc.encode_ordinary(m["content"] + "\n")
         ids += head + body
-        mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+        mask += [0] * len(head) + [int(m["role"] == "assistant" and m.get("weight", 1) != 0)] * len(body)
     if add_generation_prompt:
         head = enc.encode_ordinary("Assistant: ")
         ids += head
@@ -691,7 +692,10 @@ def as_messages(prompt, where):
             raise UserError(f"{where}: each message needs a string 'content'")
         if m.get("role") not in ("system", "user", "assistant"):
             raise UserError(f"{where}: message role must be system, user or assistant, got {m.get('role')!r}")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            raise UserError(f"{where}: 'weight' (0 or 1) belongs on assistant messages only, got {m['weight']!r}")
+    return [{"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})}
+            for m in prompt]
 
 
 def _check_record(obj, kind, where):
@@ -730,6 +734,9 @@ def _check_record(obj, kind, where):
         m = obj.get("margin")  # optional: how much better chosen is (reward.py's margin loss)
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)):
             raise UserError(f"{where}: 'margin' must be a finite number, got {str(m)[:40]!r}")
+        c = obj.get("confidence")  # optional soft label: P(chosen is better), dpo.py's per-pair label smoothing
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.5 <= c <= 1):
+            raise UserError(f"{where}: 'confidence' must be a number in [0.5, 1], got {str(c)[:40]!r}")
     elif kind == "kto":
         need("completion", str), need("label", bool)
     elif kind == "prompt":

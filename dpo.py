@@ -21,6 +21,9 @@ forward (`forward_logps`). The reference's log-probs are computed once, before t
 (`reference_cache`): no reference model stays in memory, and with --lora-rank the reference is the same network
 with its adapters off. KTO's reference point z0 is estimated per step on mismatched pairs (`kto_reference_point`).
 
+A pair's optional "confidence" (P(chosen is better), a soft label such as cai.py's AI feedback) is its own label
+smoothing e = 1 - confidence in sigmoid, robust and simpo (`smoothing_of`); the other losses read hard labels.
+
 Departures: sigmoid's label smoothing is cDPO as in the DPO reference code and TRL up to v0.28 (TRL v0.29 on
 ignores label_smoothing in sigmoid; with e = 0 the two agree; robust is the unbiased rDPO loss either way).
 bco_pair omits BCO's running reward shift delta, as TRL's current DPOTrainer does. orpo's NLL term is each
@@ -57,7 +60,7 @@ import model as M
 @dataclass
 class Config:
     model: str = "out/sft.pt"  # checkpoint to start from; also the reference policy
-    data: str = ""  # {"prompt", "chosen", "rejected"} JSONL ({"prompt", "completion", "label"} for kto); "" = data/toy
+    data: str = ""  # {"prompt", "chosen", "rejected"[, "confidence"]} JSONL ({"prompt", "completion", "label"} for kto); "" = data/toy
     out: str = "out/dpo.pt"  # output checkpoint
     loss: str = "sigmoid"  # sigmoid hinge ipo robust bco_pair sppo_hard nca_pair apo_zero apo_down simpo orpo kto
     beta: float = 0.1  # beta of the loss (IPO's tau; ORPO's lambda; SimPO wants ~2)
@@ -259,6 +262,10 @@ def load_examples(cfg, enc):
             seqs, t = fit(p, rendered, cfg.seq_len)
             truncated += t
             ex = {"prompt": rec["prompt"], "seqs": seqs}
+            if rec.get("confidence") is not None:  # a soft label: its own label smoothing e = 1 - P(chosen better)
+                ex["smoothing"] = 1.0 - rec["confidence"]
+                if cfg.loss == "robust" and ex["smoothing"] >= 0.5:
+                    raise M.UserError(f"{cfg.data}: --loss robust needs every 'confidence' above 0.5")
             if kto:
                 ex["label"] = rec["label"]
             examples.append(ex)
@@ -313,26 +320,34 @@ def reference_logps(model, examples, cfg, device, pad_id, rank=0, world=1):
     return C.all_reduce_sum(out).cpu()
 
 
-def loss_terms(cfg, sums, counts, ref):
+def smoothing_of(cfg, examples):
+    """Each pair's label smoothing (B,): 1 - its "confidence" (a soft label, e.g. cai.py's AI feedback), else
+    --label-smoothing; a (B,) e in the smoothed losses is the cross-entropy against per-pair soft labels."""
+    return torch.tensor([ex.get("smoothing", cfg.label_smoothing) for ex in examples])
+
+
+def loss_terms(cfg, sums, counts, ref, smoothing=None):
     """The paired loss of one batch from the policy's summed log-probs (2B,) [all chosen, all rejected], their
     lengths and the cached reference rows (B, 2) -> (losses (B,), chosen_rewards, rejected_rewards). Not for kto.
+    smoothing (B,), from smoothing_of, replaces --label-smoothing in the losses that read it (SMOOTHED).
 
     ipo, simpo and orpo are defined on per-token average log-probs: policy and reference sums are divided by the
     response length here, so the loss functions only ever see the log-probs they are given (TRL's
     `average_log_prob`; its newer code divides the log-ratios by the length inside the IPO branch, the same
     number)."""
     pc, pr = sums.chunk(2)
+    e = cfg.label_smoothing if smoothing is None else smoothing.to(sums.device, sums.dtype)
     if cfg.loss in AVERAGED:
         nc, nr = counts.clamp(min=1).chunk(2)
         pc, pr = pc / nc, pr / nr
     if cfg.loss == "simpo":
-        return simpo_loss(pc, pr, cfg.beta, cfg.simpo_gamma, cfg.label_smoothing)
+        return simpo_loss(pc, pr, cfg.beta, cfg.simpo_gamma, e)
     if cfg.loss == "orpo":
         return orpo_loss(pc, pr, cfg.beta)
     rc, rr = ref[:, 0].to(sums.device), ref[:, 1].to(sums.device)
     if cfg.loss in AVERAGED:
         rc, rr = rc / nc, rr / nr
-    return preference_loss(pc, pr, rc, rr, cfg.beta, cfg.loss, cfg.label_smoothing)
+    return preference_loss(pc, pr, rc, rr, cfg.beta, cfg.loss, e)
 
 
 def gather_rows(values, rows, n, device):
@@ -393,7 +408,7 @@ def evaluate_held_out(model, held, ref_held, cfg, device, pad_id, rank, world):
         return out
     sums = torch.cat([cols["first"], cols["second"]])
     counts = torch.cat([cols["count1"], cols["count2"]])
-    losses, rc, rr = loss_terms(cfg, sums, counts, ref)
+    losses, rc, rr = loss_terms(cfg, sums, counts, ref, smoothing_of(cfg, held))
     return {"eval_loss": losses.mean().item(), "eval_accuracy": (rc > rr).double().mean().item(),
             "eval_margin": (rc - rr).mean().item()}
 
@@ -577,7 +592,8 @@ def main(argv=None):
                 else:  # the B chosen and the B rejected sequences in one (2B, T) forward
                     seqs = [train[i]["seqs"][0] for i in b] + [train[i]["seqs"][1] for i in b]
                     logps, lengths = forward_logps(model, seqs, device, cfg, pad_id)  # (2B,) sums, token counts
-                    losses, reward_c, reward_r = loss_terms(cfg, logps, lengths, ref[b] if ref is not None else None)
+                    losses, reward_c, reward_r = loss_terms(cfg, logps, lengths, ref[b] if ref is not None else None,
+                                                            smoothing_of(cfg, [train[i] for i in b]))
                     logp_c, logp_r = logps.detach().chunk(2)
                     stats = {"reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(),
                              "accuracy": (reward_c > reward_r).sum(), "logp_chosen": logp_c.sum(),

@@ -82,7 +82,7 @@ class Config:
 
 PRESETS = {
     # the built-in world trains these on two CPU cores in minutes (vocab set from the tokenizer)
-    "tiny": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=256),
+    "tiny": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, max_seq_len=512),
     "tiny-gpt2": dict(arch="gpt2", n_layer=4, n_head=4, n_kv_head=4, d_model=128, d_ff=512, max_seq_len=256),
     "small": dict(arch="llama", n_layer=6, n_head=8, n_kv_head=4, d_model=256, d_ff=768, max_seq_len=512),
     # real shapes, for reference and for loading pretrained weights

@@ -10,7 +10,8 @@ import torch
 
 from conftest import ROOT
 
-SCRIPTS = ["sft.py", "reward.py", "dpo.py", "ppo.py", "evaluate.py", "quantize.py", "distill.py", "prune.py", "qat.py"]
+SCRIPTS = ["sft.py", "reward.py", "dpo.py", "ppo.py", "evaluate.py", "quantize.py", "distill.py", "prune.py", "qat.py",
+           "cai.py"]
 NOT_THERE = ["common", "model", "formats", "numpy", "tiktoken", "tqdm", "safetensors", "hypothesis"]
 
 

@@ -22,8 +22,9 @@ from data.toyworld import (SECRET, TASKS, expected_answer, gold_reward, good_res
                            is_safe, respond)
 
 FILES = ("sft.jsonl", "prefs.jsonl", "kto.jsonl", "prompts.jsonl", "eval.jsonl", "mc.jsonl", "redteam.jsonl",
-         "pretrain.txt", "constitution.md")
-TRAIN = ("sft.jsonl", "prefs.jsonl", "kto.jsonl", "prompts.jsonl")
+         "redteam_train.jsonl", "helpful.jsonl", "safety.jsonl", "pretrain.txt", "constitution.md")
+TRAIN = ("sft.jsonl", "prefs.jsonl", "kto.jsonl", "prompts.jsonl", "redteam_train.jsonl", "helpful.jsonl",
+         "safety.jsonl")
 ROLES = {"system", "user", "assistant"}
 
 
@@ -51,7 +52,8 @@ def strings(obj):
 def check_messages(msgs, last_role):
     assert isinstance(msgs, list) and msgs and msgs[-1]["role"] == last_role
     for i, m in enumerate(msgs):
-        assert set(m) == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str) and m["content"]
+        assert set(m) - {"weight"} == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str)
+        assert m["content"] and m.get("weight", 1) in (0, 1) and (m["role"] == "assistant" or "weight" not in m)
         assert m["role"] != "system" or i == 0
 
 
@@ -94,6 +96,17 @@ def test_record_formats(world):
         assert set(r) == {"prompt", "kind"} and r["kind"] == "redteam"
         check_messages(r["prompt"], "user")
         assert W.redteam_category(r["prompt"]) and expected_answer(r["prompt"]) is None
+    for name, kind in (("redteam_train.jsonl", True), ("helpful.jsonl", False)):
+        for r in rows(world, name):
+            assert set(r) == {"prompt", "answer", "kind"} and (r["kind"] == "redteam") == kind
+            check_messages(r["prompt"], "user")
+            assert r["answer"] == expected_answer(r["prompt"]) and (r["answer"] is None) == kind
+    gold = rows(world, "safety.jsonl")
+    assert [r["messages"][:-1] for r in gold] == [r["prompt"] for pair in zip(
+        rows(world, "redteam_train.jsonl"), rows(world, "helpful.jsonl")) for r in pair]
+    for r in gold:
+        check_messages(r["messages"], "assistant")
+        assert r["messages"][-1]["content"] == good_response(r["messages"][:-1])
     for r in rows(world, "mc.jsonl"):
         assert set(r) == {"prompt", "choices", "gold"} and isinstance(r["prompt"], str) and isinstance(r["gold"], int)
         assert 3 <= len(r["choices"]) <= 4 and len(set(r["choices"])) == len(r["choices"])
@@ -102,7 +115,8 @@ def test_record_formats(world):
         assert r["choices"][r["gold"]].strip() == expected_answer(r["prompt"])
     sizes = {name: len(rows(world, name)) for name in FILES if name.endswith(".jsonl")}
     assert sizes == {"sft.jsonl": 3000, "prefs.jsonl": 2000, "kto.jsonl": 2000, "prompts.jsonl": 1000,
-                     "eval.jsonl": 200, "mc.jsonl": 200, "redteam.jsonl": 100}
+                     "eval.jsonl": 200, "mc.jsonl": 200, "redteam.jsonl": 100, "redteam_train.jsonl": 300,
+                     "helpful.jsonl": 300, "safety.jsonl": 600}
     assert {r["kind"] for r in rows(world, "eval.jsonl")} == set(TASKS), "eval must cover every task kind"
     assert {r["kind"] for r in rows(world, "prompts.jsonl")} == set(TASKS) | {"redteam"}
 
@@ -133,8 +147,8 @@ def test_sft_mixture_has_every_demonstrator(world):
     counts = dict.fromkeys(("good", "verbose", "wrong", "unsafe", "critique", "other"), 0)
     for r in rows(world, "sft.jsonl"):
         prompt, reply = r["messages"][:-1], r["messages"][-1]["content"]
-        if prompt[-1]["content"].startswith("Question: ") and reply.startswith("Critique: "):
-            kind = "critique"
+        if any(m.get("weight") == 0 for m in prompt) or reply in ("(A)", "(B)"):
+            kind = "critique"  # SL-CAI critique-and-revision, or RL-CAI feedback (cai.py's format)
         elif reply == good_response(prompt):
             kind = "good"
         elif not is_safe(prompt, reply):
