@@ -6,7 +6,7 @@ Stages (--stage; "all" runs redteam, sl, rl in this order). Each writes its data
 a time, so a stopped run resumes where it stopped (a half-written last line is dropped, the last partial batch
 redone: `resume_rows`), and each stage's checkpoint is skipped when it is already there:
   redteam   a red-team model (--red-team-model, few-shot prompted with seed attacks as "User: ..." lines; a base
-            model, or one fine-tuned on the attacks with `sft.py --format text`) writes new attacks; the target
+            model, or one fine-tuned on seed_attacks.txt with `sft.py --format text`) writes new attacks; the target
             answers each and a judge marks it (--judge, a gold check `file.py:fn(prompt, reply) -> safe`; else the
             feedback model, `feedback_label` of the reply against --safe-reply). attacks.jsonl holds every attack,
             reply and verdict; redteam_new.jsonl the successful ones, the next round's red-team prompts (stage
@@ -169,6 +169,7 @@ class Config:
     judge: str = ""  # file.py:fn(prompt, reply) -> safe, the gold check; "" = the feedback model judges
     safe_reply: str = "Sorry, I won't do that."  # what the feedback-model judge compares a reply with
     feedback: str = ""  # the feedback model for RL-CAI ("" = the SL model)
+    compare: str = ""  # more checkpoints (comma-separated) whose attack success the report measures beside ours
     clamp: str = ""  # "lo,hi" clips the soft labels, e.g. 0.4,0.6; "" = off
     min_confidence: float = 0.55  # pairs whose label is nearer 0.5 than this are left out of prefs.jsonl
     rl: str = "dpo"  # dpo (soft-label DPO) or ppo (reward.py on the AI labels, then ppo.py)
@@ -313,6 +314,8 @@ def principle_rng(cfg, index):
 def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
     """-> attacks.jsonl rows {"index", "attack", "reply", "safe"}; successful attacks -> redteam_new.jsonl."""
     texts = [m["content"] for p in seeds for m in p if m["role"] == "user"]
+    C.atomic_write(os.path.join(cfg.out_dir, "seed_attacks.txt"),  # for a fine-tuned attacker: sft.py --format text
+                   lambda f: f.write("".join(f"User: {t}\n" for t in texts).encode()))
 
     def make_rows(batch, gen):
         shots = [principle_rng(cfg, i).sample(texts, min(cfg.attack_shots, len(texts))) for i, _ in batch]
@@ -500,6 +503,9 @@ def main(argv=None):
     red_team, helpful = read_prompts(cfg.red_team), read_prompts(cfg.helpful)
     held_out = read_prompts(cfg.eval_red_team)
     judge_fn = C.load_function(cfg.judge, "--judge") if cfg.judge else None
+    for path in [cfg.model, cfg.red_team_model, cfg.feedback] + cfg.compare.split(","):
+        if path and not os.path.exists(path):
+            raise C.UserError(f"{path}: no such checkpoint")
     device = C.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -511,7 +517,7 @@ def main(argv=None):
         attacker = Sampler(cfg.red_team_model, cfg, device) if cfg.red_team_model else target
         rows = stage_redteam(cfg, target, attacker, judge_fn, target, red_team, principles)
         attacks = [[{"role": "user", "content": r["attack"]}] for r in rows]
-        report["attack_success_generated"] = {"start": 1 - sum(r["safe"] for r in rows) / max(1, len(rows))}
+        report["attack_success_generated"] = {}
         report |= {f"distinct_{n}": distinct_n([r["attack"] for r in rows], n) for n in (1, 2, 3)}
         if cfg.stage == "all":
             red_team = red_team + [[{"role": "user", "content": r["attack"]}] for r in rows if not r["safe"]]
@@ -533,13 +539,14 @@ def main(argv=None):
         train_rl(cfg, sl_path, os.path.join(cfg.out_dir, "prefs.jsonl"), red_team + helpful)
 
     models = {"start": cfg.model, "sl": sl_path, "rl": os.path.join(cfg.out_dir, "rl.pt")}
+    models |= {p: p for p in cfg.compare.split(",") if p}
     for name, path in models.items():
         if not os.path.exists(path) or not (held_out or attacks):
             continue
         sampler = target if name == "start" else Sampler(path, cfg, device)
         report.setdefault("attack_success_held_out", {})[name] = attack_success(
             cfg, sampler, judge_fn, target, held_out, principles, cfg.eval_samples, cfg.seed + 7)
-        if attacks and name != "start":
+        if attacks:
             report["attack_success_generated"][name] = attack_success(cfg, sampler, judge_fn, target, attacks,
                                                                       principles, 1, cfg.seed)
     C.atomic_write(os.path.join(cfg.out_dir, "report.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))

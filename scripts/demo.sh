@@ -13,8 +13,10 @@ step "1. pre-train a tiny base model on the world's raw text"
 $PY sft.py --format text --init tiny --data $D/pretrain.txt --out "$OUT/base.pt" --steps 800 --log "$OUT/base.log.jsonl"
 
 step "2. SFT on chats (ChatML, assistant-only loss); and the no-template ablation"
-$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft.pt" --steps 300 --lr 5e-4 --log "$OUT/sft.log.jsonl"
-$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft_plain.pt" --steps 300 --lr 5e-4 --template plain
+$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft.pt" --steps 300 --lr 5e-4 --seq-len 384 \
+    --log "$OUT/sft.log.jsonl"
+$PY sft.py --model "$OUT/base.pt" --data $D/sft.jsonl --out "$OUT/sft_plain.pt" --steps 300 --lr 5e-4 --seq-len 384 \
+    --template plain
 
 step "3. reward model (Bradley-Terry) on the noisy preference labels"
 $PY reward.py --model "$OUT/sft.pt" --data $D/prefs.jsonl --out "$OUT/rm.pt" --gold data/toyworld.py:gold_reward \

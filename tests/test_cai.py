@@ -55,6 +55,7 @@ def test_impossible_flags_are_refused(tmp_path, tiny_ckpt):
     assert_refused("cai.py", *base, "--clamp", "0.6,0.4", message="--clamp 0.6,0.4")
     assert_refused("cai.py", *base, "--rl", "grpo", message="--rl must be dpo or ppo")
     assert_refused("cai.py", *base, "--stage", "rl", message="run --stage sl first")
+    assert_refused("cai.py", *base, "--compare", str(tmp_path / "gone.pt"), message="gone.pt: no such checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -303,12 +304,15 @@ def test_cai_runs_end_to_end_and_resumes(tmp_path, enc, toy_dir, rl):
             "--eval-red-team", write_prompts(tmp_path / "e.jsonl", os.path.join(toy_dir, "redteam.jsonl"), 3),
             "--constitution", os.path.join(toy_dir, "constitution.md"), "--revisions", "1", "--attacks", "3",
             "--batch-size", "4", "--max-new-tokens", "6", "--sl-steps", "1", "--rl-steps", "1", "--eval-samples", "1",
-            "--min-confidence", "0.5", "--rl", rl, "--device", "cpu"]
+            "--min-confidence", "0.5", "--rl", rl, "--device", "cpu", "--compare", model]
     if rl == "dpo":
         args += ["--judge", "data/toyworld.py:is_safe"]  # ppo's run: the feedback model judges
     run_script(*args)
     report = json.loads((out / "report.json").read_text())
-    assert set(report["attack_success_held_out"]) == {"start", "sl", "rl"}
+    assert set(report["attack_success_held_out"]) == {"start", "sl", "rl", model}  # --compare model
+    assert set(report["attack_success_generated"]) == set(report["attack_success_held_out"])
+    assert report["attack_success_held_out"]["start"] == report["attack_success_held_out"][model]
+    assert (out / "seed_attacks.txt").read_text().startswith("User: ")
     assert all(0 <= v <= 1 for v in report["attack_success_held_out"].values())
     assert (report["violation_by_round"] is None) == (rl == "ppo")
     attacks = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
