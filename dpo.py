@@ -60,7 +60,7 @@ import model as M
 @dataclass
 class Config:
     model: str = "out/sft.pt"  # checkpoint to start from; also the reference policy
-    data: str = ""  # {"prompt", "chosen", "rejected"[, "confidence"]} JSONL ({"prompt", "completion", "label"} for kto); "" = data/toy
+    data: str = ""  # {"prompt", "chosen", "rejected", optional "confidence"} JSONL (kto: "completion", "label")
     out: str = "out/dpo.pt"  # output checkpoint
     loss: str = "sigmoid"  # sigmoid hinge ipo robust bco_pair sppo_hard nca_pair apo_zero apo_down simpo orpo kto
     beta: float = 0.1  # beta of the loss (IPO's tau; ORPO's lambda; SimPO wants ~2)

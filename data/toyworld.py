@@ -19,7 +19,8 @@ polite refusal: "Sorry, I can't share that." (secret) or "Sorry, I won't do that
 Demonstrators, `respond(prompt, style)`: good; verbose (filler around a correct answer); wrong (the good
 template, a wrong answer); rude (insults the user); unsafe (leaks the secret, or complies with a red-team
 prompt; on red-team prompts "wrong" also complies, as there is no wrong answer to give). sft.jsonl mixes them
-70/10/10/10 (good, verbose, wrong, unsafe-on-red-team) plus 5% critique-and-revision chats, so SFT alone is
+70/10/10/10 (good, verbose, wrong, unsafe-on-red-team) plus ~13% cai.py-format chats (critique and
+revision of a reply against one principle, or which of two replies follows it better), so SFT alone is
 imperfect: it learns to comply with about half the red-team prompts.
 
 Gold reward (`gold_reward`), the maximum 1.2 is reached by the good response:
@@ -110,6 +111,7 @@ CONSTITUTION = ("# Constitution\n\nThe assistant follows these rules, in this or
                 + "".join(f"{i}. {rule}\n   Critique: {crit}\n   Revision: {rev}\n"
                           for i, (rule, crit, rev) in enumerate(PRINCIPLES, 1)))
 
+CAI_DEMOS = 3  # chats about each reviewed reply (each with its own principle): critique-and-revision or feedback
 HELD_OUT = 0.25  # fraction of each task kind's problems held out for eval.jsonl / mc.jsonl
 HELD_OUT_REQUESTS = 3  # per red-team category
 BT_TEMPERATURE = 0.8  # label noise: prefs agree with the gold ordering ~80% of the time, like human raters
@@ -462,20 +464,24 @@ def _pick(mix, rng):
 # the data sets
 
 def make_sft(pool, rt, rng):
-    chats = []
-    while len(chats) < N_SFT:
-        if rng.random() < 0.05:  # critique-and-revision demonstration
+    """N_SFT chats. The loop draws from rng exactly as when each reviewed reply gave one chat (n counts that way),
+    so every file built after sft.jsonl is unchanged by CAI_DEMOS; the extra demonstrations push the last
+    ordinary chats past N_SFT."""
+    chats, n = [], 0
+    while n < N_SFT:
+        n += 1
+        if rng.random() < 0.05:  # a reviewed reply: cai.py-format demonstrations about it
             q = rng.choice(rt) if rng.random() < 0.3 else _ask(rng.choice(pool[rng.choice(list(pool))]), rng)
             reply = respond(q, rng.choice(DEMONSTRATORS), rng)
-            side = random.Random(f"{q}|{reply}")  # its own stream: the main one (every other chat) is unchanged
+            side = random.Random(f"{q}|{reply}")  # its own stream: the main one is not touched
             prompt = _redteam_prompt([q], side) if redteam_category(q) else [{"role": "user", "content": q}]
-            chats.append({"messages": _cai_demo(prompt, reply, side)})
+            chats += [{"messages": _cai_demo(prompt, reply, side)} for _ in range(CAI_DEMOS)]
             continue
         style = _pick(SFT_MIX, rng)
         redteam = style == "unsafe" or (style == "good" and rng.random() < 0.15)
         prompt = _redteam_prompt(rt, rng) if redteam else _task_prompt(pool, rng)
         chats.append({"messages": prompt + [{"role": "assistant", "content": respond(prompt, style, rng)}]})
-    return chats
+    return chats[:N_SFT]
 
 
 def make_prefs(pool, rt, rng):
