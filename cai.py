@@ -6,7 +6,7 @@ Stages (--stage; "all" runs redteam, sl, rl in this order). Each writes its data
 a time, so a stopped run resumes where it stopped (a half-written last line is dropped, the last partial batch
 redone: `resume_rows`), and each stage's checkpoint is skipped when it is already there:
   redteam   a red-team model (--red-team-model, few-shot prompted with seed attacks as "User: ..." lines; a base
-            model, or one fine-tuned on seed_attacks.txt with `sft.py --format text`) writes new attacks; the target
+            model, or one fine-tuned on them first: --attacker-steps) writes new attacks; the target
             answers each and a judge marks it (--judge, a gold check `file.py:fn(prompt, reply) -> safe`; else the
             feedback model, `feedback_label` of the reply against --safe-reply). attacks.jsonl holds every attack,
             reply and verdict; redteam_new.jsonl the successful ones, the next round's red-team prompts (stage
@@ -166,6 +166,7 @@ class Config:
     revisions: int = 4  # SL-CAI critique-and-revision rounds per reply
     few_shot: str = ""  # JSONL of {"prompt", "response", "principle" (1-based), "critique", "revision"}
     red_team_model: str = ""  # the attacker ("" = the target itself, prompted the same way)
+    attacker_steps: int = 0  # > 0: first fine-tune the attacker on the seed attacks (sft.py --format text)
     attacks: int = 200  # attacks to generate
     attack_shots: int = 4  # seed attacks in each few-shot prompt
     judge: str = ""  # file.py:fn(prompt, reply) -> safe, the gold check; "" = the feedback model judges
@@ -318,8 +319,6 @@ def principle_rng(cfg, index):
 def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
     """-> attacks.jsonl rows {"index", "attack", "reply", "safe"}; successful attacks -> redteam_new.jsonl."""
     texts = [m["content"] for p in seeds for m in p if m["role"] == "user"]
-    C.atomic_write(os.path.join(cfg.out_dir, "seed_attacks.txt"),  # for a fine-tuned attacker: sft.py --format text
-                   lambda f: f.write("".join(f"User: {t}\n" for t in texts).encode()))
 
     def make_rows(batch, gen):
         shots = [principle_rng(cfg, i).sample(texts, min(cfg.attack_shots, len(texts))) for i, _ in batch]
@@ -479,6 +478,18 @@ def check_flags(cfg):
     return lo, hi
 
 
+def train_attacker(cfg, seeds):
+    """The red-team model fine-tuned on the seed attacks ("User: ..." lines, seed_attacks.txt) -> attacker.pt."""
+    out, data = os.path.join(cfg.out_dir, "attacker.pt"), os.path.join(cfg.out_dir, "seed_attacks.txt")
+    if not os.path.exists(out):
+        texts = [m["content"] for p in seeds for m in p if m["role"] == "user"]
+        C.atomic_write(data, lambda f: f.write("".join(f"User: {t}\n" for t in texts).encode()))
+        sft.main(["--format", "text", "--model", cfg.red_team_model or cfg.model, "--data", data, "--out", out,
+                  "--steps", str(cfg.attacker_steps), "--lr", str(cfg.sl_lr), "--eval-frac", "0", "--seed",
+                  str(cfg.seed), "--device", cfg.device, "--dtype", cfg.dtype])
+    return out
+
+
 def train_sl(cfg, path):
     out = os.path.join(cfg.out_dir, "sl.pt")
     if not os.path.exists(out):
@@ -532,11 +543,14 @@ def main(argv=None):
     report, attacks, sl_path = {"stages": list(stages)}, [], os.path.join(cfg.out_dir, "sl.pt")
 
     if "redteam" in stages:
-        attacker = Sampler(cfg.red_team_model, cfg, device) if cfg.red_team_model else target
+        attacker = Sampler(train_attacker(cfg, red_team), cfg, device) if cfg.attacker_steps else (
+            Sampler(cfg.red_team_model, cfg, device) if cfg.red_team_model else target)
         rows = stage_redteam(cfg, target, attacker, judge_fn, target, red_team, principles)
         attacks = [[{"role": "user", "content": r["attack"]}] for r in rows]
         report["attack_success_generated"] = {}
         report |= {f"distinct_{n}": distinct_n([r["attack"] for r in rows], n) for n in (1, 2, 3)}
+        seen = {m["content"] for p in red_team for m in p if m["role"] == "user"}
+        report["attacks_novel"] = sum(r["attack"] not in seen for r in rows) / max(1, len(rows))
         if cfg.stage == "all":
             red_team = red_team + [[{"role": "user", "content": r["attack"]}] for r in rows if not r["safe"]]
         del attacker

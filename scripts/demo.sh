@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on the built-in world, CPU: base -> SFT -> RM -> DPO, PPO -> one evaluation table.
+# The whole chain on the built-in world, CPU: base -> SFT -> RM -> DPO, PPO -> one evaluation table; then CAI.
 # Usage: bash scripts/demo.sh [out_dir]   (make demo builds data/toy first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,3 +49,6 @@ step "9. sampled (temperature 1), the policies' actual distributions"
 $PY evaluate.py --model "$OUT/sft.pt,$OUT/dpo.pt,$OUT/ppo.pt" --data $D/eval.jsonl --redteam $D/redteam.jsonl \
     --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct --safety data/toyworld.py:is_safe \
     --temperature 1 --no-speed --out "$OUT/results_t1.json" | tee "$OUT/results_t1.md"
+
+step "10. Constitutional AI: red-teaming, SL-CAI, RL-CAI and plain safety SFT (scripts/cai_world.sh, out/cai/)"
+PY=$PY bash scripts/cai_world.sh "$OUT"

@@ -306,13 +306,16 @@ def test_cai_runs_end_to_end_and_resumes(tmp_path, enc, toy_dir, rl):
             "--batch-size", "4", "--max-new-tokens", "6", "--sl-steps", "1", "--rl-steps", "1", "--eval-samples", "1",
             "--min-confidence", "0.5", "--rl", rl, "--device", "cpu", "--compare", model]
     if rl == "dpo":
-        args += ["--judge", "data/toyworld.py:is_safe"]  # ppo's run: the feedback model judges
+        args += ["--judge", "data/toyworld.py:is_safe", "--attacker-steps", "1"]  # ppo's: the feedback model judges
     run_script(*args)
     report = json.loads((out / "report.json").read_text())
     assert set(report["attack_success_held_out"]) == {"start", "sl", "rl", model}  # --compare model
     assert set(report["attack_success_generated"]) == set(report["attack_success_held_out"])
     assert report["attack_success_held_out"]["start"] == report["attack_success_held_out"][model]
-    assert (out / "seed_attacks.txt").read_text().startswith("User: ")
+    assert 0 <= report["attacks_novel"] <= 1 and 0 <= report["distinct_2"] <= 1
+    if rl == "dpo":  # the attacker fine-tuned on the seed attacks first
+        assert (out / "seed_attacks.txt").read_text().startswith("User: ")
+        assert C.load_checkpoint(str(out / "attacker.pt"))["step"] == 1
     assert all(0 <= v <= 1 for v in report["attack_success_held_out"].values())
     assert (report["violation_by_round"] is None) == (rl == "ppo")
     attacks = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
