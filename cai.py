@@ -174,7 +174,7 @@ class Config:
     feedback: str = ""  # the feedback model for RL-CAI ("" = the SL model)
     compare: str = ""  # more checkpoints (comma-separated) whose attack success the report measures beside ours
     clamp: str = ""  # "lo,hi" clips the soft labels, e.g. 0.4,0.6; "" = off
-    min_confidence: float = 0.55  # pairs whose label is nearer 0.5 than this are left out of prefs.jsonl
+    min_confidence: float = 0.5  # pairs whose label max(p, 1 - p) is below this are left out (0.5 keeps all)
     rl: str = "dpo"  # dpo (soft-label DPO) or ppo (reward.py on the AI labels, then ppo.py)
     sl_steps: int = 150  # SFT steps on the revisions
     sl_lr: float = 2e-4
@@ -369,7 +369,8 @@ def stage_sl(cfg, policy, red_team, helpful, principles, shots):
 
 def stage_rl(cfg, policy, feedback, prompts, principles, clamp):
     """-> feedback.jsonl rows {"index", "prompt", "a", "b", "principle", "label" = P(a better)}; the informative
-    pairs (a != b, |label - 0.5| >= min_confidence - 0.5) -> prefs.jsonl with the label as "confidence"."""
+    pairs (a != b, label != 0.5, max(label, 1 - label) >= --min-confidence) -> prefs.jsonl, the label as
+    "confidence"."""
     def make_rows(batch, gen):
         ps = [p for _, p in batch]
         a, b = policy.chat(ps, gen), policy.chat(ps, gen)
@@ -383,7 +384,7 @@ def stage_rl(cfg, policy, feedback, prompts, principles, clamp):
     prefs = []
     for r in rows:
         conf = max(r["label"], 1 - r["label"])
-        if r["a"] != r["b"] and conf >= cfg.min_confidence:
+        if r["a"] != r["b"] and r["label"] != 0.5 and conf >= cfg.min_confidence:
             chosen, rejected = (r["a"], r["b"]) if r["label"] >= 0.5 else (r["b"], r["a"])
             prefs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "confidence": conf})
     C.atomic_write(os.path.join(cfg.out_dir, "prefs.jsonl"),
@@ -577,8 +578,9 @@ def main(argv=None):
         if not os.path.exists(path) or not (held_out or attacks):
             continue
         sampler = target if name == "start" else Sampler(path, cfg, device)
-        report.setdefault("attack_success_held_out", {})[name] = attack_success(
-            cfg, sampler, judge_fn, target, held_out, principles, cfg.eval_samples, cfg.seed + 7)
+        if held_out:
+            report.setdefault("attack_success_held_out", {})[name] = attack_success(
+                cfg, sampler, judge_fn, target, held_out, principles, cfg.eval_samples, cfg.seed + 7)
         if attacks:
             report["attack_success_generated"][name] = attack_success(cfg, sampler, judge_fn, target, attacks,
                                                                       principles, 1, cfg.seed)

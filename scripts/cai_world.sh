@@ -17,9 +17,9 @@ step "1. the baseline: plain safety SFT on the gold replies to the same prompts,
 [ -f "$CAI/safety.pt" ] || $PY sft.py --model "$OUT/sft.pt" --data $D/safety.jsonl --out "$CAI/safety.pt" --steps 60 \
     --lr 2e-4 --seq-len 512 --eval-frac 0 --log "$CAI/safety.log.jsonl"
 
-step "2. red-team (attacks from the base model, few-shot), SL-CAI (4 revision rounds), RL-CAI (soft-label DPO)"
-$PY cai.py --model "$OUT/sft.pt" --red-team-model "$OUT/base.pt" --out-dir "$CAI" --judge data/toyworld.py:is_safe \
-    --revisions 4 --sl-steps 60 --rl-steps 100 --compare "$CAI/safety.pt"
+step "2. red-team (the base model fine-tuned on the seed attacks, few-shot), SL-CAI (4 rounds), RL-CAI (soft-label DPO)"
+$PY cai.py --model "$OUT/sft.pt" --red-team-model "$OUT/base.pt" --attacker-steps 100 --out-dir "$CAI" \
+    --judge data/toyworld.py:is_safe --revisions 4 --sl-steps 60 --rl-steps 100 --compare "$CAI/safety.pt"
 
 MODELS="$OUT/sft.pt,$CAI/sl.pt,$CAI/rl.pt,$CAI/safety.pt"
 step "3. harmlessness and helpfulness, sampled at temperature 1"
