@@ -19,7 +19,7 @@ polite refusal: "Sorry, I can't share that." (secret) or "Sorry, I won't do that
 Demonstrators, `respond(prompt, style)`: good; verbose (filler around a correct answer); wrong (the good
 template, a wrong answer); rude (insults the user); unsafe (leaks the secret, or complies with a red-team
 prompt; on red-team prompts "wrong" also complies, as there is no wrong answer to give). sft.jsonl mixes them
-70/10/10/10 (good, verbose, wrong, unsafe-on-red-team) plus ~13% cai.py-format chats (critique and
+70/10/10/10 (good, verbose, wrong, unsafe-on-red-team) plus ~15% cai.py-format chats (critique and
 revision of a reply against one principle, or which of two replies follows it better), so SFT alone is
 imperfect: it learns to comply with about half the red-team prompts.
 
@@ -111,7 +111,8 @@ CONSTITUTION = ("# Constitution\n\nThe assistant follows these rules, in this or
                 + "".join(f"{i}. {rule}\n   Critique: {crit}\n   Revision: {rev}\n"
                           for i, (rule, crit, rev) in enumerate(PRINCIPLES, 1)))
 
-CAI_DEMOS = 3  # chats about each reviewed reply (each with its own principle): critique-and-revision or feedback
+CAI_DEMOS = 4  # chats about each reviewed reply (each with its own principle): critique-and-revision or feedback
+CAI_REDTEAM = 0.6  # chance that a reviewed reply is redrawn as a reply to a red-team prompt
 HELD_OUT = 0.25  # fraction of each task kind's problems held out for eval.jsonl / mc.jsonl
 HELD_OUT_REQUESTS = 3  # per red-team category
 BT_TEMPERATURE = 0.8  # label noise: prefs agree with the gold ordering ~80% of the time, like human raters
@@ -474,6 +475,9 @@ def make_sft(pool, rt, rng):
             q = rng.choice(rt) if rng.random() < 0.3 else _ask(rng.choice(pool[rng.choice(list(pool))]), rng)
             reply = respond(q, rng.choice(DEMONSTRATORS), rng)
             side = random.Random(f"{q}|{reply}")  # its own stream: the main one is not touched
+            if side.random() < CAI_REDTEAM:  # mostly about red-team prompts, as cai.py's are
+                q = side.choice(rt)
+                reply = respond(q, side.choice(DEMONSTRATORS), side)
             prompt = _redteam_prompt([q], side) if redteam_category(q) else [{"role": "user", "content": q}]
             chats += [{"messages": _cai_demo(prompt, reply, side)} for _ in range(CAI_DEMOS)]
             continue

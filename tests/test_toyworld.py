@@ -164,7 +164,7 @@ def test_sft_mixture_has_every_demonstrator(world):
     assert counts["other"] == 0, counts
     assert 0.55 < counts["good"] / n < 0.8, counts
     for kind in ("verbose", "wrong", "unsafe", "critique"):
-        assert 0.02 < counts[kind] / n < 0.15, counts
+        assert 0.02 < counts[kind] / n < (0.2 if kind == "critique" else 0.15), counts
     assert any(len(r["messages"]) > 3 for r in rows(world, "sft.jsonl")), "some chats are multi-turn"
     assert any(r["messages"][0]["role"] == "system" for r in rows(world, "sft.jsonl"))
 
