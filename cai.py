@@ -525,6 +525,9 @@ def train_rl(cfg, start, prefs_path, prompts):
 def main(argv=None):
     cfg = C.parse_config(Config, argv, description=__doc__)
     clamp = check_flags(cfg)
+    sl_path = os.path.join(cfg.out_dir, "sl.pt")
+    if cfg.stage == "rl" and not os.path.exists(sl_path):
+        raise C.UserError(f"{sl_path}: --stage rl starts from the SL-CAI model; run --stage sl first")
     try:
         principles = parse_constitution(C.read_text(cfg.constitution)[0], cfg.constitution)
     except ValueError as e:
@@ -541,7 +544,7 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     stages = ("redteam", "sl", "rl") if cfg.stage == "all" else (cfg.stage,)
     target = Sampler(cfg.model, cfg, device)
-    report, attacks, sl_path = {"stages": list(stages)}, [], os.path.join(cfg.out_dir, "sl.pt")
+    report, attacks = {"stages": list(stages)}, []
 
     if "redteam" in stages:
         attacker = Sampler(train_attacker(cfg, red_team), cfg, device) if cfg.attacker_steps else (
@@ -562,8 +565,6 @@ def main(argv=None):
         sl_path = train_sl(cfg, os.path.join(cfg.out_dir, "revisions.jsonl"))
 
     if "rl" in stages:
-        if not os.path.exists(sl_path):
-            raise C.UserError(f"{sl_path}: --stage rl starts from the SL-CAI model; run --stage sl first")
         policy = Sampler(sl_path, cfg, device)
         feedback = Sampler(cfg.feedback, cfg, device) if cfg.feedback else policy
         rows, prefs = stage_rl(cfg, policy, feedback, red_team + helpful, principles, clamp)

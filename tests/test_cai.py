@@ -49,8 +49,11 @@ def test_a_malformed_constitution_is_a_one_line_error_with_exit_2(tmp_path, tiny
                    message=f"{bad}:3: rule 1 has no revision")
 
 
-def test_impossible_flags_are_refused(tmp_path, tiny_ckpt):
-    base = ["--model", tiny_ckpt, "--out-dir", str(tmp_path / "o")]
+def test_impossible_flags_are_refused(tmp_path, tiny_ckpt, toy_dir):
+    base = ["--model", tiny_ckpt, "--out-dir", str(tmp_path / "o")] + [
+        x for flag, name in (("--constitution", "constitution.md"), ("--red-team", "redteam_train.jsonl"),
+                             ("--helpful", "helpful.jsonl"), ("--eval-red-team", "redteam.jsonl"))
+        for x in (flag, os.path.join(toy_dir, name))]
     assert_refused("cai.py", *base, "--stage", "dpo", message="--stage must be")
     assert_refused("cai.py", *base, "--clamp", "0.6,0.4", message="--clamp 0.6,0.4")
     assert_refused("cai.py", *base, "--rl", "grpo", message="--rl must be dpo or ppo")
