@@ -106,7 +106,8 @@ def lm_loss_sum(logits, ids, mask):
 
 
 def tokenize(cfg, enc):
-    """Examples as (ids, mask) lists, and how many were truncated."""
+    """Examples as (ids, mask) lists, and how many were truncated. A chat left with no supervised token in its
+    first seq_len (its assistant turns all beyond it, or weight 0) is dropped: it would train on nothing."""
     if cfg.format == "text":
         eot = C.special_id(enc, "<|endoftext|>")
         stream = []
@@ -119,7 +120,10 @@ def tokenize(cfg, enc):
     for rec in C.read_jsonl(cfg.data, "chat", cfg.skip_bad_lines):
         ids, mask = render(enc, rec["messages"])
         truncated += len(ids) > cfg.seq_len
-        examples.append((ids[:cfg.seq_len], mask[:cfg.seq_len]))
+        if any(mask[:cfg.seq_len]):
+            examples.append((ids[:cfg.seq_len], mask[:cfg.seq_len]))
+    if not examples:
+        raise M.UserError(f"{cfg.data}: no chat has an assistant token within --seq-len {cfg.seq_len}")
     return examples, truncated
 
 

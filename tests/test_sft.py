@@ -255,7 +255,7 @@ def test_template_follows_the_model_and_can_be_switched(tmp_path, tiny_ckpt):
                                                      {"role": "assistant", "content": str(i + 1)}]}) + "\n"
                             for i in range(40)))
     llama3 = save_tiny(tmp_path / "llama3.pt", C.get_tokenizer("byte", "llama3"))
-    args = ["--data", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-every", "0"]
+    args = ["--data", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "128", "--eval-every", "0"]
     run_script("sft.py", "--model", llama3, "--out", str(tmp_path / "a.pt"), *args)
     assert C.load_checkpoint(str(tmp_path / "a.pt"))["chat_template"] == "llama3"
     run_script("sft.py", "--model", llama3, "--out", str(tmp_path / "b.pt"), "--template", "qwen2.5", *args)
@@ -265,3 +265,18 @@ def test_template_follows_the_model_and_can_be_switched(tmp_path, tiny_ckpt):
     proc = run_script("sft.py", "--model", tiny_ckpt, "--out", str(tmp_path / "c.pt"), "--template", "llama3",
                       *args, check=False)
     assert_one_line_error(proc, "", "--template llama3 needs 264 token ids")
+
+
+def test_a_chat_with_nothing_supervised_in_seq_len_is_dropped(tmp_path, enc):
+    """Its assistant turn beyond --seq-len (or weight 0): it would add a row that trains on nothing."""
+    data = tmp_path / "c.jsonl"
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+             [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "late"}],
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    examples, truncated = sft.tokenize(sft.Config(data=str(data), seq_len=32), enc)
+    assert len(examples) == 1 and truncated == 1 and all(any(m) for _, m in examples)
+    assert enc.decode([t for t, k in zip(*examples[0]) if k]) == "ok<|im_end|>"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats[1:]))
+    with pytest.raises(C.UserError, match="no chat has an assistant token within --seq-len 32"):
+        sft.tokenize(sft.Config(data=str(data), seq_len=32), enc)
