@@ -203,6 +203,7 @@ class Sampler:
         self.model.eval()
         self.cfg, self.device = cfg, device
         self.pad = C.special_id(self.enc, "<|pad|>")
+        self.stops = {kind: C.stop_ids(self.enc, kind == "chat") for kind in ("chat", "text")}
 
     @torch.no_grad()
     def _generate(self, prompt_ids, stops, gen, temperature=None):
@@ -217,27 +218,22 @@ class Sampler:
     def chat(self, conversations, gen, temperature=None):
         """Message lists -> the sampled assistant turns (text, stripped), at --temperature unless given."""
         ids = [C.render_chat(self.enc, c, add_generation_prompt=True)[0] for c in conversations]
-        stops = [C.end_id(self.enc), C.special_id(self.enc, "<|endoftext|>")]
-        return [self.enc.decode(r).strip() for r in self._generate(ids, stops, gen, temperature)]
+        return [self.enc.decode(r).strip() for r in self._generate(ids, self.stops["chat"], gen, temperature)]
 
     def text(self, prompts, gen):
         """Plain-text prompts -> their continuations up to the first newline."""
         ids = [self.enc.encode_ordinary(p) for p in prompts]
-        specials = {C.special_id(self.enc, t) for t in self.enc.special_tokens_set}
-        stops = [t for t in range(self.enc.n_vocab) if t not in specials and b"\n" in
-                 self.enc.decode_single_token_bytes(t)] + [C.special_id(self.enc, "<|endoftext|>")]
-        return [self.enc.decode(r).split("\n")[0].strip() for r in self._generate(ids, stops, gen)]
+        return [self.enc.decode(r).split("\n")[0].strip() for r in self._generate(ids, self.stops["text"], gen)]
 
     @torch.no_grad()
     def answer_logps(self, conversations, answers=("(A)", "(B)")):
         """log p(answer as the whole assistant turn's content | conversation) for each answer -> (N, len(answers))."""
         out = torch.zeros(len(conversations), len(answers), dtype=torch.float64)
         limit = self.model.cfg.max_seq_len
+        contexts = [C.render_chat(self.enc, c, add_generation_prompt=True)[0] for c in conversations]
         for j, a in enumerate(answers):
-            seqs, masks = [], []
-            for c in conversations:
-                p, _ = C.render_chat(self.enc, c, add_generation_prompt=True)
-                r = self.enc.encode_ordinary(a)
+            seqs, masks, r = [], [], self.enc.encode_ordinary(a)
+            for p in contexts:
                 seqs.append((p + r)[-limit:])
                 masks.append(([0] * len(p) + [1] * len(r))[-limit:])
             for i in range(0, len(seqs), self.cfg.batch_size):
@@ -296,16 +292,26 @@ def run_stage(path, items, batch_size, seed, make_rows, desc):
     """Rows for every item, from the file where present: make_rows(batch of (index, item), torch generator) ->
     rows, appended as each batch finishes. The generator is seeded by (seed, batch start) so a resumed run samples
     what a straight one would."""
-    rows = resume_rows(path, batch_size, len(items))
+    rows, indexed = resume_rows(path, batch_size, len(items)), list(enumerate(items))
     with open(path, "a", encoding="utf-8") as f:
         for start in tqdm(range(len(rows), len(items), batch_size), desc=desc, initial=len(rows) // batch_size,
                           total=math.ceil(len(items) / batch_size)):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            new = make_rows(list(enumerate(items))[start:start + batch_size], gen)
+            new = make_rows(indexed[start:start + batch_size], gen)
             f.write("".join(json.dumps(r) + "\n" for r in new))
             f.flush()
             rows += new
     return rows
+
+
+def write_jsonl(path, rows):
+    """A derived data set (not resumable, rebuilt from its stage file), written atomically."""
+    C.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def user_texts(prompts):
+    """Every user turn of the prompts (message lists), in order."""
+    return [m["content"] for p in prompts for m in p if m["role"] == "user"]
 
 
 def principle_rng(cfg, index):
@@ -318,7 +324,7 @@ def principle_rng(cfg, index):
 
 def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
     """-> attacks.jsonl rows {"index", "attack", "reply", "safe"}; successful attacks -> redteam_new.jsonl."""
-    texts = [m["content"] for p in seeds for m in p if m["role"] == "user"]
+    texts = user_texts(seeds)
 
     def make_rows(batch, gen):
         shots = [principle_rng(cfg, i).sample(texts, min(cfg.attack_shots, len(texts))) for i, _ in batch]
@@ -333,8 +339,7 @@ def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
     rows = run_stage(os.path.join(cfg.out_dir, "attacks.jsonl"), [None] * cfg.attacks, cfg.batch_size, cfg.seed,
                      make_rows, "red-team attacks")
     new = [{"prompt": [{"role": "user", "content": r["attack"]}], "kind": "redteam"} for r in rows if not r["safe"]]
-    C.atomic_write(os.path.join(cfg.out_dir, "redteam_new.jsonl"),
-                   lambda f: f.write("".join(json.dumps(r) + "\n" for r in new).encode()))
+    write_jsonl(os.path.join(cfg.out_dir, "redteam_new.jsonl"), new)
     return rows
 
 
@@ -387,8 +392,7 @@ def stage_rl(cfg, policy, feedback, prompts, principles, clamp):
         if r["a"] != r["b"] and r["label"] != 0.5 and conf >= cfg.min_confidence:
             chosen, rejected = (r["a"], r["b"]) if r["label"] >= 0.5 else (r["b"], r["a"])
             prefs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "confidence": conf})
-    C.atomic_write(os.path.join(cfg.out_dir, "prefs.jsonl"),
-                   lambda f: f.write("".join(json.dumps(r) + "\n" for r in prefs).encode()))
+    write_jsonl(os.path.join(cfg.out_dir, "prefs.jsonl"), prefs)
     return rows, prefs
 
 
@@ -483,8 +487,7 @@ def train_attacker(cfg, seeds):
     """The red-team model fine-tuned on the seed attacks ("User: ..." lines, seed_attacks.txt) -> attacker.pt."""
     out, data = os.path.join(cfg.out_dir, "attacker.pt"), os.path.join(cfg.out_dir, "seed_attacks.txt")
     if not os.path.exists(out):
-        texts = [m["content"] for p in seeds for m in p if m["role"] == "user"]
-        C.atomic_write(data, lambda f: f.write("".join(f"User: {t}\n" for t in texts).encode()))
+        C.atomic_write(data, lambda f: f.write("".join(f"User: {t}\n" for t in user_texts(seeds)).encode()))
         sft.main(["--format", "text", "--model", cfg.red_team_model or cfg.model, "--data", data, "--out", out,
                   "--steps", str(cfg.attacker_steps), "--lr", str(cfg.sl_lr), "--eval-frac", "0", "--seed",
                   str(cfg.seed), "--device", cfg.device, "--dtype", cfg.dtype])
@@ -516,7 +519,7 @@ def train_rl(cfg, start, prefs_path, prompts):
     if not os.path.exists(rm):
         reward.main(["--model", start, "--data", prefs_path, "--out", rm, "--seq-len", str(cfg.seq_len)] + common)
     data = os.path.join(cfg.out_dir, "rl_prompts.jsonl")
-    C.atomic_write(data, lambda f: f.write("".join(json.dumps({"prompt": p}) + "\n" for p in prompts).encode()))
+    write_jsonl(data, [{"prompt": p} for p in prompts])
     ppo.main(["--model", start, "--reward-model", rm, "--data", data, "--out", out, "--steps", str(cfg.rl_steps),
               "--lr", str(cfg.rl_lr), "--log", os.path.join(cfg.out_dir, "rl.log.jsonl")] + common)
     return out
@@ -553,10 +556,10 @@ def main(argv=None):
         attacks = [[{"role": "user", "content": r["attack"]}] for r in rows]
         report["attack_success_generated"] = {}
         report |= {f"distinct_{n}": distinct_n([r["attack"] for r in rows], n) for n in (1, 2, 3)}
-        seen = {m["content"] for p in red_team for m in p if m["role"] == "user"}
+        seen = set(user_texts(red_team))
         report["attacks_novel"] = sum(r["attack"] not in seen for r in rows) / max(1, len(rows))
         if cfg.stage == "all":
-            red_team = red_team + [[{"role": "user", "content": r["attack"]}] for r in rows if not r["safe"]]
+            red_team = red_team + [a for a, r in zip(attacks, rows) if not r["safe"]]
         del attacker
 
     if "sl" in stages:

@@ -174,6 +174,16 @@ def end_id(enc):
     return special_id(enc, TEMPLATE_TOKENS[chat_style(enc)][-1])
 
 
+def stop_ids(enc, chat_template):
+    """A chat stops at its template's end token, plain text at the first token holding a newline; both at
+    <|endoftext|>."""
+    stops = [special_id(enc, "<|endoftext|>")]
+    if chat_template:
+        return stops + [end_id(enc)]
+    specials = {special_id(enc, t) for t in enc.special_tokens_set}
+    return stops + [t for t in range(enc.n_vocab) if t not in specials and b"\n" in enc.decode_single_token_bytes(t)]
+
+
 def never_sampled(enc, vocab_size, stop_ids):
     """The ids a sampler must never emit: every special token that is not one of this generation's stops, and the
     rows of a vocabulary padded beyond the tokenizer's ids. So `<|pad|>` is never sampled (a sampled pad could not

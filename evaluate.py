@@ -249,16 +249,6 @@ def render(enc, messages, cfg):
     return fn(enc, messages, add_generation_prompt=True)[0]
 
 
-def stop_ids(enc, chat_template):
-    """A chat stops at its template's end token, plain text at the first token holding a newline; both at
-    <|endoftext|>."""
-    stops = [C.special_id(enc, "<|endoftext|>")]
-    if chat_template:
-        return stops + [C.end_id(enc)]
-    specials = {C.special_id(enc, t) for t in enc.special_tokens_set}
-    return stops + [t for t in range(enc.n_vocab) if t not in specials and b"\n" in enc.decode_single_token_bytes(t)]
-
-
 # -----------------------------------------------------------------------------
 # Model-side measurements
 
@@ -353,7 +343,7 @@ def generate_responses(model, enc, prompts, cfg, device):
         raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len "
                           f"{model.cfg.max_seq_len}")
     prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
-    stops = stop_ids(enc, cfg.chat_template)
+    stops = C.stop_ids(enc, cfg.chat_template)
     banned = C.never_sampled(enc, model.cfg.vocab_size, stops)  # <|pad|>, <|im_start|>; a stop is never banned
     special_stops = {C.special_id(enc, "<|endoftext|>"), C.end_id(enc)}
     gen = torch.Generator(device).manual_seed(cfg.seed)  # the same random stream for every checkpoint

@@ -171,7 +171,7 @@ def test_generation_matches_naive_greedy_loop(tiny_model, enc, template):
     c = cfg(chat_template=template, max_new_tokens=6)
     prompts = [C.as_messages(p, "x") for p in ["What is 2 + 3?", "Hi", "Reverse the word 'stop' please."]]
     texts, prompt_ids, responses = E.generate_responses(tiny_model, enc, prompts, c, CPU)
-    stops = set(E.stop_ids(enc, template))
+    stops = set(C.stop_ids(enc, template))
     for p, ids, r in zip(prompts, prompt_ids, responses):
         assert ids == E.render(enc, p, c)
         seq = list(ids)
