@@ -177,18 +177,18 @@ class Config:
     min_confidence: float = 0.5  # pairs whose label max(p, 1 - p) is below this are left out (0.5 keeps all)
     rl: str = "dpo"  # dpo (soft-label DPO) or ppo (reward.py on the AI labels, then ppo.py)
     sl_steps: int = 150  # SFT steps on the revisions
-    sl_lr: float = 2e-4
+    sl_lr: float = 2e-4  # learning rate of the SFT on the revisions (and of --attacker-steps)
     rl_steps: int = 100  # DPO (or PPO) steps on the AI preferences
-    rl_lr: float = 5e-5
+    rl_lr: float = 5e-5  # learning rate of RL-CAI's DPO (or PPO)
     seq_len: int = 512  # training rows (SFT, DPO)
     max_new_tokens: int = 48  # per sampled turn
     temperature: float = 1.0  # sampling temperature of replies (SL's first reply, RL's pairs) and attacks
     revision_temperature: float = 0.0  # of critiques and revisions (0 = greedy: the model's best revision)
     eval_samples: int = 4  # replies per held-out attack in the report
     batch_size: int = 32  # prompts per generation batch
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
+    seed: int = 0  # principles drawn, sampling streams and the training runs it starts
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
 
 
 # -----------------------------------------------------------------------------

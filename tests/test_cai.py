@@ -3,6 +3,7 @@ stage files, and the whole pipeline (red-team, SL-CAI, RL-CAI by DPO and by PPO)
 import json
 import math
 import os
+from dataclasses import fields
 
 import pytest
 import torch
@@ -47,6 +48,16 @@ def test_a_malformed_constitution_is_a_one_line_error_with_exit_2(tmp_path, tiny
     bad.write_text("# Rules\n\n1. Never insult.\n   Critique: Does it insult?\n2. Be brief.\n   Revision: Shorten.\n")
     assert_refused("cai.py", "--model", tiny_ckpt, "--constitution", str(bad), "--out-dir", str(tmp_path / "o"),
                    message=f"{bad}:3: rule 1 has no revision")
+
+
+def test_help_documents_every_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping
+    docs = C.field_docs(cai.Config)
+    assert set(docs) == {f.name for f in fields(cai.Config)} and all(docs.values())
+    with pytest.raises(SystemExit):
+        C.parse_config(cai.Config, ["--help"], description=cai.__doc__)
+    out = " ".join(capsys.readouterr().out.split())
+    assert all("--" + name.replace("_", "-") in out and doc in out for name, doc in docs.items())
 
 
 def test_impossible_flags_are_refused(tmp_path, tiny_ckpt, toy_dir):
