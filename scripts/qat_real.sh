@@ -3,8 +3,10 @@
 # GPTQ checkpoints of scripts/quantize_real.sh (QUANT: W4 g128, W3 g128; W4A8 g128 made here, with its RTN baseline),
 # trains each STEPS steps toward the float model's distributions (self-distillation, forward KL) on the world's
 # chats, and evaluates fp, PTQ (RTN, GPTQ) and QAT: perplexity on the pydoc text and the world's accuracy.
-#   usage: scripts/qat_real.sh OUT FP QUANT [STEPS] [LIMIT] [LR]
-#   e.g.   scripts/qat_real.sh out/qat out/real/sft.pt out/quant-sft 40 96 5e-5
+#   usage: scripts/qat_real.sh OUT FP QUANT [STEPS] [LIMIT] [LR] [DATA]
+#   e.g.   scripts/qat_real.sh out/qat out/real/sft.pt out/quant-sft 60 96 2e-4 both
+# DATA: text (the pydoc text after the part measured, every token scored: what torchao trains on), chat (the world's
+# chats, the assistant's tokens) or both (each setting trained twice).
 # An output already in OUT is kept, not made again: rerun the same command after an interruption.
 set -euo pipefail
 OUT=${1:-out/qat}
@@ -12,7 +14,9 @@ FP=${2:-out/real/sft.pt}
 QUANT=${3:-out/quant-sft}
 STEPS=${4:-40}
 LIMIT=${5:-96}
-LR=${6:-5e-5}
+LR=${6:-2e-4}
+DATA=${7:-both}
+case $DATA in text|chat|both) ;; *) echo "DATA: text, chat or both, not $DATA"; exit 2;; esac
 PY=${PY:-python}
 D=data/toy
 mkdir -p "$OUT"
@@ -36,26 +40,26 @@ train() {  # name, start, then qat.py flags
       --batch-size 4 --seq-len 256 --lr "$LR" --warmup 5 --eval-every 0 --log "$OUT/$name.jsonl" "$@"
   echo "$name ($STEPS steps): $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
 }
-train qat-w4g128 "$QUANT/gptq-w4g128.pt" --bits 4 --group-size 128
-train qat-w3g128 "$QUANT/gptq-w3g128.pt" --bits 3 --group-size 128
-train qat-w4a8g128 "$OUT/gptq-w4a8g128.pt" --bits 4 --group-size 128 --act-bits 8
-# the same from the general text (the pydoc text after the part measured, every token scored): what torchao does
 TEXT="--data $QUANT/calib.txt --format text"
-# shellcheck disable=SC2086
-train qat-w4g128-text "$QUANT/gptq-w4g128.pt" --bits 4 --group-size 128 $TEXT
-# shellcheck disable=SC2086
-train qat-w3g128-text "$QUANT/gptq-w3g128.pt" --bits 3 --group-size 128 $TEXT
+for setting in w4g128 w3g128 w4a8g128; do
+  case $setting in
+    w4g128) start=$QUANT/gptq-w4g128.pt; flags="--bits 4 --group-size 128";;
+    w3g128) start=$QUANT/gptq-w3g128.pt; flags="--bits 3 --group-size 128";;
+    w4a8g128) start=$OUT/gptq-w4a8g128.pt; flags="--bits 4 --group-size 128 --act-bits 8";;
+  esac
+  # shellcheck disable=SC2086
+  [ "$DATA" = text ] || train "qat-$setting" "$start" $flags
+  # shellcheck disable=SC2086
+  [ "$DATA" = chat ] || train "qat-$setting-text" "$start" $flags $TEXT
+done
 # the fp and the W4 / W3 PTQ rows are quantize_real.sh's ($QUANT/eval.json: the same prompts, the same settings)
-MODELS="$OUT/qat-w4g128.pt,$OUT/qat-w3g128.pt,$OUT/rtn-w4a8g128.pt,$OUT/gptq-w4a8g128.pt,$OUT/qat-w4a8g128.pt"
+MODELS=$OUT/rtn-w4a8g128.pt,$OUT/gptq-w4a8g128.pt
+for f in "$OUT"/qat-*.pt; do MODELS=$MODELS,$f; done
 [ -f "$OUT/eval.json" ] || $PY evaluate.py --model "$MODELS" --text "$QUANT/pydoc.txt" --seq-len 512 --batch-size 8 \
     --no-speed --dequantize --data $D/eval.jsonl --scorer data/toyworld.py:gold_reward \
     --correct data/toyworld.py:is_correct --limit "$LIMIT" --out "$OUT/eval.json"
-[ -f "$OUT/eval-text.json" ] || $PY evaluate.py --model "$OUT/qat-w4g128-text.pt,$OUT/qat-w3g128-text.pt" \
-    --text "$QUANT/pydoc.txt" --seq-len 512 --batch-size 8 --no-speed --dequantize --data $D/eval.jsonl \
-    --scorer data/toyworld.py:gold_reward --correct data/toyworld.py:is_correct --limit "$LIMIT" \
-    --out "$OUT/eval-text.json"
 # the table, and the share of PTQ's loss QAT recovers: (PTQ - QAT) / (PTQ - fp), for perplexity and accuracy
-$PY - "$FP" "$QUANT/eval.json" "$OUT/eval.json" "$OUT/eval-text.json" <<'PYEOF'
+$PY - "$FP" "$QUANT/eval.json" "$OUT/eval.json" <<'PYEOF'
 import json, os, sys
 rows = {os.path.basename(r["model"]).removesuffix(".pt"): r for f in sys.argv[2:] for r in json.load(open(f))["results"]}
 fp = rows[os.path.basename(sys.argv[1]).removesuffix(".pt")]
