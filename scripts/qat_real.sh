@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # make real-qat: quantisation-aware training of SmolLM2-135M-Instruct after SFT, on two CPU cores. Starts from the
 # GPTQ checkpoints of scripts/quantize_real.sh (QUANT: W4 g128, W3 g128; W4A8 g128 made here, with its RTN baseline),
-# trains each STEPS steps toward the float model's distributions (self-distillation, forward KL) on the world's
-# chats, and evaluates fp, PTQ (RTN, GPTQ) and QAT: perplexity on the pydoc text and the world's accuracy.
+# trains each STEPS steps toward the float model's distributions (self-distillation, forward KL) on DATA, and
+# evaluates fp, PTQ (RTN, GPTQ) and QAT: perplexity on the pydoc text and the world's accuracy.
 #   usage: scripts/qat_real.sh OUT FP QUANT [STEPS] [LIMIT] [LR] [DATA]
-#   e.g.   scripts/qat_real.sh out/qat out/real/sft.pt out/quant-sft 60 96 2e-4 both
+#   e.g.   scripts/qat_real.sh out/qat60 out/real/sft.pt out/quant-sft 60 96 2e-4 text      (make real-qat)
 # DATA: text (the pydoc text after the part measured, every token scored: what torchao trains on), chat (the world's
 # chats, the assistant's tokens) or both (each setting trained twice).
 # An output already in OUT is kept, not made again: rerun the same command after an interruption.
 set -euo pipefail
-OUT=${1:-out/qat}
+OUT=${1:-out/qat60}
 FP=${2:-out/real/sft.pt}
 QUANT=${3:-out/quant-sft}
-STEPS=${4:-40}
+STEPS=${4:-60}
 LIMIT=${5:-96}
 LR=${6:-2e-4}
-DATA=${7:-both}
+DATA=${7:-text}
 case $DATA in text|chat|both) ;; *) echo "DATA: text, chat or both, not $DATA"; exit 2;; esac
 PY=${PY:-python}
 D=data/toy
@@ -32,8 +32,10 @@ ptq() {  # name, then quantize.py flags: the W4A8 baselines
 }
 ptq rtn-w4a8g128 --method rtn --bits 4 --group-size 128 --act-bits 8
 ptq gptq-w4a8g128 --method gptq --bits 4 --group-size 128 --act-bits 8
+MODELS=$OUT/rtn-w4a8g128.pt,$OUT/gptq-w4a8g128.pt  # and every QAT model train() makes or keeps
 train() {  # name, start, then qat.py flags
   local name=$1 start=$2; shift 2
+  MODELS=$MODELS,$OUT/$name.pt
   if [ -f "$OUT/$name.pt" ]; then echo "$name: kept from an earlier run"; return; fi
   local t0; t0=$(date +%s)
   $PY qat.py --model "$start" --teacher "$FP" --data $D/sft.jsonl --out "$OUT/$name.pt" --steps "$STEPS" \
@@ -53,8 +55,6 @@ for setting in w4g128 w3g128 w4a8g128; do
   [ "$DATA" = chat ] || train "qat-$setting-text" "$start" $flags $TEXT
 done
 # the fp and the W4 / W3 PTQ rows are quantize_real.sh's ($QUANT/eval.json: the same prompts, the same settings)
-MODELS=$OUT/rtn-w4a8g128.pt,$OUT/gptq-w4a8g128.pt
-for f in "$OUT"/qat-*.pt; do MODELS=$MODELS,$f; done
 [ -f "$OUT/eval.json" ] || $PY evaluate.py --model "$MODELS" --text "$QUANT/pydoc.txt" --seq-len 512 --batch-size 8 \
     --no-speed --dequantize --data $D/eval.jsonl --scorer data/toyworld.py:gold_reward \
     --correct data/toyworld.py:is_correct --limit "$LIMIT" --out "$OUT/eval.json"
