@@ -153,28 +153,33 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
-    """Keys and values of every layer for B rows up to max_len positions.
+class KVCache:
+    """Keys and values of every layer for B rows and max_len slots, preallocated once: every forward attends to all
+    max_len slots (those not yet written, or pads, masked off), so shapes never change and a compiled decode step
+    compiles once (gpt-fast's static cache).
 
-    `pos` is how many positions are filled; `valid` marks real (non-pad) keys; `seen` counts real tokens per
-    row, which gives the position id of the next token under left padding."""
+    `pos` (a 0-dim tensor) is the next free slot; `valid` marks slots holding real (non-pad) keys; `seen` counts
+    real tokens per row, which gives the position id of the next token under left padding."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
-        super().__init__()
-        hd = cfg.head_size
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, hd)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("valid", torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-                             persistent=False)
-        self.register_buffer("seen", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
-        self.pos = 0
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_size)
+        # one tensor per layer: a compiled step that writes a layer's slot then touches that layer's tensor only
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def slots(self, T):
+        """The (T,) slots the next T tokens are written to."""
+        return self.pos + torch.arange(T, device=self.pos.device)
 
     def update(self, layer, k, v):
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        """Write k, v (B, nkv, T, hd) at the next T slots -> this layer's keys and values, all max_len slots."""
+        slots = self.slots(k.shape[2])
+        self.k[layer][:, :, slots] = k  # index_put_: in place under torch.compile too (index_copy_ clones the cache)
+        self.v[layer][:, :, slots] = v
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -196,12 +201,11 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, pos+T, hd)
-        if self.n_kv_head != self.n_head:  # grouped-query attention: each kv head serves n_head/n_kv_head queries
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, max_len, hd)
         drop = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=drop)
+        # grouped-query attention: each kv head serves n_head / n_kv_head queries, without copying k and v per head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=drop,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o(y)
 
@@ -245,13 +249,15 @@ def positions_from_docs(doc_ids):
 
 
 def build_attn_mask(T, offset, key_valid=None, doc_ids=None):
-    """Boolean (B or 1, 1, T, offset+T) mask, True where a query may attend to a key.
+    """Boolean (B or 1, 1, T, Tk) mask, True where a query may attend to a key: the T queries sit at slots
+    offset.. offset+T-1 (an int or a 0-dim tensor: a KV cache's next free slot), Tk is key_valid's width, else T.
 
     Causal always; pads (key_valid False) are never attended to; with doc_ids (packed rows) a token sees only
     its own document. Every query may see itself, so pad rows never get an all-masked (NaN) softmax."""
     device = key_valid.device if key_valid is not None else doc_ids.device
-    q_idx = torch.arange(offset, offset + T, device=device)[:, None]  # (T, 1)
-    k_idx = torch.arange(offset + T, device=device)[None, :]  # (1, Tk)
+    Tk = key_valid.shape[1] if key_valid is not None else T
+    q_idx = (offset + torch.arange(T, device=device))[:, None]  # (T, 1)
+    k_idx = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
     mask = (k_idx <= q_idx)[None]  # (1, T, Tk)
     if key_valid is not None:
         mask = mask & key_valid[:, None, :]  # (B, T, Tk)
@@ -324,10 +330,10 @@ class Transformer(nn.Module):
         cache: a KVCache from new_cache(); the call appends this chunk and attends to everything before it.
         return_hidden: also return the final hidden states (B, T, C), after the last norm."""
         B, T = idx.shape
-        offset = cache.pos if cache is not None else 0
         valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
-            cache.valid[:, offset:offset + T] = True if valid is None else valid
+            written = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid  # (B, T) real keys
+            cache.valid.index_copy_(1, cache.slots(T), written)
         if positions is None:
             if doc_ids is not None:
                 positions = positions_from_docs(doc_ids)
@@ -338,7 +344,7 @@ class Transformer(nn.Module):
             else:
                 positions = torch.arange(T, device=idx.device).expand(B, T)
         if cache is not None:
-            mask = build_attn_mask(T, offset, cache.valid[:, :offset + T])
+            mask = build_attn_mask(T, cache.pos, cache.valid)
         elif valid is not None or doc_ids is not None:
             mask = build_attn_mask(T, 0, valid, doc_ids)
         else:
@@ -354,7 +360,7 @@ class Transformer(nn.Module):
         h = self.norm(x)
         if cache is not None:
             cache.pos += T
-            cache.seen += torch.ones_like(idx).sum(1) if valid is None else valid.sum(1)
+            cache.seen += T if valid is None else valid.sum(1)
         out = self.lm_head(h) if self.cfg.head == "lm" else self.score(h).squeeze(-1)
         return (out, h) if return_hidden else out
 
@@ -416,22 +422,37 @@ def ban_mask(vocab_size, ids, device=None):
     return mask
 
 
+def decode_step(model, tok, cache):
+    """One new token per row, tok (B, 1), through the cache -> next-token logits (B, V): the step `generate` repeats.
+    With the static cache its shapes never change, so `torch.compile` compiles it once per batch size and length."""
+    return model(tok, cache=cache)[:, -1]
+
+
+CACHE_BUCKET = 64  # cache lengths round up to a multiple of this: a compiled run meets a few shapes, not one a call
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
-             generator=None, banned_ids=()):
+             generator=None, banned_ids=(), compile=False):
     """Batched sampling with the KV cache. prompts: list of id lists (any lengths; left padded here).
 
     Returns (tokens, logprobs, mask), each (B, N) with N <= max_new_tokens: the sampled tokens (pad_id after a
     row stopped), their log-probs under the distribution they were drawn from (`filter_logits`), and 1 on
     generated tokens (the stop token included). temperature=0 is greedy. pad_id and `banned_ids` are never
     emitted: their logits are -inf before anything else, so a sampled token is never confused with padding; a
-    trainer that scores these tokens must ban the same ids (filter_logits(..., banned=ban_mask(V, ids)))."""
+    trainer that scores these tokens must ban the same ids (filter_logits(..., banned=ban_mask(V, ids))).
+
+    The prompt goes through in one eager forward (prefill), then one `decode_step` per token; compile=True runs
+    that step through torch.compile (CUDA graphs on GPU), which pays where per-op overhead dominates a step."""
     device = next(model.parameters()).device
     banned = ban_mask(model.cfg.vocab_size, {pad_id, *banned_ids}, device)
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, P = ids.shape
-    cache = model.new_cache(B, P + max_new_tokens)
+    step = decode_step
+    if compile:
+        step = torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    cache = model.new_cache(B, -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -449,7 +470,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         done = done | torch.isin(tok, stop)
         if done.all():
             break
-        logits = model(tokens[-1][:, None], cache=cache)[:, -1]
+        logits = step(model, tokens[-1][:, None], cache)
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1)
 
 

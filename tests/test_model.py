@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,30 @@ def test_generate_logprobs_equal_forward_over_sampled_sequence(tiny_model, sampl
     if temperature == 0:
         P = prompt_ids.shape[1]
         assert torch.equal(tokens, logits[:, P - 1:-1].masked_fill(banned, float("-inf")).argmax(-1))
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="torch.compile needs a C++ compiler")
+def test_compiled_generate_equals_eager_and_the_trainer(tiny_model):
+    """compile=True: the one-token step through torch.compile (one compile: same batch and cache length throughout).
+    Sampled with the same seed it draws the same tokens as eager with the same log-probs, and those equal a full
+    forward over the sequence (the KV-cache == full-recompute and sampler == trainer contracts); greedy it is the
+    argmax of that full forward."""
+    prompts = [[10, 11, 12, 13, 14], [20], [30, 31, 32]]
+    prompt_ids, prompt_mask = M.pad_left(prompts, PAD)
+    P = prompt_ids.shape[1]
+    banned = M.ban_mask(tiny_model.cfg.vocab_size, [PAD])
+    for temperature, top_k, top_p in [SAMPLERS["top_k+top_p"], SAMPLERS["greedy"]]:
+        runs = [M.generate(tiny_model, prompts, 12, temperature, top_k, top_p, pad_id=PAD, compile=compile,
+                           generator=torch.Generator().manual_seed(5)) for compile in (False, True)]
+        (eager_tokens, eager_logps, _), (tokens, logps, mask) = runs
+        assert torch.equal(tokens, eager_tokens) and (logps - eager_logps).abs().max() < 1e-5
+        seq = torch.cat([prompt_ids, tokens], 1)
+        with torch.no_grad():
+            logits = tiny_model(seq, attention_mask=torch.cat([prompt_mask, mask], 1))
+        want = M.token_logprobs(M.filter_logits(logits, temperature, top_k, top_p, banned), seq)[:, P:]
+        assert (want - logps).abs().max() < 1e-4
+        if temperature == 0:
+            assert torch.equal(tokens, logits[:, P - 1:-1].masked_fill(banned, float("-inf")).argmax(-1))
 
 
 def test_generate_stops_at_stop_ids_and_pads_after(tiny_model):
