@@ -22,6 +22,7 @@ directories and safetensors in formats.py.
 """
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 
@@ -202,10 +204,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, max_len, hd)
-        drop = self.cfg.dropout if self.training else 0.0
-        # grouped-query attention: each kv head serves n_head / n_kv_head queries, without copying k and v per head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=drop,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head  # each kv head serves n_head / n_kv_head queries, k and v not copied
+        if isinstance(mask, BlockMask):  # packed rows on CUDA: only the blocks the documents touch are computed
+            y = flex_attention_kernel(q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            drop = self.cfg.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=drop,
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o(y)
 
@@ -265,6 +270,27 @@ def build_attn_mask(T, offset, key_valid=None, doc_ids=None):
         mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T), packed rows have no cache
     mask = mask | (k_idx == q_idx)[None]
     return mask[:, None]  # (B, 1, T, Tk)
+
+
+FLEX_DEVICES = {"cuda"}  # device types where packed rows take flex_attention instead of a dense (B, 1, T, T) mask
+
+
+def doc_block_mask(doc_ids, key_valid=None):
+    """flex_attention's BlockMask for packed rows: the same rule as build_attn_mask(T, 0, key_valid, doc_ids), but
+    stored per 128 x 128 block, so attention skips the blocks between documents and never builds a dense mask."""
+    B, T = doc_ids.shape
+
+    def mask_mod(b, h, q, k):
+        seen = (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+        return seen & (key_valid[b, k] | (k == q)) if key_valid is not None else seen
+
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+
+
+@functools.cache
+def flex_attention_kernel(device):
+    """flex_attention compiled into one fused kernel on CUDA (what it is for); eager elsewhere (tests on the CPU)."""
+    return torch.compile(flex_attention) if device.type == "cuda" else flex_attention
 
 
 class Transformer(nn.Module):
@@ -345,6 +371,8 @@ class Transformer(nn.Module):
                 positions = torch.arange(T, device=idx.device).expand(B, T)
         if cache is not None:
             mask = build_attn_mask(T, cache.pos, cache.valid)
+        elif doc_ids is not None and idx.device.type in FLEX_DEVICES and not (self.training and self.cfg.dropout):
+            mask = doc_block_mask(doc_ids, valid)
         elif valid is not None or doc_ids is not None:
             mask = build_attn_mask(T, 0, valid, doc_ids)
         else:
@@ -428,7 +456,10 @@ def decode_step(model, tok, cache):
     return model(tok, cache=cache)[:, -1]
 
 
-CACHE_BUCKET = 64  # cache lengths round up to a multiple of this: a compiled run meets a few shapes, not one a call
+def cache_length(n):
+    """The cache length for n positions: the next power of two, at least 64. A compiled decode step compiles once per
+    cache length (and batch size), so a run with prompts of many lengths meets a few shapes, not one per call."""
+    return max(64, 1 << (n - 1).bit_length())
 
 
 @torch.no_grad()
@@ -452,7 +483,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     step = decode_step
     if compile:
         step = torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-    cache = model.new_cache(B, -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
+    cache = model.new_cache(B, cache_length(P + max_new_tokens))
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -106,6 +106,7 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the training forward passes
+    compile_decode: bool = False  # torch.compile the rollouts' one-token decode step (model.generate(compile=True))
     lora_rank: int = 0  # LoRA rank for the policy (0 = full fine-tuning); the reference is then the base
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     resume: str = ""  # checkpoint written by this script to continue from (policy, critic, optimisers, beta)
@@ -337,7 +338,7 @@ def sample(model, prompt_ids, cfg, enc, device, temperature, gen=None):
     banned_ids = C.never_sampled(enc, model.cfg.vocab_size, [stop])
     with C.autocast(device, cfg.dtype):
         tokens, logp, gen_mask = M.generate(model, prompt_ids, cfg.max_new_tokens, temperature, 0, 1.0, [stop], pad,
-                                            gen, banned_ids)
+                                            gen, banned_ids, compile=cfg.compile_decode)
     p_ids, p_mask = M.pad_left(prompt_ids, pad)
     seq = torch.cat([p_ids.to(device), tokens], 1)  # (B, P + N)
     attn = torch.cat([p_mask.to(device), gen_mask], 1)  # (B, P + N)
@@ -613,7 +614,7 @@ def main(argv=None):
                      rollout_tok_s=mask.sum().item() / max(t_gen, 1e-9))
         means = {k: v / world for k, v in C.reduce_sums(local, device).items()}
         record = {"step": step + 1, **means, "kl_coef": kl_coef, "lr": lr,
-                  "update_s": time.perf_counter() - t_update, "step_s": time.perf_counter() - t0}
+                  "rollout_s": t_gen, "update_s": time.perf_counter() - t_update, "step_s": time.perf_counter() - t0}
         if cfg.kl_target > 0:
             kl_coef = update_kl_coef(kl_coef, record["kl"], cfg.kl_target, len(idx) * world, cfg.kl_horizon)
         C.check_finite(record, ("pg_loss", "value_loss", "score", "kl"), last_saved)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 import common as C
 import formats
@@ -232,6 +232,24 @@ def test_pack_equals_examples_one_by_one(models, examples, arch):
                 assert t + run == seq_len and ids[r, t:].eq(PAD).all() and mask[r, t:].eq(0).all()
             t += run
     assert todo == []
+
+
+@given(st.lists(packable, min_size=1, max_size=6), st.sampled_from(["llama", "gpt2"]), st.booleans())
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_packed_flex_attention_equals_dense_mask(models, monkeypatch, examples, arch, with_valid):
+    """On CUDA packed rows take flex_attention with a document BlockMask: the same logits as the dense-mask path
+    (here flex_attention's eager form on the CPU, forward only: it has no CPU backward), with and without a pad
+    mask beside the documents."""
+    ids, mask, doc = C.pack(examples, 12, PAD)
+    assume(ids.shape[0] > 0)  # every example empty: no rows
+    valid = (ids != PAD).long() if with_valid else None
+    model = models[arch]
+    with torch.no_grad():
+        dense = model(ids, doc_ids=doc, attention_mask=valid)
+        monkeypatch.setattr(M, "FLEX_DEVICES", {"cpu"})
+        flex = model(ids, doc_ids=doc, attention_mask=valid)
+        monkeypatch.undo()
+    assert (flex - dense).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

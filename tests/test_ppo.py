@@ -1,6 +1,6 @@
 """ppo.py: GAE, the KL estimators (exact expectations on an enumerable toy), the policy-gradient estimate vs the
 exact gradient, group advantages, clipping, loss aggregation, the sampler/trainer log-prob contract, smoke runs of
-every --advantage, resume, bad input; and a slow benchmark (rollout tokens/s, training steps/s).
+every --advantage, resume, bad input; and a slow benchmark (rollout tokens/s and share of a step, training steps/s).
 
     python -m pytest tests/test_ppo.py -q                   (fast tests)
     python -m pytest tests/test_ppo.py -q -s -m slow -k bench   (writes out/bench/ppo.json)
@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -526,24 +527,34 @@ def test_bad_flags_exit_2(toy_dir, tiny_ckpts, tmp_path, extra, message):
 
 @pytest.mark.slow
 def test_bench_ppo(toy_dir, tmp_path, enc):
-    """Rollout tokens/s and training (optimiser) steps/s of PPO on the tiny config, CPU. Measured, not asserted."""
+    """Rollout tokens/s, the rollout's share of a step, training (optimiser) steps/s and whole iterations/s of PPO
+    and GRPO on the tiny config, CPU; GRPO also with --compile-decode: it compiles at the first step (left out as
+    warm-up) and again at each new cache length, so medians beside the means. Measured, not asserted."""
     torch.manual_seed(0)
     policy = str(tmp_path / "tiny.pt")
     C.save_checkpoint(policy, M.build_model("tiny", enc), enc)
     result = {"config": "tiny", "device": "cpu", "batch_size": 16, "max_new_tokens": 48,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
-    for advantage, extra in (("ppo", []), ("grpo", ["--group-size", "4", "--batch-size", "4"])):
-        log = str(tmp_path / f"{advantage}.jsonl")
+    for name, advantage, extra in (("ppo", "ppo", []), ("grpo", "grpo", ["--group-size", "4", "--batch-size", "4"]),
+                                   ("grpo_compile_decode", "grpo", ["--group-size", "4", "--batch-size", "4",
+                                                                    "--compile-decode"])):
+        log = str(tmp_path / f"{name}.jsonl")
         run_script("ppo.py", "--model", policy, "--data", os.path.join(toy_dir, "prompts.jsonl"), "--reward",
-                   "data/toyworld.py:gold_reward", "--out", str(tmp_path / "o.pt"), "--log", log, "--steps", "6",
+                   "data/toyworld.py:gold_reward", "--out", str(tmp_path / "o.pt"), "--log", log, "--steps", "12",
                    "--batch-size", "16", "--max-new-tokens", "48", "--eval-every", "0", "--device", "cpu",
                    "--advantage", advantage, *extra)
-        recs = [json.loads(line) for line in open(log)][1:]  # the first step warms up
+        recs = [json.loads(line) for line in open(log)][1:]  # the first step warms up (and compiles)
         updates = 2 * 2  # default --ppo-epochs x --minibatches
-        result[advantage] = {
+        roll, step = [r["rollout_s"] for r in recs], [r["step_s"] for r in recs]
+        result[name] = {
             "rollout_tok_per_s": sum(r["rollout_tok_s"] for r in recs) / len(recs),
+            "rollout_share": sum(roll) / sum(step),
             "train_steps_per_s": len(recs) * updates / sum(r["update_s"] for r in recs),
-            "iterations_per_s": len(recs) / sum(r["step_s"] for r in recs),
+            "iterations_per_s": len(recs) / sum(step),
+            # a step that compiles (a new cache length) is an outlier: the medians are the steady state
+            "median_rollout_share": statistics.median(roll) / statistics.median(step),
+            "median_iterations_per_s": 1 / statistics.median(step),
+            "rollout_s_over_median": sum(roll) - len(roll) * statistics.median(roll),  # compiling, mostly
             "mean_response_len": sum(r["response_len"] for r in recs) / len(recs)}
     os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
     with open(os.path.join(ROOT, "out", "bench", "ppo.json"), "w") as f:
