@@ -41,8 +41,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from model import (Config, Transformer, UserError, apply_lora, last_token_values, lora_state_dict, pad_left,
-                   plain_state_dict)
+from model import (Config, Transformer, UserError, apply_lora, apply_prefix, last_token_values, lora_state_dict,
+                   pad_left, plain_state_dict)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1131,12 +1131,38 @@ def check_finite(record, keys, last_saved):
                         f"saving. Last good checkpoint: {last_saved or 'none yet'}. Lower --lr or check the data")
 
 
-def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, train_also=()):
-    """--resume and --lora-rank, the same in every training script -> (start step, train_state or None).
+PEFT_KINDS = {  # --peft: the adapter a training script trains over its frozen model (model.py builds them)
+    "lora": "LoRA (Hu et al. 2021): W + (alpha / r) B A on every linear of the blocks",
+    "dora": "DoRA (Liu et al. 2024): LoRA's direction with a trained magnitude per output row",
+    "prefix": "P-tuning v2 (Liu et al. 2022): --peft-len learned keys and values at every layer",
+    "prefix-mlp": "prefix-tuning (Li & Liang 2021): the same, trained through an MLP (hidden d_model), folded on save",
+    "prompt": "prompt tuning (Lester et al. 2021): --peft-len learned input embeddings",
+}
 
-    Full fine-tuning resumes the saved weights; with LoRA the starting model is wrapped again and its adapters
-    restored from the train state (the saved weights have the adapters merged in). `train_also` names modules
-    trained in full beside the adapters (a reward model's fresh head)."""
+
+def peft_kind(cfg):
+    """The adapter a run trains: --peft, or "lora" where only --lora-rank is given; "" is full fine-tuning."""
+    return getattr(cfg, "peft", "") or ("lora" if cfg.lora_rank else "")
+
+
+def resume_and_peft(model, cfg, train_also=()):
+    """--resume and the adapter flags (--peft, --lora-rank, --lora-alpha, --lora-dropout, --rslora, --peft-len), the
+    same in every training script -> (start step, train_state or None).
+
+    Full fine-tuning resumes the saved weights; with an adapter the starting model is given it again and its
+    trained tensors restored from the train state (the saved weights have LoRA / DoRA merged in, a prefix folded).
+    `train_also` names modules trained in full beside the adapters (a reward model's fresh head)."""
+    resume, kind = cfg.resume, peft_kind(cfg)
+    rank, dropout, rslora = cfg.lora_rank, getattr(cfg, "lora_dropout", 0.0), getattr(cfg, "rslora", False)
+    if kind not in ("", *PEFT_KINDS):
+        raise UserError(f"--peft {kind}: choose from {', '.join(PEFT_KINDS)}")
+    if kind.startswith("prefix") or kind == "prompt":
+        if rank:
+            raise UserError(f"--peft {kind} trains a prefix, not LoRA adapters: leave out --lora-rank")
+        if getattr(cfg, "peft_len", 0) < 1:
+            raise UserError(f"--peft {kind} needs --peft-len >= 1 (the number of learned slots)")
+    if rslora and kind not in ("lora", "dora"):
+        raise UserError("--rslora scales LoRA / DoRA adapters: give --lora-rank or --peft lora / dora")
     state, step = None, 0
     if resume:
         ckpt = load_checkpoint(resume)
@@ -1148,15 +1174,19 @@ def resume_and_lora(model, resume="", lora_rank=0, lora_alpha=0.0, lora_dropout=
             raise UserError(f"{resume}: a checkpoint with head {_show(head)}, but this run trains a "
                             f"{model.cfg.head!r} head (resume a checkpoint of the same script)")
     quant = getattr(model, "quant", None)
-    if quant is not None and not lora_rank:
+    if quant is not None and not kind:
         raise UserError(f"the model is quantised ({quant['format']}): its packed weights do not train; train LoRA "
                         "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
-        if resume and not lora_rank:
+        if resume and not kind:
             tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if shares_head(model.cfg) else {}
             model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
-        if lora_rank:
-            apply_lora(model, lora_rank, lora_alpha or None, lora_dropout)
+        if kind in ("lora", "dora"):
+            apply_lora(model, rank or 8, cfg.lora_alpha or None, dropout, dora=kind == "dora", rslora=rslora)
+        elif kind:
+            apply_prefix(model, cfg.peft_len, "prompt" if kind == "prompt" else "prefix",
+                         reparam=model.cfg.d_model if kind == "prefix-mlp" else 0)
+        if kind:
             for name in train_also:
                 getattr(model, name).requires_grad_(True)
             if state is not None:
@@ -1202,7 +1232,7 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
     -> "path (step n)", what a later error names as the last good checkpoint."""
     if rank == 0:
         train_state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data_position": step, **(extra or {})}
-        if cfg.lora_rank:
+        if peft_kind(cfg):
             train_state["lora"] = lora_state_dict(raw)
         save_checkpoint(cfg.out, raw, enc, step=step, args=asdict(cfg), metrics=metrics, lineage=lineage,
                         train_state=train_state)

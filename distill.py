@@ -124,6 +124,9 @@ class Config:
     lora_rank: int = 0  # LoRA rank for the student (0 = full fine-tuning)
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
+    peft: str = ""  # adapter: lora, dora, prefix, prefix-mlp or prompt ("" = lora if --lora-rank, else full)
+    peft_len: int = 16  # --peft prefix / prefix-mlp / prompt: learned slots (keys and values, or embeddings)
+    rslora: bool = False  # LoRA / DoRA scaled by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     resume: str = ""  # checkpoint written by this script to continue from (student, projections, optimisers, RNG)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
     save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
@@ -363,7 +366,7 @@ def load_models(cfg, device):
     for name, m in (("teacher", teacher), ("student", student)):
         if cfg.seq_len > m.cfg.max_seq_len:
             raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the {name}'s max_seq_len {m.cfg.max_seq_len}")
-    step, state = C.resume_and_lora(student, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    step, state = C.resume_and_peft(student, cfg)
     return student.to(device), teacher, enc, lineage, step, state
 
 

@@ -91,6 +91,9 @@ class Config:
     lora_rank: int = 0  # LoRA rank (0 = full fine-tuning); the adapter-disabled model is the reference
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
+    peft: str = ""  # adapter: lora, dora, prefix, prefix-mlp or prompt ("" = lora if --lora-rank, else full)
+    peft_len: int = 16  # --peft prefix / prefix-mlp / prompt: learned slots (keys and values, or embeddings)
+    rslora: bool = False  # LoRA / DoRA scaled by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     resume: str = ""  # checkpoint of this script to continue from (model, optimiser, RNG, data position, ref cache)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
     save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
@@ -479,7 +482,7 @@ def load_start(cfg, device):
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    step, state = C.resume_and_peft(model, cfg)
     return model.to(device), enc, lineage, step, state
 
 
@@ -498,7 +501,7 @@ def reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
                               f"--loss, --eval-frac and --seed)")
         return ref, ref_held
     t0 = time.perf_counter()
-    with M.lora_disabled(model) if cfg.lora_rank else contextlib.nullcontext():
+    with M.lora_disabled(model) if C.peft_kind(cfg) else contextlib.nullcontext():
         ref = reference_logps(model, train, cfg, device, pad_id, rank, world)
         ref_held = reference_logps(model, held, cfg, device, pad_id, rank, world) if held else None
     if rank == 0:
@@ -620,7 +623,7 @@ def main(argv=None):
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record.update(evaluate_held_out(raw, held, ref_held, cfg, device, pad_id, rank, world))
             if cfg.kl_prompts and kl_prompts:
-                reference = raw if cfg.lora_rank else C.load_model(cfg.model, device)[0].eval()
+                reference = raw if C.peft_kind(cfg) else C.load_model(cfg.model, device)[0].eval()
                 record["kl_ref"] = kl_to_reference(raw, reference, kl_prompts, cfg, enc, device, pad_id, stop_id,
                                                    rank, world)
                 del reference

@@ -275,6 +275,10 @@ def export_hf(model, enc, out_dir):
     cfg = raw.cfg
     if cfg.head != "lm":
         raise UserError("export_hf writes language models only (this model has a scalar head)")
+    if cfg.prefix_len:
+        raise UserError(f"export_hf: a {cfg.prefix_kind} adapter ({cfg.prefix_len} learned slots) is a learned start of "
+                        "the KV cache, not a weight, so it does not merge into a Hugging Face model; our checkpoint "
+                        "(.pt) keeps it")
     hf = ours_to_hf(plain_state_dict(raw, dense=True), cfg)  # a quantised model exports dequantised
     if cfg.arch == "gpt2":
         hc = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,

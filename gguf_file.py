@@ -552,6 +552,9 @@ def write_gguf(path, sd, cfg, enc, kind="f16"):
     Transformer.state_dict(); lm_head.weight may be left out when cfg.tie_embeddings), cfg its model.Config, enc its
     tokenizer; kind (f32, f16, q8_0, q4_0, q4_1) the type of the 2-D weight matrices, the token embedding included.
     Written atomically (common.atomic_write)."""
+    if cfg.prefix_len:
+        raise UserError(f"GGUF: a {cfg.prefix_kind} adapter ({cfg.prefix_len} learned slots) is a learned start of the "
+                        "KV cache, not a weight, so llama.cpp has no place for it; our checkpoint (.pt) keeps it")
     if kind not in GGUF_KINDS:
         raise UserError(f"GGUF type {kind!r}: choose from {', '.join(GGUF_KINDS)}")
     if cfg.head != "lm":

@@ -22,6 +22,7 @@ directories and safetensors in formats.py.
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -63,12 +64,16 @@ class Config:
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     dropout: float = 0.0  # dropout on attention and residual branches (training only)
     head: str = "lm"  # "lm": next-token logits; "scalar": one value per position (reward model, critic)
+    prefix_len: int = 0  # prefix / prompt tuning: learned KV-cache slots every sequence starts after (0 = none)
+    prefix_kind: str = "prefix"  # "prefix": learned keys and values per layer; "prompt": learned input embeddings
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
             raise UserError(f"unknown architecture {self.arch!r}: expected 'gpt2' or 'llama'")
         if self.head not in ("lm", "scalar"):
             raise UserError(f"unknown head {self.head!r}: expected 'lm' or 'scalar'")
+        if self.prefix_kind not in ("prefix", "prompt"):
+            raise UserError(f"unknown prefix_kind {self.prefix_kind!r}: expected 'prefix' or 'prompt'")
         if (not self.head_dim and self.d_model % self.n_head) or self.n_head % self.n_kv_head:
             raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head} do not divide")
         if self.arch == "gpt2" and (self.n_kv_head != self.n_head or self.head_dim):
@@ -258,7 +263,8 @@ def build_attn_mask(T, offset, key_valid=None, doc_ids=None):
     offset.. offset+T-1 (an int or a 0-dim tensor: a KV cache's next free slot), Tk is key_valid's width, else T.
 
     Causal always; pads (key_valid False) are never attended to; with doc_ids (packed rows) a token sees only
-    its own document. Every query may see itself, so pad rows never get an all-masked (NaN) softmax."""
+    its own document (and, in a cache, every slot before offset: a prefix). Every query may see itself, so pad
+    rows never get an all-masked (NaN) softmax."""
     device = key_valid.device if key_valid is not None else doc_ids.device
     Tk = key_valid.shape[1] if key_valid is not None else T
     q_idx = (offset + torch.arange(T, device=device))[:, None]  # (T, 1)
@@ -267,7 +273,11 @@ def build_attn_mask(T, offset, key_valid=None, doc_ids=None):
     if key_valid is not None:
         mask = mask & key_valid[:, None, :]  # (B, T, Tk)
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, T, T), packed rows have no cache
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): these tokens see their own document
+        if Tk != T:  # a cache: its earlier slots (a prefix) are seen by every document; these tokens sit at offset..
+            full = torch.ones(doc_ids.shape[0], T, Tk, dtype=torch.bool, device=device)
+            same = full.index_copy(2, q_idx[:, 0], same)
+        mask = mask & same
     mask = mask | (k_idx == q_idx)[None]
     return mask[:, None]  # (B, 1, T, Tk)
 
@@ -316,6 +326,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.head == "scalar":
             nn.init.zeros_(self.score.weight)  # a fresh value head starts neutral
+        self.prefix = Prefix(cfg) if cfg.prefix_len else None  # prefix / prompt tuning (apply_prefix)
 
     @staticmethod
     def _init_weights(m):
@@ -332,53 +343,65 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in unique if p.requires_grad or not trainable) + (0 if trainable else packed)
 
     def new_cache(self, batch_size, max_len):
+        """A KVCache with room for max_len positions; with a prefix / prompt adapter (enabled) its first slots
+        already hold the adapter's keys and values, so every forward on it starts after them."""
         p = next(self.parameters())
-        return KVCache(self.cfg, batch_size, max_len, p.device, p.dtype)
+        n = self.prefix.length if self.prefix is not None and self.prefix.enabled else 0
+        cache = KVCache(self.cfg, batch_size, n + max_len, p.device, p.dtype)
+        if n:
+            self.prefix.fill(self, cache)
+        return cache
 
-    def embed_positions(self, idx, positions):
-        """Token embeddings, with GPT-2's learned positions added -> (x, rope): rope is the (cos, sin) pair every
-        llama block rotates q and k by, None for gpt2."""
-        x = self.embed(idx)  # (B, T, C)
+    def embed_positions(self, idx, positions, embeds=None):
+        """Token embeddings (or `embeds`), with GPT-2's learned positions added -> (x, rope): rope is the (cos, sin)
+        pair every llama block rotates q and k by, None for gpt2."""
+        x = self.embed(idx) if embeds is None else embeds  # (B, T, C)
         if self.cfg.arch == "gpt2":
             return x + self.pos_embed(positions), None
         cfg = self.cfg
-        inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, idx.device)
+        inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, x.device)
         if cfg.rope_scaling_factor != 1.0:
             inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
                                        cfg.rope_high_freq_factor, cfg.rope_original_max_len)
         return x, rope_cos_sin(positions, inv_freq)
 
-    def forward(self, idx, positions=None, attention_mask=None, doc_ids=None, cache=None, return_hidden=False):
+    def forward(self, idx, positions=None, attention_mask=None, doc_ids=None, cache=None, return_hidden=False,
+                embeds=None):
         """idx (B, T) -> logits (B, T, vocab) for head="lm", values (B, T) for head="scalar".
 
         attention_mask (B, T): 1 real, 0 pad (left or right padding); positions then count real tokens only.
         doc_ids (B, T): packed rows, block-diagonal causal attention and per-document positions.
         cache: a KVCache from new_cache(); the call appends this chunk and attends to everything before it.
-        return_hidden: also return the final hidden states (B, T, C), after the last norm."""
-        B, T = idx.shape
+        With a prefix / prompt adapter and no cache, the call makes one (new_cache): the tokens follow the prefix.
+        return_hidden: also return the final hidden states (B, T, C), after the last norm.
+        embeds (B, T, C): input vectors in place of embed(idx) (idx may then be None): prompt tuning's."""
+        B, T = idx.shape if embeds is None else embeds.shape[:2]
+        device = idx.device if embeds is None else embeds.device
+        if cache is None and self.prefix is not None and self.prefix.enabled:
+            cache = self.new_cache(B, T)
         valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
-            written = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid  # (B, T) real keys
+            written = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid  # real keys
             cache.valid.index_copy_(1, cache.slots(T), written)
         if positions is None:
+            base = cache.seen[:, None] if cache is not None else 0
             if doc_ids is not None:
-                positions = positions_from_docs(doc_ids)
+                positions = base + positions_from_docs(doc_ids)
             elif valid is not None or cache is not None:
-                real = valid.long() if valid is not None else torch.ones_like(idx)
-                base = cache.seen[:, None] if cache is not None else 0
+                real = valid.long() if valid is not None else torch.ones(B, T, dtype=torch.long, device=device)
                 positions = (base + real.cumsum(1) - 1).clamp(min=0)  # (B, T)
             else:
-                positions = torch.arange(T, device=idx.device).expand(B, T)
+                positions = torch.arange(T, device=device).expand(B, T)
         if cache is not None:
-            mask = build_attn_mask(T, cache.pos, cache.valid)
-        elif doc_ids is not None and idx.device.type in FLEX_DEVICES and not (self.training and self.cfg.dropout):
+            mask = build_attn_mask(T, cache.pos, cache.valid, doc_ids)
+        elif doc_ids is not None and device.type in FLEX_DEVICES and not (self.training and self.cfg.dropout):
             mask = doc_block_mask(doc_ids, valid)
         elif valid is not None or doc_ids is not None:
             mask = build_attn_mask(T, 0, valid, doc_ids)
         else:
             mask = None  # plain causal: the fast is_causal kernel
 
-        x, rope = self.embed_positions(idx, positions)
+        x, rope = self.embed_positions(idx, positions, embeds)
         x = self.drop(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:  # recompute activations in backward
@@ -529,55 +552,88 @@ def kl_divergence(logits_p, logits_q):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    """W x + s B A x with s = alpha / r (rsLoRA: alpha / sqrt(r), Kalajdzievski 2023, so a larger rank does not
+    shrink the update). dora=True is DoRA (Liu et al. 2024): the weight split into a magnitude per output row and a
+    direction, m * (W + s B A) / ||W + s B A||, m a trained vector that starts at ||W|| (so the start is the base
+    exactly); the norm is treated as a constant in backward, as the paper does to save memory."""
+
+    def __init__(self, base, rank, alpha, dropout=0.0, dora=False, rslora=False):
         super().__init__()
         self.base = base  # an nn.Linear, or any module with in/out_features (a quantised linear for QLoRA)
         self.base.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as PEFT does
-        self.scale = alpha / rank
+        self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.lora_magnitude = nn.Parameter(self.base_weight().norm(dim=1).detach().float()) if dora else None
         self.enabled, self.merged = True, False
+
+    def base_weight(self):
+        """The frozen (out, in) weight, a quantised base's dequantised."""
+        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
 
     def delta(self):
         delta = (self.lora_b @ self.lora_a) * self.scale  # (out, in)
         mask = getattr(self.base, "weight_mask", None)  # a pruned base (prune.py): the adapter keeps its zeros too
         return delta if mask is None else delta * mask
 
+    def dora_scale(self, weight):
+        """DoRA's m / ||W + delta|| per output row, (out,), the norm detached."""
+        return self.lora_magnitude / weight.float().norm(dim=1).detach()
+
+    def merged_weight(self):
+        """The plain (out, in) weight this adapter amounts to: W + delta, for DoRA row-scaled by m / ||W + delta||."""
+        weight = self.base_weight().detach() + self.delta().detach().to(self.base_weight().dtype)
+        if self.lora_magnitude is None:
+            return weight
+        return (self.dora_scale(weight)[:, None].detach() * weight.float()).to(weight.dtype)
+
     def merge(self):
         if not isinstance(self.base, nn.Linear):
             raise UserError("a LoRA adapter over a quantised layer does not merge in place; plain_state_dict writes "
                             "the layer dense with the adapter merged in")
         if not self.merged:
-            self.base.weight.data += self.delta().to(self.base.weight.dtype)
+            self.unmerged_weight = self.base.weight.data.clone() if self.lora_magnitude is not None else None
+            self.base.weight.data = self.merged_weight()
             self.merged = True
 
     def unmerge(self):
         if self.merged:
-            self.base.weight.data -= self.delta().to(self.base.weight.dtype)
+            if self.lora_magnitude is not None:  # DoRA's row scaling does not subtract out: the base comes back whole
+                self.base.weight.data = self.unmerged_weight
+            else:
+                self.base.weight.data -= self.delta().to(self.base.weight.dtype)
             self.merged = False
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled and not self.merged and getattr(self.base, "weight_mask", None) is not None:
-            y = y + F.linear(self.dropout(x), self.delta().to(x.dtype))  # masked: the product must be formed
-        elif self.enabled and not self.merged:
-            y = y + (self.dropout(x) @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
-        return y
+        if not self.enabled or self.merged:
+            return y
+        if self.lora_magnitude is not None:  # DoRA: m / ||W + delta|| * ((W + delta) x + b) - (that - 1) * b
+            delta = self.delta()
+            scale = self.dora_scale(self.base_weight() + delta).to(x.dtype)
+            y = scale * (y + F.linear(x, delta.to(x.dtype)))
+            bias = getattr(self.base, "bias", None)
+            return y if bias is None else y - (scale - 1) * bias
+        if getattr(self.base, "weight_mask", None) is not None:
+            return y + F.linear(self.dropout(x), self.delta().to(x.dtype))  # masked: the product must be formed
+        return y + (self.dropout(x) @ self.lora_a.t().to(x.dtype) @ self.lora_b.t().to(x.dtype)) * self.scale
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def apply_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS):
-    """Freeze the model and wrap every linear whose name ends in one of `targets` with a LoRA adapter."""
+def apply_lora(model, rank, alpha=None, dropout=0.0, targets=LORA_TARGETS, dora=False, rslora=False):
+    """Freeze the model and wrap every linear whose name ends in one of `targets` with a LoRA (or DoRA) adapter."""
+    if dora and dropout:
+        raise UserError("DoRA here takes no LoRA dropout (its magnitude scales the whole output): set it to 0")
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             # an nn.Linear, or a quantised linear (quantize.QuantLinear: QLoRA); not a LoRALinear already
             if child_name in targets and hasattr(child, "in_features"):
-                setattr(module, child_name, LoRALinear(child, rank, alpha or 2 * rank, dropout))
+                setattr(module, child_name, LoRALinear(child, rank, alpha or 2 * rank, dropout, dora, rslora))
     return model
 
 
@@ -587,13 +643,17 @@ def lora_layers(model):
 
 @contextlib.contextmanager
 def lora_disabled(model):
-    """Run the base model: with LoRA the frozen base is the reference policy, no second copy needed."""
+    """Run the base model: with LoRA, DoRA, a prefix or a prompt adapter the frozen base is the reference policy,
+    no second copy needed."""
     layers = lora_layers(model)
     merged = [m for m in layers if m.merged]
+    prefix = getattr(getattr(model, "module", model), "prefix", None)
     for m in merged:  # a merged delta lives inside the base weight: take it out while the base runs
         m.unmerge()
     for m in layers:
         m.enabled = False
+    if prefix is not None:
+        prefix.enabled = False
     try:
         yield model
     finally:
@@ -601,10 +661,13 @@ def lora_disabled(model):
             m.enabled = True
         for m in merged:
             m.merge()
+        if prefix is not None:
+            prefix.enabled = True
 
 
 def plain_state_dict(model, dense=False):
-    """The state dict of the model as a plain Transformer: LoRA deltas merged in, adapter tensors dropped.
+    """The state dict of the model as a plain Transformer: LoRA / DoRA merged in, adapter tensors dropped; a prefix
+    stays (prefix.*, its config names it), its training-time MLP folded into plain keys and values.
 
     A quantised layer (a module with a dequantize() method: quantize.QuantLinear) keeps its packed tensors, unless
     dense=True (exports) or a LoRA adapter over it is merged in (QLoRA): then it is written as a float weight."""
@@ -626,7 +689,11 @@ def plain_state_dict(model, dense=False):
                 del sd[k]
             sd[name + ".weight"] = base.dequantize().detach()
         if lora:
-            sd[name + ".weight"] += m.delta().detach().to(sd[name + ".weight"].dtype)
+            sd[name + ".weight"] = m.merged_weight()
+    if getattr(model, "prefix", None) is not None and model.prefix.mlp is not None:  # fold the reparameterisation
+        for k in [k for k in sd if k.startswith("prefix.")]:
+            del sd[k]
+        sd["prefix.keys"], sd["prefix.values"] = (t.detach().clone() for t in model.prefix.kv())
     return sd
 
 
@@ -638,6 +705,88 @@ def lora_state_dict(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k or k in trainable}
 
 
+
+# -----------------------------------------------------------------------------
+# Prefix-tuning (Li & Liang 2021) / P-tuning v2 (Liu et al. 2022) and prompt tuning (Lester et al. 2021): what the
+# tokens see is a KV cache whose first p slots are already filled, so training and sampling go through the cache
+
+
+class Prefix(nn.Module):
+    """kind "prefix": p learned keys and values at every layer (after RoPE: they have no position), optionally
+    produced during training by an MLP over a (p, d_model) table (Li & Liang's stabiliser; `plain_state_dict` folds it
+    into plain keys and values). kind "prompt": p learned input embeddings, run through the frozen model at
+    positions 0..p-1. Either way the tokens follow at positions p.., as if after p tokens of context.
+    With the MLP (apply_prefix(..., reparam)) the keys and values are start + MLP(table), start the initial ones."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind, self.length, self.enabled = cfg.prefix_kind, cfg.prefix_len, True
+        if self.kind == "prompt":
+            self.embeds = nn.Parameter(torch.zeros(self.length, cfg.d_model))
+        else:
+            shape = (cfg.n_layer, cfg.n_kv_head, self.length, cfg.head_size)
+            self.keys, self.values = nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(shape))
+        self.mlp = None  # the reparameterisation, training only (apply_prefix(..., reparam=hidden))
+
+    def kv(self):
+        """The prefix's keys and values, (n_layer, n_kv_head, p, head_dim) each."""
+        if self.mlp is None:
+            return self.keys, self.values
+        L, nkv, p, hd = self.keys.shape
+        out = (self.start + self.mlp(self.table)).view(p, 2, L, nkv, hd).permute(1, 2, 3, 0, 4)  # (2, L, nkv, p, hd)
+        return out[0], out[1]
+
+    def fill(self, model, cache):
+        """Write the prefix into the first p slots of an empty cache, for every row."""
+        p = self.length
+        if self.kind == "prompt":  # the virtual tokens through the frozen model, once, shared by every row
+            one = KVCache(model.cfg, 1, p, cache.pos.device, cache.k[0].dtype)
+            model(None, embeds=self.embeds[None].to(cache.k[0].dtype), cache=one)
+            keys, values = torch.stack([k[0] for k in one.k]), torch.stack([v[0] for v in one.v])
+        else:
+            keys, values = self.kv()
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, :, :p] = keys[layer].to(cache.k[layer].dtype)
+            cache.v[layer][:, :, :p] = values[layer].to(cache.v[layer].dtype)
+        cache.valid[:, :p] = True
+        cache.seen += p
+        cache.pos += p
+
+
+def apply_prefix(model, length, kind="prefix", reparam=0, seed=0):
+    """Freeze the model and give it a prefix ("prefix") or prompt ("prompt") adapter of `length` slots, started
+    from `length` random vocabulary tokens as the papers advise: their embeddings (prompt) or the keys and values
+    the model makes of them (prefix). reparam > 0 (prefix only): train it through an MLP of that hidden width,
+    whose output starts at the same keys and values (its last layer zero, its bias them)."""
+    if getattr(model, "prefix", None) is not None:
+        raise UserError("this model already has a prefix / prompt adapter")
+    if reparam and kind != "prefix":
+        raise UserError("the MLP reparameterisation is prefix-tuning's (kind 'prefix'), not prompt tuning's")
+    model.requires_grad_(False)
+    ref = next(model.parameters())
+    model.cfg = dataclasses.replace(model.cfg, prefix_len=length, prefix_kind=kind)
+    prefix = Prefix(model.cfg).to(ref.device)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(ref.device)
+    with torch.no_grad():
+        if kind == "prompt":
+            prefix.embeds.copy_(model.embed.weight[ids[0]].float())
+        else:
+            one = KVCache(model.cfg, 1, length, ref.device, ref.dtype)
+            model(ids, cache=one)
+            prefix.keys.copy_(torch.stack([k[0] for k in one.k]))
+            prefix.values.copy_(torch.stack([v[0] for v in one.v]))
+    if reparam:  # the keys and values become start + MLP(table), the MLP's last layer zero: the same start
+        L, nkv, p, hd = prefix.keys.shape
+        prefix.keys.requires_grad_(False), prefix.values.requires_grad_(False)
+        prefix.register_buffer("start", torch.stack([prefix.keys, prefix.values]).permute(3, 0, 1, 2, 4).reshape(p, -1)
+                               .clone())  # (p, 2 * L * nkv * hd)
+        prefix.table = nn.Parameter(torch.randn(p, model.cfg.d_model, device=ref.device) * 0.02)
+        prefix.mlp = nn.Sequential(nn.Linear(model.cfg.d_model, reparam), nn.Tanh(),
+                                   nn.Linear(reparam, 2 * L * nkv * hd)).to(ref.device)
+        nn.init.zeros_(prefix.mlp[2].weight), nn.init.zeros_(prefix.mlp[2].bias)
+    model.prefix = prefix
+    return model
 
 # -----------------------------------------------------------------------------
 

@@ -109,6 +109,9 @@ class Config:
     compile_decode: bool = False  # torch.compile the rollouts' one-token decode step (model.generate(compile=True))
     lora_rank: int = 0  # LoRA rank for the policy (0 = full fine-tuning); the reference is then the base
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
+    peft: str = ""  # adapter: lora, dora, prefix, prefix-mlp or prompt ("" = lora if --lora-rank, else full)
+    peft_len: int = 16  # --peft prefix / prefix-mlp / prompt: learned slots (keys and values, or embeddings)
+    rslora: bool = False  # LoRA / DoRA scaled by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     resume: str = ""  # checkpoint written by this script to continue from (policy, critic, optimisers, beta)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
     save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
@@ -425,7 +428,7 @@ def no_dropout(model):
 def load_models(cfg, device):
     """policy, reference (None with LoRA), critic (None but for ppo), reward model (None with a verifier), enc."""
     policy, enc, ckpt = C.load_model(cfg.model, device)
-    ref = None if cfg.lora_rank else no_dropout(copy.deepcopy(policy)).eval().requires_grad_(False)
+    ref = None if C.peft_kind(cfg) else no_dropout(copy.deepcopy(policy)).eval().requires_grad_(False)
     critic, rm = None, None
     if cfg.advantage == "ppo":
         critic = no_dropout(C.load_model(cfg.critic or cfg.reward_model or cfg.model, device, head="scalar")[0])
@@ -515,7 +518,7 @@ def main(argv=None):
     C.catch_interrupts(cfg.save_on_interrupt)
     fn = C.load_function(cfg.reward, "--reward") if cfg.reward else None
     gold = C.load_function(cfg.gold, "--gold") if cfg.gold else None
-    start_step, state = C.resume_and_lora(policy, cfg.resume, cfg.lora_rank, cfg.lora_alpha)
+    start_step, state = C.resume_and_peft(policy, cfg)
     if state is not None and "kl_coef" not in state:
         raise M.UserError(f"{cfg.resume}: no PPO train_state to resume from (not written by ppo.py?)")
     kl_coef = cfg.kl_coef if state is None else state["kl_coef"]

@@ -79,6 +79,9 @@ class Config:
     lora_rank: int = 0  # LoRA rank (0 = full fine-tuning); the scalar head is always trained in full
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
+    peft: str = ""  # adapter: lora, dora, prefix, prefix-mlp or prompt ("" = lora if --lora-rank, else full)
+    peft_len: int = 16  # --peft prefix / prefix-mlp / prompt: learned slots (keys and values, or embeddings)
+    rslora: bool = False  # LoRA / DoRA scaled by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     resume: str = ""  # checkpoint written by this script to continue from (model, optimiser, RNG, data position)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
     save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
@@ -197,7 +200,7 @@ def load_start(cfg, device):
     lineage = ckpt.get("lineage", [])
     if cfg.seq_len > model.cfg.max_seq_len:
         raise M.UserError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
-    step, state = C.resume_and_lora(model, cfg.resume, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+    step, state = C.resume_and_peft(model, cfg,
                                     train_also=("score",))  # a fresh head must be learnt in full
     return model.to(device), enc, lineage, step, state
 

@@ -22,6 +22,8 @@ import signal
 import struct
 from dataclasses import asdict
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -565,7 +567,7 @@ def test_resume_of_another_head_is_one_line(tmp_path, files):
     torch.save({**lm, "step": 3, "train_state": {"optimizer": {}, "rng": {}}}, path)
     with pytest.raises(M.UserError, match=r"lm-resume\.pt: a checkpoint with head 'lm', but this run trains a "
                                           r"'scalar' head"):
-        C.resume_and_lora(model, path, lora_rank=4)
+        C.resume_and_peft(model, SimpleNamespace(resume=path, lora_rank=4, lora_alpha=0.0))
 
 
 # ----------------------------------------------------------------------------- the scripts, as a user runs them
