@@ -207,7 +207,7 @@ class Sampler:
 
     @torch.no_grad()
     def _generate(self, prompt_ids, stops, gen, temperature=None):
-        keep = self.model.cfg.max_seq_len - self.cfg.max_new_tokens
+        keep = self.model.cfg.max_seq_len - self.model.cfg.prefix_len - self.cfg.max_new_tokens  # a prefix first
         banned = C.never_sampled(self.enc, self.model.cfg.vocab_size, stops)
         with C.autocast(self.device, self.cfg.dtype):
             tokens, _, mask = M.generate(self.model, [p[-keep:] for p in prompt_ids], self.cfg.max_new_tokens,

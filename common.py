@@ -1161,6 +1161,9 @@ def resume_and_peft(model, cfg, train_also=()):
             raise UserError(f"--peft {kind} trains a prefix, not LoRA adapters: leave out --lora-rank")
         if getattr(cfg, "peft_len", 0) < 1:
             raise UserError(f"--peft {kind} needs --peft-len >= 1 (the number of learned slots)")
+        if getattr(cfg, "seq_len", 0) + cfg.peft_len > model.cfg.max_seq_len:
+            raise UserError(f"--seq-len {cfg.seq_len} + --peft-len {cfg.peft_len}: the tokens follow the prefix, and "
+                            f"together they exceed the model's max_seq_len {model.cfg.max_seq_len}")
     if rslora and kind not in ("lora", "dora"):
         raise UserError("--rslora scales LoRA / DoRA adapters: give --lora-rank or --peft lora / dora")
     state, step = None, 0

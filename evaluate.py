@@ -338,7 +338,7 @@ def mc_eval(model, enc, records, shots, cfg, device):
 @torch.no_grad()
 def generate_responses(model, enc, prompts, cfg, device):
     """Message lists -> (texts, prompt id lists, response id lists incl. the stop token). Batched, KV cache."""
-    keep = model.cfg.max_seq_len - cfg.max_new_tokens
+    keep = model.cfg.max_seq_len - model.cfg.prefix_len - cfg.max_new_tokens  # a prefix / prompt adapter first
     if keep < 1:
         raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len "
                           f"{model.cfg.max_seq_len}")

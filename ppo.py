@@ -526,7 +526,7 @@ def main(argv=None):
         critic.load_state_dict(state["critic"])
     policy.to(device)
 
-    max_len = min(m.cfg.max_seq_len for m in (policy, critic, rm) if m is not None)
+    max_len = min(m.cfg.max_seq_len - m.cfg.prefix_len for m in (policy, critic, rm) if m is not None)  # a prefix first
     keep = max_len - cfg.max_new_tokens
     if keep < 8:
         raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in {max_len} positions")

@@ -21,7 +21,6 @@ import random
 import signal
 import struct
 from dataclasses import asdict
-
 from types import SimpleNamespace
 
 import pytest
