@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 from dataclasses import asdict, fields
+from types import SimpleNamespace
 
 import tiktoken
 import torch
@@ -661,7 +662,8 @@ def apply_masks(model):
 # "int4"): our dense floats here, quantize.py's packed integer formats imported only when a file of theirs is
 # loaded. Every entry is a function or a "module:function" with load_dense's signature and return value.
 WEIGHT_FORMATS = {**{name: load_dense for name in DTYPE_NAMES.values()},
-                  **{name: "quantize:load_quantized" for name in ("int8", "int4", "int3", "int2", "nf4", "w8a8")}}
+                  **{name: "quantize:load_quantized" for name in ("int8", "int4", "int3", "int2", "nf4", "w8a8")},
+                  "adapter": "common:load_adapter"}
 
 
 def _layer_ids(keys, marker):
@@ -1200,6 +1202,63 @@ def resume_and_peft(model, cfg, train_also=()):
     return step, state
 
 
+def base_fingerprint(model, adapter_names):
+    """sha256 of a model's tensors but the adapter's own (names without LoRA's ".base.", dtypes, shapes, bytes): what
+    an adapter file checks its base by, so a different model at the same path is refused, not silently adapted."""
+    h = hashlib.sha256()
+    frozen = {k.replace(".base.", "."): t for k, t in model.state_dict().items() if k not in adapter_names}
+    for name in sorted(frozen):
+        t = frozen[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_adapter(path, raw, cfg, enc):
+    """The adapter alone, beside the full checkpoint: its trained tensors, the flags that rebuild it, and the base it
+    was trained over (--model, as given, and its fingerprint). load_model reads it back over that base."""
+    kind, tensors = peft_kind(cfg), lora_state_dict(raw)
+    spec = {"kind": kind, "head": raw.cfg.head, "lora_rank": cfg.lora_rank or 8, "lora_alpha": cfg.lora_alpha,
+            "rslora": getattr(cfg, "rslora", False), "peft_len": getattr(cfg, "peft_len", 0)}
+    ckpt = {"format": "adapter", "model": tensors, "config": asdict(raw.cfg), "adapter": spec,
+            "base": {"path": os.path.abspath(cfg.model), "fingerprint": base_fingerprint(raw, set(tensors))},
+            "tokenizer": enc.name, "chat_template": enc.chat_template}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def adapter_path(out):
+    """Where a run writing `out` (x.pt) puts its adapter file: x.adapter.pt."""
+    return (out[:-3] if out.endswith(".pt") else out) + ".adapter.pt"
+
+
+def load_adapter(ckpt, path, device="cpu", head=None, base=None):
+    """An adapter file (save_adapter's) -> (model, tokenizer, ckpt): its base loaded (`base`, else the path it
+    names), the adapter rebuilt and its tensors loaded; refused in one line if the base's frozen tensors are not
+    the ones it was trained over."""
+    spec, named = ckpt.get("adapter"), ckpt.get("base")
+    if not isinstance(spec, dict) or not isinstance(named, dict) or not isinstance(named.get("path"), str):
+        raise UserError(f"{path}: an adapter file without its 'adapter' and 'base' entries")
+    base = base or named["path"]
+    if not os.path.exists(base):
+        raise UserError(f"{path}: its base {base} is not there (load it with common.load_adapter(..., base=PATH))")
+    model, enc, _ = load_model(base, device, head or spec.get("head"))
+    flags = SimpleNamespace(resume="", lora_rank=spec.get("lora_rank", 0) if spec.get("kind") in ("lora", "dora")
+                            else 0, lora_alpha=spec.get("lora_alpha", 0.0), rslora=spec.get("rslora", False),
+                            peft=spec.get("kind", ""), peft_len=spec.get("peft_len", 0))
+    resume_and_peft(model, flags)
+    if base_fingerprint(model, set(ckpt["model"])) != named.get("fingerprint"):
+        raise UserError(f"{path}: trained over another base than {base} (its frozen weights differ from the ones "
+                        f"the adapter was trained on, fingerprint {str(named.get('fingerprint'))[:12]})")
+    try:
+        missing = set(ckpt["model"]) - set(model.state_dict())
+        if missing:
+            raise KeyError(sorted(missing)[0])
+        model.load_state_dict(ckpt["model"], strict=False)
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: its tensors do not fit {base} with this adapter ({_one_line(e, 120)})")
+    return model.to(device), enc, ckpt
+
+
 def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-8):
     """AdamW (restored from a resumed train_state[key], the RNG with it), then DDP and torch.compile as cfg asks.
     Returns (the module to call, the raw module to save, the optimiser). A second model (ppo.py's critic) is
@@ -1239,6 +1298,8 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
             train_state["lora"] = lora_state_dict(raw)
         save_checkpoint(cfg.out, raw, enc, step=step, args=asdict(cfg), metrics=metrics, lineage=lineage,
                         train_state=train_state)
+        if peft_kind(cfg) and cfg.model:  # an adapter over a file (not over a fresh --init student)
+            save_adapter(adapter_path(cfg.out), raw, cfg, enc)
     return f"{cfg.out} (step {step})"
 
 

@@ -250,3 +250,26 @@ def test_impossible_peft_flags_are_refused(tmp_path, enc, toy_dir):
     assert_refused("sft.py", *base, "--peft", "prefix", "--rslora", message="--rslora scales LoRA / DoRA")
     assert_refused("sft.py", *base, "--peft", "dora", "--lora-dropout", "0.1", message="DoRA here takes no LoRA")
     assert_refused("sft.py", *base[:-2], "--seq-len", "128", "--peft", "prefix", message="together they exceed")
+
+
+@pytest.mark.parametrize("peft", ["lora", "dora", "prefix-mlp", "prompt"])
+def test_an_adapter_file_over_its_base_gives_the_trained_model_and_refuses_another_base(tmp_path, enc, toy_dir, peft):
+    init = save_tiny(tmp_path / "init.pt", enc)
+    out = str(tmp_path / "sft.pt")
+    run_script("sft.py", "--model", init, "--data", os.path.join(toy_dir, "sft.jsonl"), "--batch-size", "4",
+               "--seq-len", "64", "--device", "cpu", "--peft", peft, "--peft-len", "4", "--lora-rank",
+               "4" if peft in ("lora", "dora") else "0", "--steps", "2", "--lr", "1e-2", "--out", out)
+    adapter = str(tmp_path / "sft.adapter.pt")
+    ckpt = C.load_checkpoint(adapter)
+    assert ckpt["format"] == "adapter" and ckpt["base"]["path"] == os.path.abspath(init)
+    assert os.path.getsize(adapter) < os.path.getsize(out)  # the adapter alone is the small file
+    full, over = C.load_model(out)[0].eval(), C.load_model(adapter)[0].eval()
+    ids = ids_of()
+    with torch.no_grad():
+        assert (full(ids) - over(ids)).abs().max() < 1e-5
+    other = save_tiny(tmp_path / "other.pt", enc, std=0.05)  # the same shapes, other weights
+    with pytest.raises(M.UserError, match=r"sft\.adapter\.pt: trained over another base than .*other\.pt"):
+        C.load_adapter(ckpt, adapter, base=other)
+    os.replace(other, init)  # another model at the path the adapter names
+    assert_refused("evaluate.py", "--model", adapter, "--data", os.path.join(toy_dir, "eval.jsonl"),
+                   message="trained over another base than")
