@@ -269,9 +269,12 @@ def main(argv=None):
 
         loss = (C.all_reduce_sum(total) / n_sup).item()
         tok_s = n_sup.item() / (time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tok_s": tok_s}
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tok_s": tok_s,
+                  "step_s": time.perf_counter() - t0}
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
+        if last:
+            record["peak_rss_mb"] = C.peak_rss_mb()
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record["eval_loss"] = eval_loss(model, eval_rows, cfg, device)
         if rank == 0:

@@ -59,12 +59,13 @@ path, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + n + 8, n_threads={threads}, n_batch=512, seed=0,
                       verbose=False)
 
-def greedy():  # the argmax of llama.cpp's logits, fed back one token at a time
+def greedy():  # the argmax of llama.cpp's last logits (llm.scores keeps them only with logits_all), fed back
     llm.reset()
     llm.eval(prompt)
     out = []
     for _ in range(n):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        out.append(int(np.argmax(logits)))
         llm.eval([out[-1]])
     return out
 
