@@ -22,6 +22,13 @@ example to its own row instead (same loss; the benchmark compares the two). Adam
 decay, gradient clipping, bf16 autocast on GPU, optional torch.compile, LoRA (`--lora-rank`), gradient
 checkpointing.
 
+Forgetting (continued pre-training on a domain costs general ability, McCloskey & Cohen 1989; Luo et al. 2023 for
+LLM fine-tuning): `--replay FILE:FRACTION` puts rows of general raw text beside each micro-batch, ~FRACTION of the
+step's rows. `--replay-loss lm` trains them as data (replay, as in Scialom et al. 2022's rehearsal); `--replay-loss
+kl` instead adds --kl-coef x KL(p_start || p) per token of them, the starting model's distribution held on general
+text (with an adapter, the start is the network with it off: no second copy). Fewer trainable parameters (--peft)
+are the third mitigation.
+
 Truncation: an example longer than --seq-len keeps its first --seq-len tokens (counted and reported);
 raw text is cut into --seq-len windows. Departure from TRL: the "\\n" after each `<|im_end|>` is template, never
 supervised (TRL's assistant-only mask comes from the chat template's generation markers, which may include it).
@@ -35,6 +42,8 @@ supervised (TRL's assistant-only mask comes from the chat template's generation 
 """
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -81,6 +90,9 @@ class Config:
     peft: str = ""  # adapter: lora, dora, prefix, prefix-mlp or prompt ("" = lora if --lora-rank, else full)
     peft_len: int = 16  # --peft prefix / prefix-mlp / prompt: learned slots (keys and values, or embeddings)
     rslora: bool = False  # LoRA / DoRA scaled by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
+    replay: str = ""  # FILE:FRACTION: general raw text mixed in at that share of each step's rows (against forgetting)
+    replay_loss: str = "lm"  # what the --replay rows train: lm (their next-token loss) or kl (KL(start || model))
+    kl_coef: float = 1.0  # --replay-loss kl: weight of the per-token KL to the starting model on the replay rows
     resume: str = ""  # checkpoint written by this script to continue from (model, optimiser, RNG, data position)
     stop_at: int = 0  # save and stop after this step, keeping the --steps schedule (time-sliced jobs); 0 = off
     save_on_interrupt: bool = False  # Ctrl-C / SIGTERM: save a resumable checkpoint at the end of the step, then stop
@@ -210,6 +222,21 @@ def load_start(cfg, device):
     return model.to(device), enc, lineage, step, state
 
 
+def replay_rows(cfg, enc, pad_id):
+    """--replay FILE:FRACTION -> (its packed raw-text rows, replay rows per micro-batch): round(B f / (1 - f)), at
+    least 1, beside the B data rows, so the replay share of a step is ~f."""
+    path, _, frac = cfg.replay.rpartition(":")
+    try:
+        frac = float(frac)
+    except ValueError:
+        frac = -1.0
+    if not path or not 0 < frac < 1 or cfg.replay_loss not in ("lm", "kl"):
+        raise M.UserError(f"--replay {cfg.replay} --replay-loss {cfg.replay_loss}: expected FILE:FRACTION with "
+                          "0 < FRACTION < 1, and lm or kl")
+    text = dataclasses.replace(cfg, data=path, format="text", packing=True)
+    return make_rows(tokenize(text, enc)[0], text, pad_id), max(1, round(cfg.batch_size * frac / (1 - frac)))
+
+
 def main(argv=None):
     cfg = C.parse_config(Config, argv, description=__doc__)
     if cfg.format not in ("chat", "text") or cfg.template not in ("auto", "plain", *C.CHAT_TEMPLATES):
@@ -237,6 +264,13 @@ def main(argv=None):
               f"({n_tok / rows[1].numel():.0%} supervised), {n_truncated} truncated; "
               f"{model.num_params():,} params, {model.num_params(trainable=True):,} trainable")
 
+    replay, k = replay_rows(cfg, enc, pad_id) if cfg.replay else (None, 0)
+    if cfg.replay_loss == "kl" and not cfg.replay:
+        raise M.UserError("--replay-loss kl measures the KL to the start on general text: give --replay FILE:FRACTION")
+    start = None  # KL-to-start's frozen starting model: with an adapter, the same network with the adapter off
+    if replay is not None and cfg.replay_loss == "kl" and not C.peft_kind(cfg):
+        start = copy.deepcopy(model).eval().requires_grad_(False)
+
     model, raw, optimizer = C.wrap_for_training(model, cfg, state, world, device)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
@@ -251,8 +285,15 @@ def main(argv=None):
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         # the step's total number of supervised tokens, over micro-batches and ranks: the loss denominator
         n_sup = sum(rows[1][b, 1:].sum() for b in micro).to(device).float()
+        if replay is not None:  # k replay rows beside each micro-batch, from their own stream
+            r_idx = C.step_indices(step, len(replay[0]), k * len(micro) * world,
+                                   slice(rank * k * len(micro), (rank + 1) * k * len(micro)), cfg.seed + 1)
+            r_micro = [r_idx[i:i + k] for i in range(0, len(r_idx), k)]
+            n_replay = C.all_reduce_sum(sum(replay[1][b, 1:].sum() for b in r_micro).to(device).float()).clamp(min=1)
+            if cfg.replay_loss == "lm":  # replay: its tokens are supervised tokens like the data's
+                n_sup = n_sup + sum(replay[1][b, 1:].sum() for b in r_micro).to(device).float()
         n_sup = C.all_reduce_sum(n_sup).clamp(min=1)
-        total = torch.zeros((), device=device)
+        total, total_kl = torch.zeros((), device=device), torch.zeros((), device=device)
         for j, b in enumerate(micro):
             ids, mask, doc = batch_of(rows, b, device, trim=not cfg.compile)
             sync = j == len(micro) - 1 or world == 1
@@ -261,7 +302,22 @@ def main(argv=None):
                 with C.autocast(device, cfg.dtype):
                     logits = model(ids, doc_ids=doc)
                 nll, _ = lm_loss_sum(logits, ids, mask)
-                (nll / n_sup * world).backward()  # DDP averages gradients over ranks; * world undoes that
+                objective = nll / n_sup
+                if replay is not None:
+                    r_ids, r_mask, r_doc = batch_of(replay, r_micro[j], device, trim=not cfg.compile)
+                    with C.autocast(device, cfg.dtype):
+                        r_logits = model(r_ids, doc_ids=r_doc)
+                    if cfg.replay_loss == "lm":
+                        r_nll = lm_loss_sum(r_logits, r_ids, r_mask)[0]
+                        objective, nll = objective + r_nll / n_sup, nll + r_nll
+                    else:
+                        with torch.no_grad(), C.autocast(device, cfg.dtype):
+                            with M.lora_disabled(raw) if start is None else contextlib.nullcontext():
+                                s_logits = (raw if start is None else start)(r_ids, doc_ids=r_doc)
+                        kl = (M.kl_divergence(s_logits[:, :-1], r_logits[:, :-1]) * r_mask[:, 1:]).sum()
+                        objective = objective + cfg.kl_coef * kl / n_replay
+                        total_kl += kl.detach()
+                (objective * world).backward()  # DDP averages gradients over ranks; * world undoes that
             total += nll.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
@@ -271,6 +327,8 @@ def main(argv=None):
         tok_s = n_sup.item() / (time.perf_counter() - t0)
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tok_s": tok_s,
                   "step_s": time.perf_counter() - t0}
+        if replay is not None and cfg.replay_loss == "kl":
+            record["kl_start"] = (C.all_reduce_sum(total_kl) / n_replay).item()  # per replay token
         C.check_finite(record, ("loss", "grad_norm"), last_saved)
         last, stop = step + 1 == end, C.interrupted(device)
         if last:

@@ -273,3 +273,67 @@ def test_an_adapter_file_over_its_base_gives_the_trained_model_and_refuses_anoth
     os.replace(other, init)  # another model at the path the adapter names
     assert_refused("evaluate.py", "--model", adapter, "--data", os.path.join(toy_dir, "eval.jsonl"),
                    message="trained over another base than")
+
+
+# ----------------------------------------------------------------------------- forgetting: replay and KL-to-start
+
+
+def sft_args(init, toy_dir, out, *extra):
+    return ["--model", init, "--data", os.path.join(toy_dir, "sft.jsonl"), "--batch-size", "4", "--seq-len", "64",
+            "--device", "cpu", "--steps", "4", "--warmup", "1", "--lr", "1e-2", "--eval-every", "0", "--out", out,
+            *extra]
+
+
+def test_replay_kl_at_zero_weight_is_plain_training_bit_for_bit(tmp_path, enc, toy_dir):
+    """The KL-to-start term's extra forward changes nothing when its weight is 0: same data stream, same weights."""
+    init = save_tiny(tmp_path / "init.pt", enc)
+    plain, kl0 = str(tmp_path / "plain.pt"), str(tmp_path / "kl0.pt")
+    run_script("sft.py", *sft_args(init, toy_dir, plain))
+    run_script("sft.py", *sft_args(init, toy_dir, kl0, "--replay", os.path.join(toy_dir, "pretrain.txt") + ":0.5",
+                                   "--replay-loss", "kl", "--kl-coef", "0"))
+    a, b = C.load_checkpoint(plain)["model"], C.load_checkpoint(kl0)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_to_start_is_zero_at_the_start_then_grows(tmp_path, enc, toy_dir, lora):
+    init = save_tiny(tmp_path / "init.pt", enc)
+    log = str(tmp_path / "log.jsonl")
+    run_script("sft.py", *sft_args(init, toy_dir, str(tmp_path / "o.pt"), "--replay",
+                                   os.path.join(toy_dir, "pretrain.txt") + ":0.5", "--replay-loss", "kl", "--log", log,
+                                   *(["--lora-rank", "4"] if lora else [])))
+    kl = [json.loads(line)["kl_start"] for line in open(log)]
+    assert abs(kl[0]) < 1e-6 and kl[-1] > 1e-4  # the start is itself; training moves away from it
+
+
+def test_replay_lm_loss_is_the_token_mean_over_data_and_replay_rows(tmp_path, enc, toy_dir):
+    """The first step's logged loss (before any update) against the rows computed by hand: the data rows and the
+    replay rows the step reads (their own stream, k = round(B f / (1 - f)) per micro-batch), one token mean."""
+    import sft
+    init = save_tiny(tmp_path / "init.pt", enc)
+    log, replay = str(tmp_path / "log.jsonl"), os.path.join(toy_dir, "pretrain.txt")
+    run_script("sft.py", *sft_args(init, toy_dir, str(tmp_path / "o.pt"), "--replay", replay + ":0.5", "--log", log))
+    cfg = sft.Config(data=os.path.join(toy_dir, "sft.jsonl"), batch_size=4, seq_len=64, replay=replay + ":0.5")
+    model = C.load_model(init)[0].eval()
+    rows = sft.make_rows(sft.split(sft.tokenize(cfg, enc)[0], cfg.eval_frac, cfg.seed)[0], cfg, PAD)
+    r_rows, k = sft.replay_rows(cfg, enc, PAD)
+    assert k == 4
+    data_b = C.step_indices(0, len(rows[0]), 4, slice(0, 4), cfg.seed)
+    replay_b = C.step_indices(0, len(r_rows[0]), 4, slice(0, 4), cfg.seed + 1)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for table, b in ((rows, data_b), (r_rows, replay_b)):
+            ids, mask, doc = sft.batch_of(table, b, "cpu")
+            s, c = sft.lm_loss_sum(model(ids, doc_ids=doc), ids, mask)
+            nll, n = nll + s.item(), n + c.item()
+    assert abs(json.loads(open(log).readline())["loss"] - nll / n) < 1e-4
+
+
+def test_bad_replay_flags_are_refused(tmp_path, enc, toy_dir):
+    init = save_tiny(tmp_path / "init.pt", enc)
+    args = sft_args(init, toy_dir, str(tmp_path / "o.pt"))
+    text = os.path.join(toy_dir, "pretrain.txt")
+    assert_refused("sft.py", *args, "--replay", text, message="expected FILE:FRACTION with 0 < FRACTION < 1")
+    assert_refused("sft.py", *args, "--replay", text + ":1.5", message="expected FILE:FRACTION")
+    assert_refused("sft.py", *args, "--replay", text + ":0.2", "--replay-loss", "l2", message="and lm or kl")
+    assert_refused("sft.py", *args, "--replay-loss", "kl", message="give --replay FILE:FRACTION")
