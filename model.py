@@ -756,8 +756,8 @@ class Prefix(nn.Module):
 def apply_prefix(model, length, kind="prefix", reparam=0, seed=0):
     """Freeze the model and give it a prefix ("prefix") or prompt ("prompt") adapter of `length` slots, started
     from `length` random vocabulary tokens as the papers advise: their embeddings (prompt) or the keys and values
-    the model makes of them (prefix). reparam > 0 (prefix only): train it through an MLP of that hidden width,
-    whose output starts at the same keys and values (its last layer zero, its bias them)."""
+    the model makes of them (prefix). reparam > 0 (prefix only): train it through an MLP of that hidden width, as
+    start + MLP(table) with the MLP's last layer zero, so it starts at the same keys and values."""
     if getattr(model, "prefix", None) is not None:
         raise UserError("this model already has a prefix / prompt adapter")
     if reparam and kind != "prefix":
@@ -787,6 +787,7 @@ def apply_prefix(model, length, kind="prefix", reparam=0, seed=0):
         nn.init.zeros_(prefix.mlp[2].weight), nn.init.zeros_(prefix.mlp[2].bias)
     model.prefix = prefix
     return model
+
 
 # -----------------------------------------------------------------------------
 
