@@ -3,7 +3,7 @@
 # its last 20,000 characters) for the same budget four ways: plain full training, replay of general text (the pydoc
 # calibration slice, 25% of rows), KL-to-start on that general text, and LoRA r=16. Perplexity before and after on
 # the domain (its held-out last 20,000 characters) and on general English (pydoc.txt, never trained on).
-# Usage: bash scripts/forget_real.sh [out_dir] [steps]   (writes OUT/table.md; ~25 minutes on 2 CPU cores at 30 steps)
+# Usage: bash scripts/forget_real.sh [out_dir] [steps]   (writes OUT/table.md; ~15 minutes on 2 CPU cores at 30 steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/forget}
