@@ -1210,7 +1210,7 @@ def base_fingerprint(model, adapter_names):
     for name in sorted(frozen):
         t = frozen[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim ones too
     return h.hexdigest()
 
 
