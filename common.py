@@ -36,7 +36,6 @@ import shutil
 import signal
 import sys
 from dataclasses import asdict, fields
-from types import SimpleNamespace
 
 import tiktoken
 import torch
@@ -1147,6 +1146,17 @@ def peft_kind(cfg):
     return getattr(cfg, "peft", "") or ("lora" if cfg.lora_rank else "")
 
 
+def apply_peft(model, kind, lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, rslora=False, peft_len=0):
+    """Give the model the adapter `kind` names (PEFT_KINDS; "" leaves it as it is), the base frozen: what
+    resume_and_peft does after checking the flags, and what an adapter file is rebuilt with."""
+    if kind in ("lora", "dora"):
+        apply_lora(model, lora_rank or 8, lora_alpha or None, lora_dropout, dora=kind == "dora", rslora=rslora)
+    elif kind:
+        apply_prefix(model, peft_len, "prompt" if kind == "prompt" else "prefix",
+                     reparam=model.cfg.d_model if kind == "prefix-mlp" else 0)
+    return model
+
+
 def resume_and_peft(model, cfg, train_also=()):
     """--resume and the adapter flags (--peft, --lora-rank, --lora-alpha, --lora-dropout, --rslora, --peft-len), the
     same in every training script -> (start step, train_state or None).
@@ -1186,11 +1196,7 @@ def resume_and_peft(model, cfg, train_also=()):
         if resume and not kind:
             tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if shares_head(model.cfg) else {}
             model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
-        if kind in ("lora", "dora"):
-            apply_lora(model, rank or 8, cfg.lora_alpha or None, dropout, dora=kind == "dora", rslora=rslora)
-        elif kind:
-            apply_prefix(model, cfg.peft_len, "prompt" if kind == "prompt" else "prefix",
-                         reparam=model.cfg.d_model if kind == "prefix-mlp" else 0)
+        apply_peft(model, kind, rank, cfg.lora_alpha, dropout, rslora, getattr(cfg, "peft_len", 0))
         if kind:
             for name in train_also:
                 getattr(model, name).requires_grad_(True)
@@ -1242,10 +1248,12 @@ def load_adapter(ckpt, path, device="cpu", head=None, base=None):
     if not os.path.exists(base):
         raise UserError(f"{path}: its base {base} is not there (load it with common.load_adapter(..., base=PATH))")
     model, enc, _ = load_model(base, device, head or spec.get("head"))
-    flags = SimpleNamespace(resume="", lora_rank=spec.get("lora_rank", 0) if spec.get("kind") in ("lora", "dora")
-                            else 0, lora_alpha=spec.get("lora_alpha", 0.0), rslora=spec.get("rslora", False),
-                            peft=spec.get("kind", ""), peft_len=spec.get("peft_len", 0))
-    resume_and_peft(model, flags)
+    kind, length = spec.get("kind"), spec.get("peft_len", 0)
+    if kind not in PEFT_KINDS or (kind not in ("lora", "dora") and not (type(length) is int and length >= 1)):
+        raise UserError(f"{path}: adapter {_show(kind)} of length {_show(length)}: expected one of "
+                        f"{', '.join(PEFT_KINDS)}, a prefix or prompt with peft_len >= 1")
+    apply_peft(model, kind, spec.get("lora_rank", 0), spec.get("lora_alpha", 0.0), 0.0, spec.get("rslora", False),
+               length)
     if base_fingerprint(model, set(ckpt["model"])) != named.get("fingerprint"):
         raise UserError(f"{path}: trained over another base than {base} (its frozen weights differ from the ones "
                         f"the adapter was trained on, fingerprint {str(named.get('fingerprint'))[:12]})")

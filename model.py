@@ -479,6 +479,12 @@ def decode_step(model, tok, cache):
     return model(tok, cache=cache)[:, -1]
 
 
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step through torch.compile, made once per device type: CUDA graphs on CUDA ("reduce-overhead")."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
 def cache_length(n):
     """The cache length for n positions: the next power of two, at least 64. A compiled decode step compiles once per
     cache length (and batch size), so a run with prompts of many lengths meets a few shapes, not one per call."""
@@ -503,9 +509,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     ids, mask = pad_left(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, P = ids.shape
-    step = decode_step
-    if compile:
-        step = torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    step = compiled_decode_step(device.type) if compile else decode_step
     cache = model.new_cache(B, cache_length(P + max_new_tokens))
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -584,7 +588,8 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self):
         """The plain (out, in) weight this adapter amounts to: W + delta, for DoRA row-scaled by m / ||W + delta||."""
-        weight = self.base_weight().detach() + self.delta().detach().to(self.base_weight().dtype)
+        base = self.base_weight().detach()  # a quantised base dequantises once
+        weight = base + self.delta().detach().to(base.dtype)
         if self.lora_magnitude is None:
             return weight
         return (self.dora_scale(weight)[:, None].detach() * weight.float()).to(weight.dtype)
@@ -711,6 +716,16 @@ def lora_state_dict(model):
 # tokens see is a KV cache whose first p slots are already filled, so training and sampling go through the cache
 
 
+def keys_values_of(model, ids=None, embeds=None):
+    """The keys and values a model makes of one row of p inputs, token ids (1, p) or embeddings (1, p, C), through a
+    cache of exactly p slots -> (keys, values), (n_layer, n_kv_head, p, head_dim) each."""
+    x = ids if embeds is None else embeds
+    ref = next(model.parameters())
+    one = KVCache(model.cfg, 1, x.shape[1], x.device, ref.dtype if embeds is None else embeds.dtype)
+    model(ids, embeds=embeds, cache=one)
+    return torch.stack([k[0] for k in one.k]), torch.stack([v[0] for v in one.v])
+
+
 class Prefix(nn.Module):
     """kind "prefix": p learned keys and values at every layer (after RoPE: they have no position), optionally
     produced during training by an MLP over a (p, d_model) table (Li & Liang's stabiliser; `plain_state_dict` folds it
@@ -740,9 +755,7 @@ class Prefix(nn.Module):
         """Write the prefix into the first p slots of an empty cache, for every row."""
         p = self.length
         if self.kind == "prompt":  # the virtual tokens through the frozen model, once, shared by every row
-            one = KVCache(model.cfg, 1, p, cache.pos.device, cache.k[0].dtype)
-            model(None, embeds=self.embeds[None].to(cache.k[0].dtype), cache=one)
-            keys, values = torch.stack([k[0] for k in one.k]), torch.stack([v[0] for v in one.v])
+            keys, values = keys_values_of(model, embeds=self.embeds[None].to(cache.k[0].dtype))
         else:
             keys, values = self.kv()
         for layer in range(len(cache.k)):
@@ -772,10 +785,8 @@ def apply_prefix(model, length, kind="prefix", reparam=0, seed=0):
         if kind == "prompt":
             prefix.embeds.copy_(model.embed.weight[ids[0]].float())
         else:
-            one = KVCache(model.cfg, 1, length, ref.device, ref.dtype)
-            model(ids, cache=one)
-            prefix.keys.copy_(torch.stack([k[0] for k in one.k]))
-            prefix.values.copy_(torch.stack([v[0] for v in one.v]))
+            keys, values = keys_values_of(model, ids)
+            prefix.keys.copy_(keys), prefix.values.copy_(values)
     if reparam:  # the keys and values become start + MLP(table), the MLP's last layer zero: the same start
         L, nkv, p, hd = prefix.keys.shape
         prefix.keys.requires_grad_(False), prefix.values.requires_grad_(False)

@@ -289,9 +289,10 @@ def main(argv=None):
             r_idx = C.step_indices(step, len(replay[0]), k * len(micro) * world,
                                    slice(rank * k * len(micro), (rank + 1) * k * len(micro)), cfg.seed + 1)
             r_micro = [r_idx[i:i + k] for i in range(0, len(r_idx), k)]
-            n_replay = C.all_reduce_sum(sum(replay[1][b, 1:].sum() for b in r_micro).to(device).float()).clamp(min=1)
+            r_sup = sum(replay[1][b, 1:].sum() for b in r_micro).to(device).float()
+            n_replay = C.all_reduce_sum(r_sup.clone()).clamp(min=1)  # all_reduce works in place
             if cfg.replay_loss == "lm":  # replay: its tokens are supervised tokens like the data's
-                n_sup = n_sup + sum(replay[1][b, 1:].sum() for b in r_micro).to(device).float()
+                n_sup = n_sup + r_sup
         n_sup = C.all_reduce_sum(n_sup).clamp(min=1)
         total, total_kl = torch.zeros((), device=device), torch.zeros((), device=device)
         for j, b in enumerate(micro):

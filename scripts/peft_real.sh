@@ -28,7 +28,6 @@ for run in "${RUNS[@]}"; do
 done
 $PY - "$OUT" "$GGUF" "$D/sft.jsonl" "${RUNS[@]}" <<'EOF'
 import json, shlex, statistics, sys
-from types import SimpleNamespace
 import torch
 import common as C, sft
 out, gguf, data, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
@@ -42,9 +41,9 @@ lines = ["| run | flags | trainable params | peak RSS MB | s/step | held-out los
 for run in runs:
     name, flags = run.split("|")
     args = dict(zip(*[iter(shlex.split(flags))] * 2))
-    m = C.load_model(gguf)[0]
-    C.resume_and_peft(m, SimpleNamespace(resume="", lora_rank=int(args.get("--lora-rank", 0)), lora_alpha=0.0,
-                                         peft=args.get("--peft", ""), peft_len=int(args.get("--peft-len", 0))))
+    rank = int(args.get("--lora-rank", 0))
+    m = C.apply_peft(C.load_model(gguf)[0], args.get("--peft", "lora" if rank else ""), rank,
+                     peft_len=int(args.get("--peft-len", 0)))
     log = [json.loads(line) for line in open(f"{out}/{name}.log.jsonl")]
     lines.append(f"| {name} | `{flags}` | {m.num_params(trainable=True):,} | {log[-1]['peak_rss_mb']:.0f} | "
                  f"{statistics.median(x['step_s'] for x in log[1:]):.2f} | {log[-1]['eval_loss']:.3f} |")

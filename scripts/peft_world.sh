@@ -39,7 +39,6 @@ $PY evaluate.py --model "$(IFS=,; echo "${MODELS[*]}")" --data $D/eval.jsonl --s
     --correct data/toyworld.py:is_correct --no-speed --out "$OUT/results.json" > "$OUT/results.md"
 $PY - "$OUT" "$BASE" "${RUNS[@]}" <<'EOF'
 import json, shlex, statistics, sys
-from types import SimpleNamespace
 import common as C
 out, base, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
 results = json.load(open(f"{out}/results.json"))
@@ -48,9 +47,9 @@ table = []
 for run in runs:
     name, flags = run.split("|")
     args = dict(zip(*[iter(shlex.split(flags))] * 2))
-    model = C.load_model(base)[0]
-    C.resume_and_peft(model, SimpleNamespace(resume="", lora_rank=int(args.get("--lora-rank", 0)), lora_alpha=0.0,
-                                             peft=args.get("--peft", ""), peft_len=int(args.get("--peft-len", 0))))
+    rank = int(args.get("--lora-rank", 0))
+    model = C.apply_peft(C.load_model(base)[0], args.get("--peft", "lora" if rank else ""), rank,
+                         peft_len=int(args.get("--peft-len", 0)))
     log = [json.loads(line) for line in open(f"{out}/{name}.log.jsonl")]
     r = rows.get(f"{out}/{name}.pt", {})
     table.append({"run": name, "flags": flags, "trainable_params": model.num_params(trainable=True),
