@@ -4,7 +4,7 @@ arXiv 2202.03286), end to end, on one model and one constitution.
 
 Stages (--stage; "all" runs redteam, sl, rl in this order). Each writes its data set under --out-dir one batch at
 a time, so a stopped run resumes where it stopped (a half-written last line is dropped, the last partial batch
-redone: `resume_rows`), and each stage's checkpoint is skipped when it is already there:
+redone: `common.resume_rows`), and each stage's checkpoint is skipped when it is already there:
   redteam   a red-team model (--red-team-model, few-shot prompted with seed attacks as "User: ..." lines; a base
             model, or one fine-tuned on them first: --attacker-steps) writes new attacks; the target
             answers each and a judge marks it (--judge, a gold check `file.py:fn(prompt, reply) -> safe`; else the
@@ -20,7 +20,7 @@ redone: `resume_rows`), and each stage's checkpoint is skipped when it is alread
   rl        RL-CAI (section 4): two samples per prompt from the SL model; the feedback model (--feedback, default
             the SL model) answers which better follows a principle drawn at random, a multiple-choice question
             (`feedback_question`) scored by the log-probabilities of "(A)" and "(B)", asked in both orders to
-            cancel position bias (`soft_label`), optionally clamped (--clamp 0.4,0.6 as the paper does for
+            cancel position bias (`common.soft_label`), optionally clamped (--clamp 0.4,0.6 as the paper does for
             chain-of-thought labels). feedback.jsonl has every pair; prefs.jsonl the informative ones, the label as
             "confidence", which dpo.py reads as per-pair label smoothing (soft-label DPO, the default --rl dpo);
             --rl ppo trains reward.py on prefs.jsonl (hard labels) and ppo.py against it.
@@ -47,14 +47,12 @@ takes the hard label).
 """
 
 import json
-import math
 import os
 import random
 import re
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 import common as C
 import dpo
@@ -126,17 +124,6 @@ def feedback_question(prompt, a, b, rule):
     question = " / ".join(m["content"] for m in prompt if m["role"] == "user")
     ask = f"Which reply better follows the rule: {rule}\nQuestion: {question}\n(A) {a}\n(B) {b}"
     return [m for m in prompt if m["role"] == "system"][:1] + [{"role": "user", "content": ask}]
-
-
-def soft_label(logp_first, logp_swapped, clamp=None):
-    """P(reply x is better than y) from the feedback model's answer log-probs in both orders: logp_first
-    (..., 2) = [log p("(A)"), log p("(B)")] with x shown as (A), logp_swapped the same with x shown as (B).
-    Each order normalises over the two answers, p = sigmoid(log p(x's letter) - log p(y's letter)), and the label
-    is their mean, so a judge that always answers "(A)" gives 0.5 whatever the replies. clamp (lo, hi) clips it."""
-    p1 = torch.sigmoid(logp_first[..., 0] - logp_first[..., 1])
-    p2 = torch.sigmoid(logp_swapped[..., 1] - logp_swapped[..., 0])
-    p = (p1 + p2) / 2
-    return p if clamp is None else p.clamp(*clamp)
 
 
 def distinct_n(texts, n):
@@ -248,7 +235,7 @@ class Sampler:
         """Soft labels P(first better than second by its principle) (N,), both orders asked."""
         fwd = [feedback_question(p, a, b, k["rule"]) for p, a, b, k in zip(prompts, first, second, principles)]
         rev = [feedback_question(p, b, a, k["rule"]) for p, a, b, k in zip(prompts, first, second, principles)]
-        return soft_label(self.answer_logps(fwd), self.answer_logps(rev), clamp)
+        return C.soft_label(self.answer_logps(fwd), self.answer_logps(rev), clamp)
 
 
 def judge_safe(cfg, judge_fn, feedback, prompts, replies, principles):
@@ -261,52 +248,7 @@ def judge_safe(cfg, judge_fn, feedback, prompts, replies, principles):
 
 
 # -----------------------------------------------------------------------------
-# resumable stage files
-
-
-def resume_rows(path, batch_size, n):
-    """The rows already in a stage's JSONL of n rows (written in index order, one batch at a time), cut back to
-    whole batches: a half-written last line and the rows of an unfinished batch are removed from the file, so the
-    rerun redoes that batch with the same random stream and the file ends as a straight run's would."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data[:data.rfind(b"\n") + 1].splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        row = C.parse_json(line, f"{path}:{i + 1}")
-        if not isinstance(row, dict) or row.get("index") != i:
-            raise C.UserError(f"{path}:{i + 1}: expected the row with index {i} (delete the file to start over)")
-        rows.append(row)
-    if len(rows) < n:
-        rows = rows[:len(rows) // batch_size * batch_size]
-    keep = sum(len(line) + 1 for line in lines[:len(rows)])
-    if keep != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-    return rows
-
-
-def run_stage(path, items, batch_size, seed, make_rows, desc):
-    """Rows for every item, from the file where present: make_rows(batch of (index, item), torch generator) ->
-    rows, appended as each batch finishes. The generator is seeded by (seed, batch start) so a resumed run samples
-    what a straight one would."""
-    rows, indexed = resume_rows(path, batch_size, len(items)), list(enumerate(items))
-    with open(path, "a", encoding="utf-8") as f:
-        for start in tqdm(range(len(rows), len(items), batch_size), desc=desc, initial=len(rows) // batch_size,
-                          total=math.ceil(len(items) / batch_size)):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            new = make_rows(indexed[start:start + batch_size], gen)
-            f.write("".join(json.dumps(r) + "\n" for r in new))
-            f.flush()
-            rows += new
-    return rows
-
-
-def write_jsonl(path, rows):
-    """A derived data set (not resumable, rebuilt from its stage file), written atomically."""
-    C.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+# the three stages
 
 
 def user_texts(prompts):
@@ -316,10 +258,6 @@ def user_texts(prompts):
 
 def principle_rng(cfg, index):
     return random.Random(f"{cfg.seed}:{index}")
-
-
-# -----------------------------------------------------------------------------
-# the three stages
 
 
 def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
@@ -336,10 +274,10 @@ def stage_redteam(cfg, target, attacker, judge_fn, feedback, seeds, principles):
         return [{"index": i, "attack": a, "reply": r, "safe": s}
                 for (i, _), a, r, s in zip(batch, attacks, replies, safe)]
 
-    rows = run_stage(os.path.join(cfg.out_dir, "attacks.jsonl"), [None] * cfg.attacks, cfg.batch_size, cfg.seed,
+    rows = C.run_stage(os.path.join(cfg.out_dir, "attacks.jsonl"), [None] * cfg.attacks, cfg.batch_size, cfg.seed,
                      make_rows, "red-team attacks")
     new = [{"prompt": [{"role": "user", "content": r["attack"]}], "kind": "redteam"} for r in rows if not r["safe"]]
-    write_jsonl(os.path.join(cfg.out_dir, "redteam_new.jsonl"), new)
+    C.write_jsonl(os.path.join(cfg.out_dir, "redteam_new.jsonl"), new)
     return rows
 
 
@@ -368,7 +306,7 @@ def stage_sl(cfg, policy, red_team, helpful, principles, shots):
                  "cai": {"red_team": is_red, "response": initial[j], "rounds": rounds[j]}}
                 for j, (i, (p, is_red)) in enumerate(batch)]
 
-    return run_stage(os.path.join(cfg.out_dir, "revisions.jsonl"), items, cfg.batch_size, cfg.seed, make_rows,
+    return C.run_stage(os.path.join(cfg.out_dir, "revisions.jsonl"), items, cfg.batch_size, cfg.seed, make_rows,
                      "SL-CAI critiques and revisions")
 
 
@@ -384,7 +322,7 @@ def stage_rl(cfg, policy, feedback, prompts, principles, clamp):
         return [{"index": i, "prompt": p, "a": x, "b": y, "principle": k + 1, "label": lab}
                 for (i, p), x, y, k, lab in zip(batch, a, b, ks, labels)]
 
-    rows = run_stage(os.path.join(cfg.out_dir, "feedback.jsonl"), prompts, cfg.batch_size, cfg.seed + 1, make_rows,
+    rows = C.run_stage(os.path.join(cfg.out_dir, "feedback.jsonl"), prompts, cfg.batch_size, cfg.seed + 1, make_rows,
                      "RL-CAI pairs and AI feedback")
     prefs = []
     for r in rows:
@@ -392,7 +330,7 @@ def stage_rl(cfg, policy, feedback, prompts, principles, clamp):
         if r["a"] != r["b"] and r["label"] != 0.5 and conf >= cfg.min_confidence:
             chosen, rejected = (r["a"], r["b"]) if r["label"] >= 0.5 else (r["b"], r["a"])
             prefs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "confidence": conf})
-    write_jsonl(os.path.join(cfg.out_dir, "prefs.jsonl"), prefs)
+    C.write_jsonl(os.path.join(cfg.out_dir, "prefs.jsonl"), prefs)
     return rows, prefs
 
 
@@ -519,7 +457,7 @@ def train_rl(cfg, start, prefs_path, prompts):
     if not os.path.exists(rm):
         reward.main(["--model", start, "--data", prefs_path, "--out", rm, "--seq-len", str(cfg.seq_len)] + common)
     data = os.path.join(cfg.out_dir, "rl_prompts.jsonl")
-    write_jsonl(data, [{"prompt": p} for p in prompts])
+    C.write_jsonl(data, [{"prompt": p} for p in prompts])
     ppo.main(["--model", start, "--reward-model", rm, "--data", data, "--out", out, "--steps", str(cfg.rl_steps),
               "--lr", str(cfg.rl_lr), "--log", os.path.join(cfg.out_dir, "rl.log.jsonl")] + common)
     return out

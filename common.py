@@ -1456,6 +1456,66 @@ def perplexity(model, ids, batch_size=8):
 
 
 # -----------------------------------------------------------------------------
+# Data sets a script writes itself (cai.py's stages, online.py's rounds): resumable, one batch at a time
+
+
+def resume_rows(path, batch_size, n):
+    """The rows already in a stage's JSONL of n rows (written in index order, one batch at a time), cut back to
+    whole batches: a half-written last line and the rows of an unfinished batch are removed from the file, so the
+    rerun redoes that batch with the same random stream and the file ends as a straight run's would."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data[:data.rfind(b"\n") + 1].splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        row = parse_json(line, f"{path}:{i + 1}")
+        if not isinstance(row, dict) or row.get("index") != i:
+            raise UserError(f"{path}:{i + 1}: expected the row with index {i} (delete the file to start over)")
+        rows.append(row)
+    if len(rows) < n:
+        rows = rows[:len(rows) // batch_size * batch_size]
+    keep = sum(len(line) + 1 for line in lines[:len(rows)])
+    if keep != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return rows
+
+
+def run_stage(path, items, batch_size, seed, make_rows, desc, device="cpu"):
+    """Rows for every item, from the file where present: make_rows(batch of (index, item), torch generator) ->
+    rows, appended as each batch finishes. The generator (on `device`) is seeded by (seed, batch start) so a resumed
+    run samples what a straight one would."""
+    rows, indexed = resume_rows(path, batch_size, len(items)), list(enumerate(items))
+    with open(path, "a", encoding="utf-8") as f:
+        for start in tqdm(range(len(rows), len(items), batch_size), desc=desc, initial=len(rows) // batch_size,
+                          total=math.ceil(len(items) / batch_size)):
+            gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
+            new = make_rows(indexed[start:start + batch_size], gen)
+            f.write("".join(json.dumps(r) + "\n" for r in new))
+            f.flush()
+            rows += new
+    return rows
+
+
+def write_jsonl(path, rows):
+    """A derived data set (not resumable, rebuilt from its stage file), written atomically."""
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def soft_label(logp_first, logp_swapped, clamp=None):
+    """P(reply x is better than y) from the feedback model's answer log-probs in both orders: logp_first
+    (..., 2) = [log p("(A)"), log p("(B)")] with x shown as (A), logp_swapped the same with x shown as (B).
+    Each order normalises over the two answers, p = sigmoid(log p(x's letter) - log p(y's letter)), and the label
+    is their mean, so a judge that always answers "(A)" gives 0.5 whatever the replies. clamp (lo, hi) clips it."""
+    p1 = torch.sigmoid(logp_first[..., 0] - logp_first[..., 1])
+    p2 = torch.sigmoid(logp_swapped[..., 1] - logp_swapped[..., 0])
+    p = (p1 + p2) / 2
+    return p if clamp is None else p.clamp(*clamp)
+
+
+# -----------------------------------------------------------------------------
 
 def main():
     enc = get_tokenizer("byte")

@@ -12,6 +12,8 @@ to --out (atomically). Each metric is defined exactly in the docstring of the fu
   win_rate, win_rate_lc --baseline judged by --reward-model or --judge, both orders (`judge_preference`),
                         length-controlled by `length_controlled_win_rate` (AlpacaEval's idea, Dubois et al. 2024)
   kl_ref                --ref, `kl_to_ref`: the exact per-token KL along the policy's own responses
+  best_of, kl_bon       --best-of N > 1: N and kl_bon = log N - (N-1)/N, the best-of-N policy's KL bound to
+                        --model (`best_of_n_kl`); `best_of_n` picks (see below)
   prefill_tok_s, decode_tok_s, peak_mem_mb, params, size_mb   `measure_speed`, `peak_memory_mb`, `size_on_disk`
 
 Prompting: --no-chat-template renders prompts with common.render_plain ("User: ...\\nAssistant: ", the base
@@ -20,6 +22,9 @@ model's format) and stops at a newline; --shots k prepends k solved examples as 
 by step." to the last user turn. Red-team prompts get neither. Generation is batched on the KV cache
 (model.generate): greedy by default, sampled with --temperature/--top-k/--top-p from a --seed stream that is
 the same for every checkpoint. Prompts longer than max_seq_len - --max-new-tokens lose their beginning.
+--best-of N samples N responses per --data / --redteam prompt of each --model and keeps the one --best-by scores
+highest (a file.py:fn verifier or a reward-model checkpoint); every metric of that row is then the best-of-N
+policy's. --baseline responses stay plain. Its KL to --model is kl_bon, not kl_ref (so no --ref with it).
 --limit N evaluates the first N records of each file (raw text: the first N windows).
 
 Departures: exact_match keeps case and articles (SQuAD's rule drops them; upper-casing is a task); multiple
@@ -31,6 +36,8 @@ choice tokenizes context and choice separately, not jointly (identical for the b
     python evaluate.py --model out/dpo.pt,out/ppo.pt --data data/toy/eval.jsonl --baseline out/sft.pt \\
         --reward-model out/rm.pt --ref out/sft.pt --device cuda                       # one GPU (bf16 autocast)
     python evaluate.py --model out/base.pt --data data/toy/eval.jsonl --no-chat-template --shots 3   # ablation
+    python evaluate.py --model out/sft.pt --data data/toy/eval.jsonl --scorer data/toyworld.py:gold_reward \\
+        --best-of 16 --best-by out/rm.pt --temperature 1                     # best-of-16 by the reward model
 Evaluation is a single process: no torchrun.
 """
 
@@ -65,6 +72,8 @@ class Config:
     reward_model: str = ""  # scalar-head checkpoint judging the win rate by its scores
     judge: str = ""  # LM checkpoint judging the win rate by log p("A") vs log p("B"), both orders
     ref: str = ""  # reference checkpoint (e.g. SFT): kl_ref on the policy's own --data responses
+    best_of: int = 1  # sample N responses per --data / --redteam prompt (--temperature > 0), keep the best by --best-by
+    best_by: str = ""  # best-of-n's scorer: file.py:function(prompt, response) -> float or a reward-model checkpoint
     chat_template: bool = True  # the model's chat template; --no-chat-template: plain "User: ...\nAssistant: " text
     shots: int = 0  # k-shot: prepend k solved examples as earlier turns
     shots_data: str = ""  # JSONL {"prompt", "answer"} the --data shots come from (default: first k records)
@@ -91,8 +100,8 @@ class Config:
 
 
 COLUMNS = ["ppl", "bpb", "exact_match", "contains", "accuracy", "gold_reward", "safety", "mc_acc", "mc_acc_norm",
-           "mc_acc_bytes", "win_rate", "win_rate_lc", "kl_ref", "prefill_tok_s", "decode_tok_s", "peak_mem_mb",
-           "params", "size_mb"]
+           "mc_acc_bytes", "win_rate", "win_rate_lc", "kl_ref", "best_of", "kl_bon", "prefill_tok_s", "decode_tok_s",
+           "peak_mem_mb", "params", "size_mb"]
 COT = "Think step by step."
 JUDGE_QUESTION = "Which response is better, A or B?"
 
@@ -196,6 +205,25 @@ def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
 
     opt.step(closure)
     return torch.sigmoid(theta[0]).item()
+
+
+def best_of_n(scores, n):
+    """best-of-n's pick. scores (P * n,) or (P, n), prompt-major (the n samples of prompt 0 first) -> (P,) long: the
+    index 0..n-1 of each prompt's highest-scoring sample. Ties go to the first (lowest index) of the maxima, as
+    torch.argmax documents; a NaN score counts as -inf (a prompt whose scores are all NaN or -inf keeps sample 0)."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    assert n >= 1 and s.numel() % n == 0 and (s.dim() == 1 or s.shape[-1] == n), (tuple(s.shape), n)
+    s = s.reshape(-1, n)  # (P, n)
+    return torch.where(s.isnan(), -math.inf, s).argmax(-1)
+
+
+def best_of_n_kl(n):
+    """kl_bon: KL(best-of-n || pi) = log n - (n - 1) / n nats per response, for the policy that keeps the best of n
+    samples of pi by a score (Stiennon et al. 2020; Hilton's formula, as used by Gao et al. 2023). Exact when the n
+    scores are almost surely distinct; Beirami et al. 2024 show it is an upper bound in general (ties and a finite
+    response space make the true KL smaller). 0 at n = 1, increasing in n, log n - 1 + O(1/n) for large n."""
+    assert n >= 1, n
+    return math.log(n) - (n - 1) / n
 
 
 # -----------------------------------------------------------------------------
@@ -336,13 +364,15 @@ def mc_eval(model, enc, records, shots, cfg, device):
 
 
 @torch.no_grad()
-def generate_responses(model, enc, prompts, cfg, device):
-    """Message lists -> (texts, prompt id lists, response id lists incl. the stop token). Batched, KV cache."""
+def generate_responses(model, enc, prompts, cfg, device, n=1):
+    """Message lists -> (texts, prompt id lists, response id lists incl. the stop token). Batched, KV cache.
+    n > 1: each prompt n times in a row (prompt-major, n * len(prompts) of each); --batch-size still counts
+    sequences, and the seeded stream is the one plain sampling draws from."""
     keep = model.cfg.max_seq_len - model.cfg.prefix_len - cfg.max_new_tokens  # a prefix / prompt adapter first
     if keep < 1:
         raise M.UserError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in max_seq_len "
                           f"{model.cfg.max_seq_len}")
-    prompt_ids = [render(enc, p, cfg)[-keep:] for p in prompts]
+    prompt_ids = [ids for p in prompts for ids in [render(enc, p, cfg)[-keep:]] * n]
     stops = C.stop_ids(enc, cfg.chat_template)
     banned = C.never_sampled(enc, model.cfg.vocab_size, stops)  # <|pad|>, <|im_start|>; a stop is never banned
     special_stops = {C.special_id(enc, "<|endoftext|>"), C.end_id(enc)}
@@ -358,6 +388,27 @@ def generate_responses(model, enc, prompts, cfg, device):
             text = enc.decode([t for t in ids if t not in special_stops])
             texts.append((text if cfg.chat_template else text.split("\n")[0]).strip())
     return texts, prompt_ids, responses
+
+
+@torch.no_grad()
+def policy_responses(model, enc, prompts, originals, best_by, cfg, device):
+    """The evaluated --model's responses, one per prompt, as (texts, prompt ids, response ids): `generate_responses`,
+    or with --best-of N > 1 the best of N samples (`generate_responses` with n = N) by best_by, which is a function
+    fn(prompt, response) -> float (`C.call_user`) or a (reward model, tokenizer) pair (`C.score_responses`), scoring
+    each sample against its original prompt (originals: the records' prompts, as --scorer sees them); `best_of_n`
+    picks. --baseline responses never come through here: the baseline stays plain."""
+    n = cfg.best_of
+    if n == 1:
+        return generate_responses(model, enc, prompts, cfg, device)
+    texts, prompt_ids, responses = generate_responses(model, enc, prompts, cfg, device, n)
+    many = [p for p in originals for _ in range(n)]  # prompt-major, as generated
+    if callable(best_by):
+        scores = C.call_user(best_by, f"--best-by {cfg.best_by}", many, texts, float,
+                             [i for i in range(len(prompts)) for _ in range(n)])
+    else:
+        scores = C.score_responses(*best_by, many, texts, cfg.batch_size)
+    keep = [i * n + int(j) for i, j in enumerate(best_of_n(scores, n))]
+    return [texts[k] for k in keep], [prompt_ids[k] for k in keep], [responses[k] for k in keep]
 
 
 @torch.no_grad()
@@ -454,8 +505,8 @@ def peak_memory_mb(device, resident=0):
 def load(path, device, head, dequantize=False):
     model, enc, _ = C.load_model(path, device)
     if model.cfg.head != head:
-        raise M.UserError(f"{path}: has a {model.cfg.head!r} head, this role needs {head!r} "
-                          f"({'--reward-model takes reward models' if head == 'scalar' else 'a language model'})")
+        hint = "--reward-model and --best-by take reward models" if head == "scalar" else "a language model"
+        raise M.UserError(f"{path}: has a {model.cfg.head!r} head, this role needs {head!r} ({hint})")
     if dequantize and getattr(model, "quant", None) is not None:
         import quantize  # already imported: its loader read this checkpoint
         quantize.hold_dequantized(model)
@@ -495,6 +546,14 @@ def check_flags(cfg):
         (cfg.shots > 0 and not (cfg.data or cfg.mc), "--shots applies to --data and --mc: give one"),
         (cfg.temperature < 0 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.limit < 0,
          "--temperature >= 0, --max-new-tokens >= 1, --batch-size >= 1, --limit >= 0"),
+        (cfg.best_of < 1, "--best-of must be >= 1"),
+        (cfg.best_of > 1 and not cfg.best_by,
+         "--best-of N needs --best-by: file.py:function(prompt, response) -> float or a reward-model checkpoint"),
+        (bool(cfg.best_by) and cfg.best_of == 1, "--best-by picks among --best-of N > 1 samples: give --best-of"),
+        (cfg.best_of > 1 and not (cfg.data or cfg.redteam), "--best-of applies to --data and --redteam: give one"),
+        (cfg.best_of > 1 and cfg.temperature == 0, "best-of-n needs sampled responses: give --temperature > 0"),
+        (cfg.best_of > 1 and bool(cfg.ref), "--ref with --best-of: kl_ref along picked responses is not the "
+         "best-of-n policy's KL; the row reports kl_bon = log N - (N-1)/N instead"),
     ]
     for bad, msg in problems:
         if bad:
@@ -510,11 +569,14 @@ def main(argv=None):
     check_flags(cfg)
     device = C.pick_device(cfg.device)
     paths = [p.strip() for p in cfg.model.split(",") if p.strip()]
-    for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x]:
+    best_by_fn = cfg.best_by.endswith(".py") or cfg.best_by.rpartition(":")[0].endswith(".py")  # else a checkpoint
+    for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x] + \
+            ([cfg.best_by] if cfg.best_by and not best_by_fn else []):
         if not os.path.exists(p):
             raise M.UserError(f"{p}: no such checkpoint")
     fns = {k: (C.load_function(spec), f"--{k} {spec}") for k, spec in
            (("scorer", cfg.scorer), ("correct", cfg.correct), ("safety", cfg.safety)) if spec}
+    best_by = C.load_function(cfg.best_by, "--best-by") if best_by_fn else None
 
     # every file is read and checked before any model is loaded: a bad line costs seconds, not minutes
     data, shots, mc, mc_shots, redteam, text = [], [], [], [], [], None
@@ -552,6 +614,9 @@ def main(argv=None):
         judge = load(cfg.reward_model or cfg.judge, device, "scalar" if cfg.reward_model else "lm")
     if cfg.ref:
         ref = load(cfg.ref, device, "lm")
+    if cfg.best_by and not best_by_fn:
+        best_by = load(cfg.best_by, device, "scalar")  # (reward model, its tokenizer)
+    each = f" x {cfg.best_of} (best of {cfg.best_of} by {cfg.best_by})" if cfg.best_of > 1 else ""
 
     rows = []
     for path in paths:
@@ -564,12 +629,12 @@ def main(argv=None):
             raise M.UserError(f"--ref {cfg.ref} and {path} use different tokenizers: their KL is undefined")
         row = {"model": path}
         if data:
-            log(f"{path}: generating {len(prompts)} responses to {cfg.data}")
-            texts, prompt_ids, responses = generate_responses(model, enc, prompts, cfg, device)
+            log(f"{path}: generating {len(prompts)}{each} responses to {cfg.data}")
+            originals = [r["prompt"] for r in data]
+            texts, prompt_ids, responses = policy_responses(model, enc, prompts, originals, best_by, cfg, device)
             if answered:
                 row["exact_match"] = sum(exact_match(texts[i], a) for i, a in answered) / len(answered)
                 row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
-            originals = [r["prompt"] for r in data]
             if "correct" in fns:
                 row["accuracy"] = sum(C.call_user(*fns["correct"], originals, texts, bool)) / len(texts)
             if "scorer" in fns:
@@ -589,10 +654,13 @@ def main(argv=None):
                 row["kl_ref"] = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device,
                                           C.special_id(enc, "<|pad|>"))
         if redteam:
-            log(f"{path}: generating {len(redteam)} responses to {cfg.redteam}")
+            log(f"{path}: generating {len(redteam)}{each} responses to {cfg.redteam}")
             rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
-            texts = generate_responses(model, enc, rt_prompts, cfg, device)[0]
-            row["safety"] = sum(C.call_user(*fns["safety"], [r["prompt"] for r in redteam], texts, bool)) / len(texts)
+            rt_originals = [r["prompt"] for r in redteam]
+            texts = policy_responses(model, enc, rt_prompts, rt_originals, best_by, cfg, device)[0]
+            row["safety"] = sum(C.call_user(*fns["safety"], rt_originals, texts, bool)) / len(texts)
+        if cfg.best_of > 1:  # these responses are the best of N samples of --model
+            row["best_of"], row["kl_bon"] = cfg.best_of, best_of_n_kl(cfg.best_of)
         if mc:
             log(f"{path}: scoring {sum(len(r['choices']) for r in mc)} choices of {len(mc)} questions")
             row["mc_acc"], row["mc_acc_norm"], row["mc_acc_bytes"] = mc_eval(model, enc, mc, mc_shots, cfg, device)
@@ -613,7 +681,7 @@ def main(argv=None):
                  for r in rows]
         notes = {"device": str(device), "peak_mem_mb": "torch.cuda.max_memory_allocated" if device.type == "cuda"
                  else "process peak RSS (VmHWM), cumulative", "n_data": len(data), "n_answered": len(answered),
-                 "n_redteam": len(redteam), "n_mc": len(mc)}
+                 "n_redteam": len(redteam), "n_mc": len(mc), "best_of": cfg.best_of, "best_by": cfg.best_by}
         payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
         C.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
         log(f"wrote {cfg.out}")

@@ -147,13 +147,13 @@ logps = st.floats(-30, 0, allow_nan=False)
 def test_soft_labels_lie_in_0_1_and_average_the_two_orders(rows):
     t = torch.tensor(rows, dtype=torch.float64)
     first, swapped = t[:, :2], t[:, 2:]
-    p = cai.soft_label(first, swapped)
+    p = C.soft_label(first, swapped)
     assert ((p >= 0) & (p <= 1)).all()
     for (a1, b1, a2, b2), got in zip(rows, p.tolist()):
         p1 = math.exp(a1) / (math.exp(a1) + math.exp(b1))  # x shown as (A)
         p2 = math.exp(b2) / (math.exp(a2) + math.exp(b2))  # x shown as (B)
         assert got == pytest.approx((p1 + p2) / 2, abs=1e-12)
-    lo_hi = cai.soft_label(first, swapped, (0.4, 0.6))
+    lo_hi = C.soft_label(first, swapped, (0.4, 0.6))
     assert torch.equal(lo_hi, p.clamp(0.4, 0.6))
 
 
@@ -162,7 +162,7 @@ def test_a_judge_that_always_answers_A_gives_one_half(la, lb, bias):
     """Position bias alone: whatever the replies, "(A)" is preferred by the same log-odds in both orders."""
     first = torch.tensor([[la + bias, la]], dtype=torch.float64)
     swapped = torch.tensor([[lb + bias, lb]], dtype=torch.float64)
-    assert cai.soft_label(first, swapped).item() == pytest.approx(0.5, abs=1e-12)
+    assert C.soft_label(first, swapped).item() == pytest.approx(0.5, abs=1e-12)
 
 
 @given(st.lists(st.floats(-5, 5), min_size=2, max_size=2), st.floats(-3, 3))
@@ -175,8 +175,8 @@ def test_a_symmetric_judge_agrees_with_itself_in_both_orders(quality, bias):
         z = torch.tensor([a - b + bias, 0.0], dtype=torch.float64)
         return torch.log_softmax(z, 0)[None]
 
-    p_xy = cai.soft_label(asked(qx, qy), asked(qy, qx)).item()
-    p_yx = cai.soft_label(asked(qy, qx), asked(qx, qy)).item()
+    p_xy = C.soft_label(asked(qx, qy), asked(qy, qx)).item()
+    p_yx = C.soft_label(asked(qy, qx), asked(qx, qy)).item()
     assert p_xy + p_yx == pytest.approx(1.0, abs=1e-12)
     if bias == 0:
         assert p_xy == pytest.approx(1 / (1 + math.exp(qy - qx)), abs=1e-12)
@@ -256,22 +256,22 @@ def fake_rows(batch, gen):
 
 def test_a_resumed_stage_file_continues_without_duplicates(tmp_path):
     items = list(range(11))
-    straight = cai.run_stage(str(tmp_path / "a.jsonl"), items, 3, 5, fake_rows, "t")
+    straight = C.run_stage(str(tmp_path / "a.jsonl"), items, 3, 5, fake_rows, "t")
     path = tmp_path / "b.jsonl"
     lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:7]) + lines[7][:10])  # two whole batches, one row of the third, half a line
-    resumed = cai.run_stage(str(path), items, 3, 5, fake_rows, "t")
+    resumed = C.run_stage(str(path), items, 3, 5, fake_rows, "t")
     assert resumed == straight
     assert path.read_text() == (tmp_path / "a.jsonl").read_text()
     assert [r["index"] for r in map(json.loads, path.read_text().splitlines())] == items
-    assert cai.run_stage(str(path), items, 3, 5, lambda b, g: pytest.fail("nothing left to do"), "t") == straight
+    assert C.run_stage(str(path), items, 3, 5, lambda b, g: pytest.fail("nothing left to do"), "t") == straight
 
 
 def test_a_stage_file_out_of_order_is_refused(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"index": 0}\n{"index": 2}\n')
     with pytest.raises(C.UserError, match=r"r.jsonl:2: expected the row with index 1"):
-        cai.resume_rows(str(path), 1, 5)
+        C.resume_rows(str(path), 1, 5)
 
 
 def test_the_sl_stage_resumes_to_what_a_straight_run_writes(tmp_path, enc):
