@@ -14,12 +14,17 @@
 # make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
 #                 W4 / W3 / W4A8 models trained 60 steps each by qat.py on text: the QAT table of the README
 #                 (~2 hours on 2 cores)
+# make self-world: learning from its own samples on one budget (best-of-n, RS-FT, offline / iterative / online DPO,
+#                 PPO, GRPO), 3 seeds from one SFT checkpoint: the table of the README (~45 minutes on 2 cores)
+# make arena-browser: arena.py's rating page driven in headless Chromium (Debian's chromium package and pip's
+#                 playwright, test-only; playwright's own browser download is not used): votes by keyboard, a
+#                 screenshot in out/arena/screenshot.png
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat self-world arena-browser data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -73,6 +78,14 @@ real-qat: .deps data
 	[ -f $(OUT)/real/sft.pt ] || bash scripts/real_model.sh $(OUT)/real
 	bash scripts/quantize_real.sh $(OUT)/quant-sft $(OUT)/real/sft.pt 96 32
 	bash scripts/qat_real.sh $(OUT)/qat60 $(OUT)/real/sft.pt $(OUT)/quant-sft 60 96 2e-4 text
+
+self-world: .deps data
+	bash scripts/self_world.sh $(OUT)/self
+
+arena-browser: .deps
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install -q playwright
+	$(PY) -m pytest -q -m slow tests/test_arena.py -k chromium
 
 clean:
 	rm -rf $(OUT) $(DATA) .deps

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 SCRIPTS = ["sft.py", "reward.py", "dpo.py", "ppo.py", "evaluate.py", "quantize.py", "distill.py", "prune.py", "qat.py",
-           "cai.py"]
+           "cai.py", "online.py", "arena.py"]
 NOT_THERE = ["common", "model", "formats", "numpy", "tiktoken", "tqdm", "safetensors", "hypothesis"]
 
 

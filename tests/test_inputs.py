@@ -221,12 +221,15 @@ def script_args(script, data, ckpts, toy_dir, out):
     if script == "ppo.py":
         return ["ppo.py", "--model", ckpts[0], "--reward-model", ckpts[1], "--data", data, "--out", out,
                 "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4"]
+    if script == "online.py":
+        return ["online.py", "--model", ckpts[0], "--reward-model", ckpts[1], "--data", data, "--out", out,
+                "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4"]
     return ["evaluate.py", "--model", ckpts[0], "--data", data, "--out", out, "--no-speed"]
 
 
 @pytest.mark.parametrize("script, good_file", [("sft.py", "sft.jsonl"), ("reward.py", "prefs.jsonl"),
                                                ("dpo.py", "prefs.jsonl"), ("ppo.py", "prompts.jsonl"),
-                                               ("evaluate.py", "eval.jsonl")])
+                                               ("online.py", "prompts.jsonl"), ("evaluate.py", "eval.jsonl")])
 @pytest.mark.parametrize("bad, message", BAD_LINES)
 def test_every_script_refuses_bad_data_with_one_line_and_no_output(tmp_path, toy_dir, policy_and_rm, script, good_file,
                                                                     bad, message):

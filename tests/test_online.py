@@ -171,8 +171,10 @@ def test_online_dpo_on_given_pairs_is_offline_dpo_step_for_step(tmp_path, enc):
     assert len(off) == len(on) == 3
     for a, b in zip(off, on):
         assert b["pairs"] == 4 and b["ties"] == 0
-        for key in ("loss", "grad_norm", "margin", "accuracy"):
+        for key in ("loss", "grad_norm", "margin"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a, b)
+        if a["step"] > 1:  # at step 1 every margin is 0 up to rounding, so "margin > 0" is a coin toss
+            assert b["accuracy"] == a["accuracy"]
     assert off[-1]["loss"] < off[0]["loss"] - 1e-3  # the steps learned something: equality is not of two no-ops
     assert_same_training(C.load_checkpoint(str(tmp_path / "offline.pt"))["model"],
                          C.load_checkpoint(str(tmp_path / "online.pt"))["model"], lr=1e-3, steps=3)
