@@ -6,7 +6,6 @@ that grades by length is positive), expected_grade's properties, and the script 
 """
 import json
 import math
-import os
 import re
 
 import pytest
