@@ -15,7 +15,7 @@
 #                 W4 / W3 / W4A8 models trained 60 steps each by qat.py on text: the QAT table of the README
 #                 (~2 hours on 2 cores)
 # make self-world: learning from its own samples on one budget (best-of-n, RS-FT, offline / iterative / online DPO,
-#                 PPO, GRPO), 3 seeds from one SFT checkpoint: the table of the README (~45 minutes on 2 cores)
+#                 PPO, GRPO), 3 seeds from one SFT checkpoint: the table of the README (~90 minutes on 2 cores)
 # make arena-browser: arena.py's rating page driven in headless Chromium (Debian's chromium package and pip's
 #                 playwright, test-only; playwright's own browser download is not used): votes by keyboard, a
 #                 screenshot in out/arena/screenshot.png

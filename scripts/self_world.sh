@@ -13,7 +13,7 @@
 # (the gold-vs-KL figure). Seeds 0 1 2 (training and evaluation sampling). Writes OUT/table.md, OUT/table.json,
 # OUT/labels.md, OUT/curve.md and OUT/gold_vs_kl.svg.
 # Usage: bash scripts/self_world.sh [out_dir] [sft.pt] [rm.pt]   (trained here by demo steps 1-3 when absent)
-# About 45 minutes on 2 CPU cores.
+# About 90 minutes on 2 busy CPU cores (3 seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/self}
