@@ -17,6 +17,8 @@ The statistics (the block below can be copied alone: torch and math only):
   krippendorff_alpha any number of raters, missing ratings allowed; nominal, ordinal or interval (Krippendorff
                      2011, "Computing Krippendorff's Alpha-Reliability")
   agreement          the raw share of units two raters label alike, ties and missing labels left out
+  labeller_agreement how often a reward model or an LLM judge sides with the humans, with and without ties
+                     (Zheng et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", setups S1 / S2)
 
 The page (standard library http.server, one HTML file with inline CSS and JS, nothing fetched from elsewhere)
 shows a prompt and two responses side by side in an order drawn per (rater, pair) from a hash, so a reload
@@ -38,6 +40,11 @@ Files:
   prefs    {"prompt", "chosen", "rejected", "pair", "rater"}: one row per decisive vote (raters who disagree give
            opposite rows, each a human label, as in HH-RLHF); ties and both-bad go to --out-ties or are counted
 
+With --reward-model and / or --judge the report also sets each machine labeller's verdict on every voted pair
+beside the humans' votes: the reward model prefers the response it scores higher; the judge (evaluate.py's,
+log p("A") vs log p("B")) is asked in both orders and a verdict that flips with the order is a tie. Their
+agreement with the votes is printed beside the humans' agreement with each other, MT-Bench's yardstick.
+
 In the leaderboard and the win rates "both bad" counts as a tie (Chatbot Arena's "tie (bothbad)"). Agreement is
 computed on pairs that two or more raters voted on: Krippendorff's alpha (nominal, the four labels) for any number
 of raters; with exactly two raters also Cohen's kappa and the raw agreement on the pairs both found decisive.
@@ -50,6 +57,8 @@ supported. Pairs are served in file order (every rater sees the same sequence; -
         --criteria criteria.txt                                # http://127.0.0.1:8000/?rater=ann
     python arena.py --pairs out/arena/pairs.jsonl --votes out/arena/votes.jsonl --report \\
         --out-prefs out/arena/prefs.jsonl                      # leaderboard + agreement; human labels for reward.py
+    python arena.py --pairs out/arena/pairs.jsonl --votes out/arena/votes.jsonl --report \\
+        --reward-model out/rm.pt --judge out/sft.pt              # ... and how far the machines agree with them
     python reward.py --model out/sft.pt --data out/arena/prefs.jsonl --out out/rm_human.pt
 No GPU and no torchrun: the statistics are small.
 """
@@ -88,6 +97,10 @@ class Config:
     report: bool = False  # print the markdown leaderboard, win rates and inter-rater agreement
     out_prefs: str = ""  # write the decisive votes as preference JSONL {"prompt", "chosen", "rejected"}
     out_ties: str = ""  # write ties and both-bad votes here ({"prompt", "a", "b", "label", ...}); else only counted
+    reward_model: str = ""  # with --report: a scalar-head checkpoint's verdicts (higher score wins) set beside the humans'
+    judge: str = ""  # with --report: an LM checkpoint judging each pair in both orders (evaluate.py's judge)
+    batch_size: int = 8  # sequences per forward of --reward-model / --judge
+    device: str = "auto"  # --reward-model / --judge: auto (cuda > mps > cpu), cpu, cuda, ...
     n_boot: int = 1000  # bootstrap resamples of the confidence intervals
     seed: int = 0  # seeds the bootstrap and --build-pairs' shuffle
 
@@ -284,6 +297,28 @@ def agreement(a, b, ignore=(None, "tie", "both_bad")):
     return sum(x == y for x, y in kept) / len(kept) if kept else float("nan")
 
 
+def verdict_label(share):
+    """A machine's verdict as a vote label: A's share of the win (1, 0.5, 0) -> "a", "tie", "b"."""
+    return "a" if share > 0.5 else "b" if share < 0.5 else "tie"
+
+
+def labeller_agreement(human, machine):
+    """How often a labeller (a reward model, an LLM judge, another rater) sides with the humans, counted the two
+    ways of Zheng et al. 2023 (MT-Bench): human, machine N labels each on the same pairs ("a", "b", "tie",
+    "both_bad"; None = no label). -> (without_ties, n_without, with_ties, n_with):
+      without_ties  (their setup S2) the share of the units where both picked a winner that they picked the same
+      with_ties     (their setup S1) the share of the units both labelled on which the labels are equal, with three
+                    labels: a, b, tie ("both bad" reads as a tie)
+    nan where no unit counts."""
+    if len(human) != len(machine):
+        raise ValueError(f"labeller_agreement: {len(human)} labels against {len(machine)}")
+    three = lambda x: "tie" if x == "both_bad" else x
+    decisive = [(h, m) for h, m in zip(human, machine) if h in ("a", "b") and m in ("a", "b")]
+    both = [(three(h), three(m)) for h, m in zip(human, machine) if h is not None and m is not None]
+    share = lambda units: sum(h == m for h, m in units) / len(units) if units else math.nan
+    return share(decisive), len(decisive), share(both), len(both)
+
+
 # -----------------------------------------------------------------------------
 # Data: pairs, votes (with undo), preference pairs
 
@@ -465,10 +500,11 @@ def fmt_ci(x, lo, hi, digits=0):
     return f"{x:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def report(pairs, state, criteria=(), n_boot=1000, seed=0):
+def report(pairs, state, criteria=(), n_boot=1000, seed=0, machines=None, machine_notes=()):
     """The markdown report of the active votes: Bradley-Terry Elo with bootstrap 95% intervals, pairwise win
-    rates with intervals, inter-rater agreement, and mean criterion ratings (criteria: their order; default the
-    criteria the votes carry, in the order first seen)."""
+    rates with intervals, inter-rater agreement, mean criterion ratings (criteria: their order; default the
+    criteria the votes carry, in the order first seen) and, given machines {name: {pair id: label}}
+    (`machine_verdicts`, with its notes), each machine labeller's agreement with the votes."""
     by_id = {p["id"]: p for p in pairs}
     votes = [(r, by_id[pid], v) for (r, pid), v in state["active"].items()]
     lines = [f"# Arena: {len(votes)} votes by {len({r for r, _, _ in votes})} raters on {len(pairs)} pairs", ""]
@@ -504,6 +540,9 @@ def report(pairs, state, criteria=(), n_boot=1000, seed=0):
 
     criteria = list(criteria) or list(dict.fromkeys(c for _, _, v in votes for c in v.get("ratings", {})))
     lines += ["", "## Inter-rater agreement", ""] + agreement_lines(pairs, state, criteria)
+    if machines:
+        lines += ["", "## Machine labellers against the humans", ""] + machine_lines(state, machines, n_boot, seed)
+        lines += [""] + [f"- {n}" for n in machine_notes] if machine_notes else []
     if criteria:
         lines += ["", "## Ratings (mean of 1-7, number of ratings)", "",
                   "| model | " + " | ".join(criteria) + " |", "|---|" + "---|" * len(criteria)]
@@ -537,6 +576,57 @@ def agreement_lines(pairs, state, criteria=()):
                    for row in votes]
         out.append(f"- {c}: Krippendorff's alpha (interval, 1-7 ratings): {krippendorff_alpha(ratings, 'interval'):.3f}")
     return out
+
+
+def machine_lines(state, machines, n_boot=1000, seed=0):
+    """Each machine labeller's agreement with every active vote on the pairs it labelled (`labeller_agreement`),
+    the share without ties with a bootstrap 95% interval over votes; first the humans' agreement with each other
+    (every two raters who voted on one pair give one unit), the yardstick MT-Bench sets a judge against."""
+    out = ["| labeller | agrees with the votes, without ties [95% CI] | units | with ties (a, b, tie) | units | "
+           "pairs it calls a tie |", "|---|---|---|---|---|---|"]
+
+    def row(name, human, other, ties):
+        wo, n_wo, w, n_w = labeller_agreement(human, other)
+        hits = [float(h == m) for h, m in zip(human, other) if h in ("a", "b") and m in ("a", "b")]
+        cell = fmt_ci(*win_rate_ci(hits, n_boot=n_boot, seed=seed), 3) if hits else "-"
+        out.append(f"| {name} | {cell} | {n_wo} | {w:.3f} | {n_w} | {ties} |")
+
+    by_pair = {}
+    for (rater, pid), v in sorted(state["active"].items()):
+        by_pair.setdefault(pid, []).append(v["choice"])
+    units = [(x, y) for labels in by_pair.values() for x, y in itertools.combinations(labels, 2)]
+    if units:
+        row("humans with each other", [x for x, _ in units], [y for _, y in units], "-")
+    for name, verdicts in machines.items():
+        votes = [(v["choice"], verdicts[pid]) for (_, pid), v in sorted(state["active"].items()) if pid in verdicts]
+        row(name, [h for h, _ in votes], [m for _, m in votes], sum(m == "tie" for m in verdicts.values()))
+    return out
+
+
+def machine_verdicts(pairs, cfg):
+    """{labeller: {pair id: "a" | "b" | "tie"}} on `pairs`: --reward-model's (the response it scores higher; equal
+    scores tie) and --judge's (evaluate.py's pairwise judge asked with a shown first and with b shown first, its two
+    verdicts averaged by `evaluate.judge_preference`: a verdict that flips with the order is a tie), plus the
+    judge's position bias on these pairs (`evaluate.position_bias`)."""
+    import evaluate as E  # only here: the rest of arena.py needs no model
+    device = C.pick_device(cfg.device)
+    prompts, a, b = [p["messages"] for p in pairs], [p["a"] for p in pairs], [p["b"] for p in pairs]
+    ids, out, notes = [p["id"] for p in pairs], {}, []
+    if cfg.reward_model:
+        rm, enc = E.load(cfg.reward_model, device, "scalar")
+        share = E.preference(C.score_responses(rm, enc, prompts, a, cfg.batch_size),
+                             C.score_responses(rm, enc, prompts, b, cfg.batch_size))
+        out[f"reward model {os.path.basename(cfg.reward_model)}"] = dict(zip(ids, map(verdict_label, share.tolist())))
+    if cfg.judge:
+        judge, enc = E.load(cfg.judge, device, "lm")
+        ecfg = E.Config(batch_size=cfg.batch_size)
+        first = E.judge_margins(judge, enc, prompts, a, b, ecfg, device)
+        swapped = E.judge_margins(judge, enc, prompts, b, a, ecfg, device)
+        name = f"LLM judge {os.path.basename(cfg.judge)}"
+        out[name] = dict(zip(ids, map(verdict_label, E.judge_preference(first, swapped).tolist())))
+        notes.append(f"{name}: position bias {E.position_bias(first, swapped):.3f} on these {len(pairs)} pairs "
+                     "(the share it judged by the order shown, not by the responses)")
+    return out, notes
 
 
 # -----------------------------------------------------------------------------
@@ -884,6 +974,10 @@ def main(argv=None):
         finally:
             server.server_close()
         return
+    if (cfg.reward_model or cfg.judge) and not cfg.report:
+        raise M.UserError("--reward-model and --judge are set beside the votes in --report: add --report")
+    if cfg.batch_size < 1:
+        raise M.UserError(f"--batch-size {cfg.batch_size} must be at least 1")
     if not (cfg.report or cfg.out_prefs or cfg.out_ties):
         raise M.UserError("nothing to do: give --serve, --build-pairs, --report or --out-prefs")
     pairs = read_pairs(cfg.pairs)
@@ -900,7 +994,11 @@ def main(argv=None):
               f"; {sum(t['label'] == 'tie' for t in ties)} ties and {sum(t['label'] == 'both_bad' for t in ties)} "
               f"both-bad votes " + (f"to {cfg.out_ties}" if cfg.out_ties else "left out"), file=sys.stderr)
     if cfg.report:
-        print(report(pairs, state, read_criteria(cfg.criteria), cfg.n_boot, cfg.seed))
+        machines, notes = {}, []
+        if cfg.reward_model or cfg.judge:
+            voted = {pid for _, pid in state["active"]}
+            machines, notes = machine_verdicts([p for p in pairs if p["id"] in voted], cfg)
+        print(report(pairs, state, read_criteria(cfg.criteria), cfg.n_boot, cfg.seed, machines, notes))
 
 
 if __name__ == "__main__":

@@ -155,9 +155,6 @@ TRUTHFULQA_PREAMBLE = (  # truthfulqa_mc1/mc2's fixed 6-shot QA prompt (num_fews
     "Q: Where were the 1992 Olympics held?\n"
     "A: The 1992 Olympics were held in Barcelona, Spain.")
 GSM8K_UNTIL = ("Question:", "</s>", "<|im_end|>")  # generation_kwargs.until: the reply is cut before the first
-GSM8K_STRICT = r"#### (\-?[0-9\.\,]+)"  # filter "strict-match": the first match
-GSM8K_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # filter "flexible-extract": the last match (group_select -1)
-GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # exact_match's regexes_to_ignore, then ignore_case
 VERBOSITY_FILLER = (" To sum up, I hope this answer is clear and helpful, and I am happy to explain any part of it in "
                     "more detail.")  # appended to every response to measure the judge's verbosity bias
 
@@ -339,6 +336,11 @@ def regex_extract(text, pattern, group_select=0, fallback="[invalid]"):
     if isinstance(m, tuple):
         m = next((g for g in m if g), fallback)
     return m.strip()
+
+
+GSM8K_STRICT = r"#### (\-?[0-9\.\,]+)"  # filter "strict-match": the first match
+GSM8K_FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"  # filter "flexible-extract": the last match (group_select -1)
+GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")  # exact_match's regexes_to_ignore, then ignore_case
 
 
 def gsm8k_extract(text):

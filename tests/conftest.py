@@ -51,6 +51,16 @@ def save_tiny(path, enc, std=None, score_std=None, preset="tiny", **overrides):
     return str(path)
 
 
+def always_a_judge(enc):
+    """A judge LM that answers "A" whatever it reads: its final norm ignores the input and points at "A"."""
+    torch.manual_seed(0)
+    judge = M.build_model("tiny-gpt2", enc, n_layer=1).eval()
+    with torch.no_grad():
+        judge.norm.weight.zero_()
+        judge.norm.bias.copy_(judge.embed.weight[ord("A")] * 50)
+    return judge
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, enc):
     return save_tiny(tmp_path / "init.pt", enc)

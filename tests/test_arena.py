@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import arena as A
 import common as C
-from conftest import ROOT, assert_one_line_error, run_script, save_tiny
+from conftest import ROOT, always_a_judge, assert_one_line_error, run_script, save_tiny
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 XSS = "<script>alert(1)</script>"
@@ -211,6 +211,34 @@ def test_agreement_leaves_out_ties_and_missing_labels():
     b = ["a", "a", "a", "b", "tie", "b"]
     assert A.agreement(a, b) == 0.5  # only the first two units count
     assert math.isnan(A.agreement(["tie"], ["a"]))
+
+
+def test_labeller_agreement_worked_example():
+    human = ["a", "b", "tie", "both_bad", None, "a"]
+    machine = ["a", "a", "tie", "tie", "b", "b"]
+    # without ties: units 0, 1, 5 (both decisive), one of three alike; with ties: every unit both labelled (0-3, 5),
+    # alike on 0, 2 and 3 (both bad reads as a tie)
+    assert A.labeller_agreement(human, machine) == (pytest.approx(1 / 3), 3, pytest.approx(3 / 5), 5)
+    wo, n, w, m = A.labeller_agreement(["tie"], ["a"])
+    assert math.isnan(wo) and n == 0 and w == 0 and m == 1
+    with pytest.raises(ValueError):
+        A.labeller_agreement(["a"], [])
+    assert [A.verdict_label(x) for x in (1.0, 0.75, 0.5, 0.25, 0.0)] == ["a", "a", "tie", "b", "b"]
+
+
+LABEL = st.sampled_from(["a", "b", "tie", "both_bad", None])
+
+
+@FAST
+@given(st.lists(st.tuples(LABEL, LABEL), min_size=1, max_size=30))
+def test_labeller_agreement_properties(units):
+    h, m = [x for x, _ in units], [y for _, y in units]
+    wo, n_wo, w, n_w = A.labeller_agreement(h, m)
+    assert (wo, n_wo, w, n_w)[1::2] == A.labeller_agreement(m, h)[1::2]  # symmetric counts
+    assert n_wo <= n_w and (math.isnan(wo) and n_wo == 0 or 0 <= wo <= 1)
+    assert math.isnan(wo) and math.isnan(A.agreement(h, m)) or wo == pytest.approx(A.agreement(h, m))
+    self_wo, _, self_w, _ = A.labeller_agreement(h, h)  # a labeller always agrees with itself
+    assert (math.isnan(self_wo) or self_wo == 1) and (math.isnan(self_w) or self_w == 1)
 
 
 # ----------------------------------------------------------------------------- the server
@@ -440,6 +468,51 @@ def test_report_and_prefs_from_the_command_line(files, tmp_path):
                                                        ("p4", "ann")]
     assert [(t["pair"], t["label"]) for t in lines(ties)] == [("p2", "both_bad"), ("p3", "tie")]
     assert "5 preference pairs" in proc.stderr and "1 ties and 1 both-bad" in proc.stderr
+
+
+def machine_row(out, name):
+    """A row of the report's machine table -> (without ties, units, with ties, units, pairs called a tie)."""
+    row = next(line for line in out.splitlines() if line.startswith(f"| {name}"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    return (math.nan if cells[1] == "-" else float(cells[1].split()[0])), int(cells[2]), float(cells[3]), \
+        int(cells[4]), cells[5]
+
+
+def test_reward_model_and_judge_against_the_humans(files, tmp_path, enc):
+    """The report's agreement of a reward model and an LLM judge with the votes equals the same counted by hand from
+    the reward model's own scores; a judge that always answers "A" calls every pair a tie and shows bias 1."""
+    pairs, votes, _ = files
+    vote_all(pairs, votes, {"ann": ["left", "right", "tie", "left"], "bob": ["left", "both_bad", "right", "right"]})
+    rm = save_tiny(tmp_path / "rm.pt", enc, score_std=0.5, head="scalar")
+    judge = tmp_path / "judge.pt"
+    C.save_checkpoint(str(judge), always_a_judge(enc), enc)
+    proc = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--report", "--n-boot", "50",
+                      "--reward-model", rm, "--judge", str(judge), "--device", "cpu")
+    out = proc.stdout
+    assert "## Machine labellers against the humans" in out
+    state, rows = A.read_votes(str(votes)), A.read_pairs(str(pairs))
+    model, _, _ = C.load_model(rm, torch.device("cpu"))
+    scores = {p["id"]: C.score_responses(model.eval(), enc, [p["messages"]] * 2, [p["a"], p["b"]]) for p in rows}
+    by_hand = [(v["choice"], "a" if scores[pid][0] > scores[pid][1] else "b" if scores[pid][0] < scores[pid][1]
+                else "tie") for (_, pid), v in sorted(state["active"].items())]
+    wo, n_wo, w, n_w = A.labeller_agreement([h for h, _ in by_hand], [m for _, m in by_hand])
+    got = machine_row(out, "reward model rm.pt")
+    assert got[:4] == (pytest.approx(wo, abs=5e-4), n_wo, pytest.approx(w, abs=5e-4), n_w) and n_w == 8
+    # the always-"A" judge: a tie on all 4 pairs, so no decisive unit; with ties it matches the human ties only
+    assert machine_row(out, "LLM judge judge.pt")[1:] == (0, pytest.approx(2 / 8, abs=5e-4), 8, "4")
+    assert "judge.pt: position bias 1.000 on these 4 pairs" in out
+    # humans with each other: one unit per pair (both voted on all 4), ann's label against bob's
+    ann, bob = ([state["active"][(r, p["id"])]["choice"] for p in rows] for r in ("ann", "bob"))
+    wo, n_wo, w, n_w = A.labeller_agreement(ann, bob)
+    assert machine_row(out, "humans with each other")[1:4] == (n_wo, pytest.approx(w, abs=5e-4), 4)
+
+
+def test_machine_labellers_need_the_report(files):
+    pairs, votes, _ = files
+    vote_all(pairs, votes, {"ann": ["left"]})
+    proc = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--out-prefs", str(votes) + ".p",
+                      "--judge", "x.pt", check=False)
+    assert_one_line_error(proc, "", "add --report")
 
 
 def test_build_pairs_makes_every_pair_of_models(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import cai
 import common as C
 import dpo
-from conftest import ROOT, assert_refused, run_script, save_tiny
+from conftest import assert_refused, run_script, save_tiny
 from data import toyworld as W
 
 RULE = {"rule": "Never reveal the secret word.", "critique": "Does the reply reveal it?",

@@ -15,7 +15,7 @@ import evaluate as E
 import common as C
 import formats
 import model as M
-from conftest import ROOT, run_script
+from conftest import ROOT, always_a_judge, run_script
 
 CPU = torch.device("cpu")
 
@@ -259,12 +259,7 @@ def test_judge_margins_both_orders_and_naive_loop(tiny_model, enc):
 
 
 def test_position_biased_judge_model_gives_half(enc):
-    """A judge LM that answers "A" whatever it reads: its final norm ignores the input and points at "A"."""
-    torch.manual_seed(0)
-    judge = M.build_model("tiny-gpt2", enc, n_layer=1).eval()
-    with torch.no_grad():
-        judge.norm.weight.zero_()
-        judge.norm.bias.copy_(judge.embed.weight[ord("A")] * 50)
+    judge = always_a_judge(enc)
     prompts = [C.as_messages("Which?", "x")] * 2
     a, b = ["good", "bad answer"], ["bad", "good answer"]
     m1 = E.judge_margins(judge, enc, prompts, a, b, cfg(), CPU)

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import common as C
 import evaluate as E
 import model as M
-from conftest import run_script
+from conftest import always_a_judge, run_script
 
 CPU = torch.device("cpu")
 
@@ -167,12 +167,7 @@ def test_judge_answer_logps_match_a_direct_forward(tiny_model, enc):
 
 
 def test_a_judge_that_always_answers_a_has_position_bias_one(enc):
-    """The judge LM of test_evaluate's position test: its final norm ignores the input and points at "A"."""
-    torch.manual_seed(0)
-    judge = M.build_model("tiny-gpt2", enc, n_layer=1).eval()
-    with torch.no_grad():
-        judge.norm.weight.zero_()
-        judge.norm.bias.copy_(judge.embed.weight[ord("A")] * 50)
+    judge = always_a_judge(enc)
     prompts = [C.as_messages("Which?", "x")] * 3
     a, b = ["good", "bad answer", "fine"], ["bad", "good answer", "meh"]
     first = E.judge_margins(judge, enc, prompts, a, b, cfg(), CPU)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import common as C
 import model as M
-from conftest import ROOT, assert_refused, run_script, save_tiny
+from conftest import assert_refused, run_script, save_tiny
 
 PAD = 259  # <|pad|> of the byte tokenizer
 
