@@ -36,7 +36,8 @@ the same for every checkpoint. Prompts longer than max_seq_len - --max-new-token
 --best-of N samples N responses per --data / --redteam prompt of each --model and keeps the one --best-by scores
 highest (a file.py:fn verifier or a reward-model checkpoint); every metric of that row is then the best-of-N
 policy's. --baseline responses stay plain. Its KL to --model is kl_bon, not kl_ref (so no --ref with it).
---limit N evaluates the first N records of each file (raw text: the first N windows).
+--limit N evaluates the first N records of each file (raw text: the first N windows). --responses FILE keeps every
+model's --data responses, one line per prompt, for `arena.py --build-pairs` (human raters) or any later scorer.
 
 Departures: exact_match keeps case and articles (SQuAD's rule drops them; upper-casing is a task); multiple
 choice tokenizes context and choice separately, not jointly (identical for the byte tokenizer); --suite shots are
@@ -117,6 +118,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     out: str = ""  # JSON results file (atomic write); the markdown table always goes to stdout
+    responses: str = ""  # JSONL {"prompt", "responses": {model: text}}, one line per --data prompt (arena.py's
+    # --build-pairs input: the models' responses side by side for human raters), written atomically
 
 
 COLUMNS = ["ppl", "bpb", "exact_match", "contains", "accuracy", "gold_reward", "safety", "mc_acc", "mc_acc_norm",
@@ -937,8 +940,8 @@ def check_flags(cfg):
          "win rate needs --baseline and one judge (--reward-model or --judge); --judge alone needs --judge-grades"),
         (cfg.judge_grades and not cfg.judge, "--judge-grades needs --judge CKPT, a language model to grade with"),
         (cfg.judge_grades and not (cfg.data or cfg.redteam), "--judge-grades grades --data and --redteam: give one"),
-        (bool(cfg.baseline or cfg.ref or cfg.scorer or cfg.correct or cfg.cot) and not cfg.data,
-         "--baseline, --ref, --scorer, --correct and --cot work on --data prompts: give --data"),
+        (bool(cfg.baseline or cfg.ref or cfg.scorer or cfg.correct or cfg.cot or cfg.responses) and not cfg.data,
+         "--baseline, --ref, --scorer, --correct, --cot and --responses work on --data prompts: give --data"),
         (bool(cfg.safety) and not cfg.redteam or bool(cfg.redteam) and not (cfg.safety or cfg.judge_grades),
          "safety needs both --redteam prompts and a --safety function (or --judge-grades to grade them)"),
         (cfg.shots < 0 or (cfg.shots_data and not cfg.shots), "--shots must be >= 0 (and > 0 with --shots-data)"),
@@ -1031,7 +1034,7 @@ def main(argv=None):
         best_by = load(cfg.best_by, device, "scalar")  # (reward model, its tokenizer)
     each = f" x {cfg.best_of} (best of {cfg.best_of} by {cfg.best_by})" if cfg.best_of > 1 else ""
 
-    rows = []
+    rows, kept = [], [{"prompt": r["prompt"], "responses": {}} for r in data]  # kept: --responses
     for path in paths:
         resident = 0  # bytes already held (ref, judge) before this checkpoint: not its footprint
         if device.type == "cuda":
@@ -1045,6 +1048,8 @@ def main(argv=None):
             log(f"{path}: generating {len(prompts)}{each} responses to {cfg.data}")
             originals = [r["prompt"] for r in data]
             texts, prompt_ids, responses = policy_responses(model, enc, prompts, originals, best_by, cfg, device)
+            for k, t in zip(kept, texts):
+                k["responses"][path] = t
             if answered:
                 row["exact_match"] = sum(exact_match(texts[i], a) for i, a in answered) / len(answered)
                 row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
@@ -1113,6 +1118,9 @@ def main(argv=None):
         payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
         C.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
         log(f"wrote {cfg.out}")
+    if cfg.responses:
+        C.write_jsonl(cfg.responses, kept)
+        log(f"wrote {cfg.responses}: {len(paths)} models' responses to {len(kept)} prompts")
 
 
 if __name__ == "__main__":

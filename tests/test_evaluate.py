@@ -346,7 +346,8 @@ def test_script_on_the_built_in_world(tiny_ckpts, toy_dir, tmp_path):
                       "--scorer", f"{world}:gold_reward", "--correct", f"{world}:is_correct",
                       "--safety", f"{world}:is_safe", "--baseline", tiny_ckpts["a"], "--reward-model",
                       tiny_ckpts["rm"], "--ref", tiny_ckpts["a"], "--limit", "3", "--max-new-tokens", "8",
-                      "--speed-prompt-len", "16", "--speed-new-tokens", "4", "--out", str(out))
+                      "--speed-prompt-len", "16", "--speed-new-tokens", "4", "--out", str(out),
+                      "--responses", str(tmp_path / "responses.jsonl"))
     results = json.loads(out.read_text())
     assert [r["model"] for r in results["results"]] == [tiny_ckpts["a"], tiny_ckpts["b"]]
     assert set(results["results"][0]) == {"model", *E.COLUMNS} - {"best_of", "kl_bon"}  # those: --best-of
@@ -358,6 +359,17 @@ def test_script_on_the_built_in_world(tiny_ckpts, toy_dir, tmp_path):
     table = proc.stdout.strip().splitlines()
     assert table[0].startswith("| model | ppl | bpb | exact_match") and len(table) == 4
     assert table[2].startswith(f"| {tiny_ckpts['a']} |")
+
+    # --responses: the very responses the row was scored on (gold_reward again from them), arena.py's input
+    kept = C.read_jsonl(str(tmp_path / "responses.jsonl"), "prompt")
+    assert [k["prompt"] for k in kept] == [r["prompt"] for r in C.read_jsonl(f"{toy_dir}/eval.jsonl", "prompt")[:3]]
+    gold_reward = C.load_function(f"{world}:gold_reward")
+    for row in results["results"]:
+        gold = [gold_reward(k["prompt"], k["responses"][row["model"]]) for k in kept]
+        assert row["gold_reward"] == pytest.approx(sum(gold) / len(gold), abs=1e-9)
+    run_script("arena.py", "--build-pairs", str(tmp_path / "responses.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
+    pairs = C.read_jsonl(str(tmp_path / "p.jsonl"), "prompt")
+    assert len(pairs) == 3 and {(p["model_a"], p["model_b"]) for p in pairs} == {tuple(sorted(tiny_ckpts[x] for x in "ab"))}
 
 
 def test_script_prompting_variants_and_judge(tiny_ckpts, toy_dir, tmp_path):
