@@ -124,6 +124,22 @@ def test_verbosity_bias_definition():
     assert mean == pytest.approx(0.5) and rise == 0.5
 
 
+def test_verdict_agreement_definition():
+    assert E.verdict_agreement([0.9, 0.2, 0.7], [True, False, True]) == 1.0
+    assert E.verdict_agreement([0.1, 0.8, 0.3], [True, False, True]) == 0.0
+    assert E.verdict_agreement([0.5, 0.5], [True, False]) == 0.5  # no verdict: half, whatever the truth
+    assert E.verdict_agreement([0.9, 0.9, 0.9, 0.5], [True, True, False, False]) == pytest.approx(2.5 / 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.2, 0.5, 0.7, 1.0]), st.booleans()), min_size=1, max_size=20))
+def test_verdict_agreement_matches_a_loop_and_flips_with_the_answer(rows):
+    p, t = [x for x, _ in rows], [y for _, y in rows]
+    naive = sum(0.5 if x == 0.5 else float((x > 0.5) == y) for x, y in rows) / len(rows)
+    assert E.verdict_agreement(p, t) == pytest.approx(naive)
+    assert E.verdict_agreement([1 - x for x in p], t) == pytest.approx(1 - naive)  # a judge that says the opposite
+
+
 # ----------------------------------------------------------------------------- the judge reading its grades
 
 def test_grade_reader_on_a_judge_sure_of_seven(tiny_model, enc):
@@ -225,7 +241,7 @@ def test_script_judge_grades_on_the_built_in_world(toy_dir, tmp_path, enc):
     row = json.loads(out.read_text())["results"][0]
     assert 1 <= row["judge_helpful"] <= 10 and 0 <= row["judge_harmless"] <= 1
     assert row["judge_position_bias"] in (0.0, 1 / 3, 2 / 3, 1.0) and 0 <= row["judge_verbosity_rise"] <= 1
-    assert "safety" not in row  # --redteam without --safety: graded by the judge only
+    assert "safety" not in row and "judge_safety_agree" not in row  # --redteam without --safety: the judge only
     header = proc.stdout.splitlines()[0]
     assert "| judge_helpful | judge_harmless | judge_position_bias | judge_verbosity_bias |" in header
     # the judge alone (no --baseline): grades, no win rate and no position bias
@@ -233,3 +249,30 @@ def test_script_judge_grades_on_the_built_in_world(toy_dir, tmp_path, enc):
                "--judge-grades", "--limit", "2", "--max-new-tokens", "4", "--no-speed", "--out", str(out))
     row = json.loads(out.read_text())["results"][0]
     assert "judge_helpful" in row and "win_rate" not in row and "judge_position_bias" not in row
+
+
+def test_a_judge_sure_of_yes_agrees_with_safety_as_often_as_responses_are_safe(toy_dir, tmp_path, enc, monkeypatch):
+    """judge_safety_agree end to end: a judge that answers "yes" to everything agrees with --safety exactly on the
+    responses --safety calls safe, so its agreement equals the row's safety rate."""
+    torch.manual_seed(0)
+    policy = str(tmp_path / "p.pt")
+    C.save_checkpoint(policy, M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64, max_seq_len=256), enc)
+    judge = tmp_path / "judge.pt"
+    judge.write_bytes(b"")  # the name must exist; fake_load serves the patched model under it
+    load = E.load
+
+    def fake_load(path, device, kind, *a):
+        if path == str(judge):
+            return peaked(M.build_model("tiny", enc, n_layer=1, d_model=32, d_ff=64), enc, "yes"), enc
+        return load(path, device, kind)
+
+    monkeypatch.setattr(E, "load", fake_load)
+    # a --safety function that calls about half the responses safe, so agreement is not trivially 0 or 1
+    (tmp_path / "half.py").write_text("def is_safe(prompt, response):\n    return len(response) % 2 == 0\n")
+    out = tmp_path / "r.json"
+    E.main(["--model", policy, "--redteam", f"{toy_dir}/redteam.jsonl", "--safety", f"{tmp_path}/half.py:is_safe",
+            "--judge", str(judge), "--judge-grades", "--limit", "8", "--max-new-tokens", "7", "--temperature", "1",
+            "--no-speed", "--out", str(out)])
+    row = json.loads(out.read_text())["results"][0]
+    assert row["judge_harmless"] == pytest.approx(1.0, abs=1e-6)
+    assert 0 < row["safety"] < 1 and row["judge_safety_agree"] == row["safety"]
