@@ -36,9 +36,14 @@ Files:
            {"prompt", "responses": {"model": text, ...}} rows: every pair of models per prompt, rows shuffled
   votes    {"type": "vote", "rater", "pair", "choice": "a" | "b" | "tie" | "both_bad", "button": "left" | "right" |
            "tie" | "both_bad", "left": "a" | "b" (the response shown on the left), "ratings": {criterion: {"a": 1-7,
-           "b": 1-7}}, "time"} and {"type": "undo", "rater", "pair", "time"} (the rater's latest vote, on that pair)
+           "b": 1-7}}, "time"} and {"type": "undo", "rater", "pair", "time"} (the rater's latest vote, on that pair);
+           a --vote-by vote has "button": "function" and the two "scores": {"a": x, "b": y}
   prefs    {"prompt", "chosen", "rejected", "pair", "rater"}: one row per decisive vote (raters who disagree give
            opposite rows, each a human label, as in HH-RLHF); ties and both-bad go to --out-ties or are counted
+
+--vote-by file.py:fn makes a function a rater: fn(prompt, response) scores both responses of every pair and the
+higher score wins (`function_votes`). With a known truth (a verifier, the built-in world's gold reward) as that
+rater, the report's agreement of a judge or a reward model with it is their accuracy against the truth.
 
 With --reward-model and / or --judge the report also sets each machine labeller's verdict on every voted pair
 beside the humans' votes: the reward model prefers the response it scores higher; the judge (evaluate.py's,
@@ -60,6 +65,9 @@ supported. Pairs are served in file order (every rater sees the same sequence; -
     python arena.py --pairs out/arena/pairs.jsonl --votes out/arena/votes.jsonl --report \\
         --reward-model out/rm.pt --judge out/sft.pt              # ... and how far the machines agree with them
     python reward.py --model out/sft.pt --data out/arena/prefs.jsonl --out out/rm_human.pt
+    python arena.py --build-pairs data/toy/prefs.jsonl --pairs out/judge/pairs.jsonl      # preference rows re-labelled
+    python arena.py --pairs out/judge/pairs.jsonl --votes out/judge/votes.jsonl --vote-by data/toyworld.py:gold_reward \
+        --report --judge smollm2.gguf              # the judge against the world's gold reward (scripts/judge_real.sh)
 No GPU and no torchrun: the statistics are small.
 """
 
@@ -97,6 +105,8 @@ class Config:
     report: bool = False  # print the markdown leaderboard, win rates and inter-rater agreement
     out_prefs: str = ""  # write the decisive votes as preference JSONL {"prompt", "chosen", "rejected"}
     out_ties: str = ""  # write ties and both-bad votes here ({"prompt", "a", "b", "label", ...}); else only counted
+    vote_by: str = ""  # file.py:fn(prompt, response) -> score: votes on every pair as rater --rater (default the
+    # function's name), the higher score winning, appended to --votes (pairs the rater voted on are kept)
     reward_model: str = ""  # with --report: a scalar-head checkpoint's verdicts (higher score wins) set beside the humans'
     judge: str = ""  # with --report: an LM checkpoint judging each pair in both orders (evaluate.py's judge)
     batch_size: int = 8  # sequences per forward of --reward-model / --judge
@@ -373,15 +383,19 @@ def read_pairs(path):
 
 def build_pairs(path, seed):
     """{"prompt", "responses": {model: text}} rows -> every pair of models per prompt (models in sorted order,
-    so model_a < model_b), the rows shuffled by seed (raters then meet the models mixed)."""
+    so model_a < model_b), the rows shuffled by seed (raters then meet the models mixed). A preference row
+    {"prompt", "chosen", "rejected"} (reward.py's and dpo.py's data) is read as the responses of two "models",
+    chosen and rejected: its pair asks raters, or --vote-by, to label it again."""
     out = []
     for where, row in read_rows(path):
         if "prompt" not in row:
             raise M.UserError(f"{where}: missing field 'prompt'")
         C.as_messages(row["prompt"], where)
-        resp = row.get("responses")
+        is_pref = "responses" not in row and "chosen" in row and "rejected" in row
+        resp = {"chosen": row["chosen"], "rejected": row["rejected"]} if is_pref else row.get("responses")
         if not isinstance(resp, dict) or len(resp) < 2 or not all(isinstance(v, str) for v in resp.values()):
-            raise M.UserError(f"{where}: 'responses' must map two or more model names to response strings")
+            raise M.UserError(f"{where}: 'responses' must map two or more model names to response strings "
+                              "(or give 'chosen' and 'rejected' strings)")
         for ma, mb in itertools.combinations(sorted(resp), 2):
             r = {"prompt": row["prompt"], "a": resp[ma], "b": resp[mb], "model_a": ma, "model_b": mb}
             out.append({"id": pair_id(r), **r})
@@ -474,6 +488,20 @@ def append_record(path, rec):
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def function_votes(pairs, state, fn, spec, rater):
+    """Votes of a function rater: fn(prompt, response) -> a score (a verifier, a gold reward) for each response of
+    every pair `rater` has not voted on yet -> vote records: the higher score wins, equal scores tie. A known truth
+    standing in for people (a simulated rater): a judge's or a reward model's agreement with it, in --report, is
+    their accuracy against that truth, measured the way their agreement with people is."""
+    todo = [p for p in pairs if (rater, p["id"]) not in state["active"]]
+    prompts = [p["prompt"] for p in todo]
+    sa = C.call_user(fn, spec, prompts, [p["a"] for p in todo])
+    sb = C.call_user(fn, spec, prompts, [p["b"] for p in todo])
+    return [{"type": "vote", "rater": rater, "pair": p["id"], "choice": "a" if x > y else "b" if y > x else "tie",
+             "button": "function", "left": "a", "ratings": {}, "scores": {"a": x, "b": y}, "time": time.time()}
+            for p, x, y in zip(todo, sa, sb)]
 
 
 def preference_rows(pairs, state):
@@ -974,6 +1002,22 @@ def main(argv=None):
         finally:
             server.server_close()
         return
+    if cfg.vote_by:
+        if not cfg.votes:
+            raise M.UserError("--vote-by needs --votes FILE to append its votes to")
+        fn = C.load_function(cfg.vote_by, "--vote-by")
+        rater = cfg.rater or cfg.vote_by.rpartition(":")[2]
+        if not RATER_NAME.match(rater):
+            raise M.UserError(f"--rater {rater!r}: a rater name is 1-64 letters, digits, spaces or . @ + - _")
+        pairs = read_pairs(cfg.pairs)
+        recs = function_votes(pairs, read_votes(cfg.votes, pairs, repair=True), fn, cfg.vote_by, rater)
+        for rec in recs:
+            append_record(cfg.votes, rec)
+        print(f"{cfg.votes}: {len(recs)} votes by {rater} ({cfg.vote_by}): "
+              f"{sum(r['choice'] == 'a' for r in recs)} a, {sum(r['choice'] == 'b' for r in recs)} b, "
+              f"{sum(r['choice'] == 'tie' for r in recs)} ties", file=sys.stderr)
+        if not (cfg.report or cfg.out_prefs or cfg.out_ties):
+            return
     if (cfg.reward_model or cfg.judge) and not cfg.report:
         raise M.UserError("--reward-model and --judge are set beside the votes in --report: add --report")
     if cfg.batch_size < 1:

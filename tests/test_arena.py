@@ -528,6 +528,44 @@ def test_build_pairs_makes_every_pair_of_models(tmp_path):
     assert all(p["a"] == p["model_a"] + p["prompt"][1:] for p in pairs)
 
 
+def test_a_function_rater_labels_preference_rows_and_a_judge_is_measured_against_it(tmp_path, enc):
+    """--build-pairs on preference rows, --vote-by a length function (the longer response wins): every pair gets
+    exactly the vote the function gives by hand, a rerun adds none, and --report sets a reward model against it
+    with the agreement counted by hand (a function rater stands where a person would)."""
+    src = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "x" * (i % 3 + 1), "rejected": "yy"} for i in range(6)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, votes = tmp_path / "pairs.jsonl", tmp_path / "votes.jsonl"
+    run_script("arena.py", "--build-pairs", str(src), "--pairs", str(pairs))
+    got = A.read_pairs(str(pairs))
+    assert sorted((p["prompt"], p["model_a"], p["a"], p["b"]) for p in got) == [
+        (r["prompt"], "chosen", r["chosen"], r["rejected"]) for r in rows]
+    (tmp_path / "score.py").write_text("def longer(prompt, response):\n    return len(response)\n")
+    fn = f"{tmp_path}/score.py:longer"
+    proc = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--vote-by", fn)
+    assert "6 votes by longer" in proc.stderr and "2 a, 2 b, 2 ties" in proc.stderr
+    want = {p["id"]: "a" if len(p["a"]) > len(p["b"]) else "b" if len(p["a"]) < len(p["b"]) else "tie" for p in got}
+    state = A.read_votes(str(votes), got)
+    assert {pid: v["choice"] for (r, pid), v in state["active"].items() if r == "longer"} == want
+    run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--vote-by", fn, "--rater", "len")
+    run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--vote-by", fn, "--rater", "len")
+    assert len(lines(votes)) == 12  # a second rater name votes again; its rerun adds nothing
+    rm = save_tiny(tmp_path / "rm.pt", enc, score_std=0.5, head="scalar")
+    out = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--vote-by", fn, "--report",
+                     "--n-boot", "50", "--reward-model", rm, "--device", "cpu").stdout
+    model, _, _ = C.load_model(rm, torch.device("cpu"))
+    s = {p["id"]: C.score_responses(model.eval(), enc, [p["messages"]] * 2, [p["a"], p["b"]]) for p in got}
+    mine = {pid: "a" if x > y else "b" if x < y else "tie" for pid, (x, y) in s.items()}
+    human = [want[p["id"]] for p in got for _ in ("longer", "len")]
+    wo, n_wo, w, n_w = A.labeller_agreement(human, [mine[p["id"]] for p in got for _ in ("longer", "len")])
+    assert machine_row(out, "reward model rm.pt")[:4] == (pytest.approx(wo, abs=5e-4), n_wo,
+                                                          pytest.approx(w, abs=5e-4), n_w)
+    assert machine_row(out, "humans with each other")[1:4] == (4, 1.0, 6)  # two copies of one function agree
+    bad = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--vote-by", fn, "--rater", "<x>",
+                     check=False)
+    assert_one_line_error(bad, "", "a rater name is")
+
+
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "q", "a": "x", "b": "y", "model_a": "m"}, "'model_b'"),
     ({"prompt": "q", "a": "x", "b": "y", "model_a": "m", "model_b": "m"}, "two models"),
