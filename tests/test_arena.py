@@ -614,9 +614,10 @@ def test_help_lists_every_field():
 
 
 @pytest.mark.slow
-def test_the_page_in_headless_chromium(tmp_path):
-    """make arena-browser: Debian's chromium driven by playwright votes with the keyboard, undoes, rates a criterion,
-    and leaves a screenshot in out/arena/screenshot.png."""
+def test_the_page_in_headless_chromium(tmp_path, enc):
+    """make arena-browser: Debian's chromium driven by playwright votes with the keyboard, undoes, rates a criterion
+    and leaves a screenshot in out/arena/screenshot.png; the server (the real command) is killed with SIGKILL after
+    two votes, a new one resumes the page at the third pair, and the votes then train reward.py."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -624,14 +625,26 @@ def test_the_page_in_headless_chromium(tmp_path):
     pairs, votes, criteria = tmp_path / "pairs.jsonl", tmp_path / "votes.jsonl", tmp_path / "criteria.txt"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows()))
     criteria.write_text("helpful\ncorrect\n")
-    srv = Server(pairs, votes, criteria_path=str(criteria))
+
+    def serve():
+        proc = subprocess.Popen([sys.executable, "arena.py", "--serve", "--pairs", str(pairs), "--votes", str(votes),
+                                 "--criteria", str(criteria), "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
+        return proc, re.search(r"http://[^/]+", proc.stdout.readline()).group(0)
+
+    def kill(proc):
+        proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
     dialogs = []
+    proc, url = serve()
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(srv.url + "/?rater=ann")
+            page.goto(url + "/?rater=ann")
             page.wait_for_selector("#progress:has-text('0 of 4')")
             page.keyboard.press("1")  # p1: left is better
             page.wait_for_selector("#progress:has-text('1 of 4')")
@@ -646,16 +659,30 @@ def test_the_page_in_headless_chromium(tmp_path):
             page.wait_for_selector("#progress:has-text('1 of 4')")
             page.keyboard.press("2")  # p2 again: tie
             page.wait_for_selector("#progress:has-text('2 of 4')")
+            kill(proc)  # mid-session: every vote given must already be on disk
+            assert [(r["type"], r["pair"]) for r in lines(votes)] == [("vote", "p1"), ("vote", "p2"),
+                                                                       ("undo", "p2"), ("vote", "p2")]
+            proc, url = serve()
+            page.goto(url + "/?rater=ann")  # the new server puts ann where she was
+            page.wait_for_selector("#progress:has-text('2 of 4')")
             page.keyboard.press("ArrowUp")  # p3: both bad
             page.wait_for_selector("#progress:has-text('3 of 4')")
             page.click("button[data-vote='right']")  # p4 by mouse
             page.wait_for_selector("#done", state="visible")
             browser.close()
     finally:
-        srv.stop()
+        kill(proc)
     assert dialogs == []  # alert(1) never ran
     rec = lines(votes)
     assert [(r["type"], r["pair"]) for r in rec] == [("vote", "p1"), ("vote", "p2"), ("undo", "p2"), ("vote", "p2"),
                                                      ("vote", "p3"), ("vote", "p4")]
     assert [r.get("button") for r in rec] == ["left", "right", None, "tie", "both_bad", "right"]
     assert rec[1]["ratings"] == {"helpful": {rec[1]["left"]: 6}}
+    # the page's votes as preference pairs train reward.py (p1 and p4 decisive; p2's tie and p3's both-bad left out)
+    prefs, log = tmp_path / "prefs.jsonl", tmp_path / "log.jsonl"
+    run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--out-prefs", str(prefs))
+    assert [r["pair"] for r in C.read_jsonl(str(prefs), "pref")] == ["p1", "p4"]
+    run_script("reward.py", "--model", save_tiny(tmp_path / "init.pt", enc), "--data", str(prefs), "--out",
+               str(tmp_path / "rm.pt"), "--steps", "2", "--batch-size", "2", "--seq-len", "128", "--eval-frac", "0",
+               "--warmup", "0", "--log", str(log), env={"OMP_NUM_THREADS": "1"})
+    assert [r["step"] for r in lines(log)] == [1, 2] and all(math.isfinite(r["loss"]) for r in lines(log))
