@@ -1180,7 +1180,8 @@ def resume_and_peft(model, cfg, train_also=()):
         raise UserError("--rslora scales LoRA / DoRA adapters: give --lora-rank or --peft lora / dora")
     state, step = None, 0
     if resume:
-        ckpt = load_checkpoint(resume)
+        import parallel  # a sharded checkpoint's tensors load after sharding, in wrap_for_training
+        ckpt = parallel.read_meta(resume) if parallel.is_dcp(resume) else load_checkpoint(resume)
         state, step = ckpt.get("train_state"), ckpt.get("step")
         if not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool):
             raise UserError(f"{resume}: no train_state and step to resume from (not written by a training script?)")
@@ -1193,7 +1194,10 @@ def resume_and_peft(model, cfg, train_also=()):
         raise UserError(f"the model is quantised ({quant['format']}): its packed weights do not train; train LoRA "
                         "adapters over it (--lora-rank 16), as QLoRA does")
     try:  # a checkpoint of another run (other sizes, other --lora-rank) does not fit: say so, not a traceback
-        if resume and not kind:
+        sharded = state is not None and "dcp" in state
+        if kind and sharded:
+            raise UserError(f"{resume}: a sharded checkpoint of full training; adapters resume from the .pt file")
+        if resume and not kind and not sharded:
             tied = {"lm_head.weight": ckpt["model"]["embed.weight"]} if shares_head(model.cfg) else {}
             model.load_state_dict({**tied, **ckpt["model"]})  # a tied head is saved once, as the embedding
         apply_peft(model, kind, rank, cfg.lora_alpha, dropout, rslora, getattr(cfg, "peft_len", 0))
@@ -1268,22 +1272,35 @@ def load_adapter(ckpt, path, device="cpu", head=None, base=None):
 
 
 def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-8):
-    """AdamW (restored from a resumed train_state[key], the RNG with it), then DDP and torch.compile as cfg asks.
+    """AdamW (restored from a resumed train_state[key], the RNG with it), then DDP and torch.compile as cfg asks;
+    --fsdp shards the model first and --offload-activations moves what backward keeps to the CPU (parallel.py).
     Returns (the module to call, the raw module to save, the optimiser). A second model (ppo.py's critic) is
     wrapped by a second call with its own key; restoring the RNG again sets the same state."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+    import parallel as P
+    fsdp = getattr(cfg, "fsdp", False)
+    if fsdp:  # --fsdp: sharded before the optimiser is made, which then holds (and steps) the shards
+        P.check_fsdp(model, cfg)
+        P.shard(model, device, cfg.dtype)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, eps=eps)
     if weight_masks(model):  # a pruned model stays pruned: its zeros restored after every step
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
     if state is not None:
         try:
-            optimizer.load_state_dict(state[key])
+            if "dcp" in state and key == "optimizer":  # a sharded checkpoint (parallel.py): weights and optimiser
+                P.load_dcp(state["dcp"], model, optimizer)
+            elif P.fsdp_modules(model):
+                P.load_full_optimizer(model, optimizer, state[key])
+            else:
+                optimizer.load_state_dict(state[key])
             set_rng_state(state["rng"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"--resume: its optimiser state does not fit this model ({' '.join(str(e).split())[:120]})")
     raw = model
-    if world > 1:
+    if world > 1 and not fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if getattr(cfg, "offload_activations", False):
+        P.offload_activations(raw)
     if cfg.compile:
         model = torch.compile(model)
     return model, raw, optimizer
@@ -1300,6 +1317,9 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
     """The checkpoint of a training run after `step` steps: the weights (LoRA merged in) and the train_state
     --resume reads (optimiser, RNG, data position, LoRA adapters, plus `extra`), written by rank 0 only.
     -> "path (step n)", what a later error names as the last good checkpoint."""
+    if getattr(cfg, "fsdp", False):  # every rank writes its shards (parallel.py), rank 0 the gathered file
+        import parallel
+        return parallel.save_fsdp(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra)
     if rank == 0:
         train_state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data_position": step, **(extra or {})}
         if peft_kind(cfg):

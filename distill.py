@@ -121,6 +121,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the student
     grad_checkpointing: bool = False  # recompute the student's activations in backward to save memory
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state over ranks (parallel.py)
     lora_rank: int = 0  # LoRA rank for the student (0 = full fine-tuning)
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
@@ -401,7 +403,9 @@ def check_flags(cfg):
               (cfg.format == "chat" or not (cfg.lmbda or cfg.seq_kd),
                "--lmbda and --seq-kd answer prompts: they need chats (--format chat)"),
               (cfg.seq_len - cfg.max_new_tokens >= 8 or not (cfg.lmbda or cfg.seq_kd),
-               f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --seq-len {cfg.seq_len}")]
+               f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --seq-len {cfg.seq_len}"),
+              (not (cfg.fsdp and cfg.hidden_layers), "--fsdp shards the student alone: --hidden-layers' projection "
+               "trains with DDP (torchrun without --fsdp)")]
     for ok, message in checks:
         if not ok:
             raise M.UserError(message)

@@ -39,6 +39,7 @@ response is its content and `<|im_end|>` (common.render_response); TRL, templati
     python dpo.py --model out/sft.pt --lora-rank 16 --lr 1e-3 --out out/dpo_lora.pt                # LoRA
     python dpo.py --model out/sft.pt --out out/dpo.pt --device cuda                                # one GPU, bf16
     torchrun --nproc_per_node=2 dpo.py --model out/sft.pt --out out/dpo.pt                         # DDP
+    torchrun --nproc_per_node=2 dpo.py --fsdp --model out/sft.pt --out out/dpo.pt   # FSDP2, shards in out/dpo.dcp/
     torchrun --nproc_per_node=2 dpo.py -- --log out/dpo.log.jsonl   # `--` first, or torchrun reads --log as its own
     python dpo.py --model out/sft.pt --out out/dpo.pt --resume out/dpo.pt --steps 400              # continue
 """
@@ -88,6 +89,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state over ranks (parallel.py)
     lora_rank: int = 0  # LoRA rank (0 = full fine-tuning); the adapter-disabled model is the reference
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch

@@ -106,6 +106,8 @@ class Config:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the training forward passes
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2: not in ppo.py (policy, critic and their sampling would each need it); use DDP
     compile_decode: bool = False  # torch.compile the rollouts' one-token decode step (model.generate(compile=True))
     lora_rank: int = 0  # LoRA rank for the policy (0 = full fine-tuning); the reference is then the base
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
@@ -385,6 +387,8 @@ def check_flags(cfg):
         if value not in options:
             raise M.UserError(f"--{flag} {value!r}: choose {', '.join(options)}")
 
+    if cfg.fsdp:
+        raise M.UserError("--fsdp is not supported by ppo.py (sampling, policy and critic): run torchrun without it")
     choose("advantage", cfg.advantage, ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"))
     if bool(cfg.reward) == bool(cfg.reward_model):
         raise M.UserError("give exactly one of --reward-model (a reward.py checkpoint) or --reward file.py:fn")

@@ -253,6 +253,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2: not in qat.py (its fake-quantised layers are not sharded); use DDP
     lora_rank: int = 0  # LoRA-only QAT: adapters of this rank, merged into each weight before the rounding
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     resume: str = ""  # checkpoint written by this script to continue from (latent weights, scales, optimiser, RNG)
@@ -264,7 +266,8 @@ class Config:
 
 def check_flags(cfg):
     """Refuse impossible settings before anything is loaded."""
-    checks = [(bool(cfg.model), "--model is required: the checkpoint to train (quantised by quantize.py, or float)"),
+    checks = [(not cfg.fsdp, "--fsdp is not supported by qat.py (fake-quantised layers): run torchrun without it"),
+              (bool(cfg.model), "--model is required: the checkpoint to train (quantised by quantize.py, or float)"),
               (cfg.format in ("chat", "text") and cfg.template in ("auto", "plain"),
                "--format must be chat or text, --template auto or plain"),
               (cfg.bits in (2, 3, 4, 8), f"--bits {cfg.bits}: choose 8, 4, 3 or 2"),

@@ -35,6 +35,7 @@ is read at `<|im_end|>`; TRL's RewardTrainer, templating ChatML itself, reads it
         --gold data/toyworld.py:gold_reward                                          # CPU
     python reward.py --model out/sft.pt --out out/rm.pt --device cuda               # one GPU, bf16 autocast
     torchrun --nproc_per_node=2 reward.py --model out/sft.pt --out out/rm.pt        # DDP
+    torchrun --nproc_per_node=2 reward.py --fsdp --model out/sft.pt --out out/rm.pt   # FSDP2, shards in out/rm.dcp/
     torchrun --nproc_per_node=2 reward.py -- --log out/rm.log.jsonl   # `--` first, or torchrun reads --log as its own
     python reward.py --model out/sft.pt --out out/rm.pt --resume out/rm.pt --steps 600   # continue
 """
@@ -76,6 +77,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state over ranks (parallel.py)
     lora_rank: int = 0  # LoRA rank (0 = full fine-tuning); the scalar head is always trained in full
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch

@@ -38,6 +38,7 @@ supervised (TRL's assistant-only mask comes from the chat template's generation 
     python sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt --device cuda   # one GPU, bf16
     torchrun --nproc_per_node=2 sft.py --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt  # DDP
     torchrun --nproc_per_node=2 sft.py -- --log out/sft.log.jsonl ...   # `--` first, or torchrun reads --log as its own
+    torchrun --nproc_per_node=2 sft.py --fsdp --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt  # FSDP2
     python sft.py --resume out/sft.pt --steps 600 ...                                            # continue
 """
 
@@ -84,6 +85,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, gradients and AdamW state over ranks (parallel.py)
     lora_rank: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch

@@ -1,0 +1,101 @@
+"""Helper for tests/test_fsdp.py: FSDP2, DDP, a sharded checkpoint and tensor-parallel decoding on 2 ranks (gloo).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR
+
+Every rank builds the same tiny model (seed 0) and the same batch with uneven loss masks and takes its own rows;
+the one-process references come from the same functions called in the test's own process. Rank 0 writes:
+  OUT_DIR/fsdp.pt, ddp.pt   {"grads": the first step's gradients, "params": the weights after STEPS AdamW steps,
+                             "losses": each step's loss, "logits": the trained model's logits on PROBE}
+  OUT_DIR/ckpt.pt, ckpt.dcp the FSDP run saved by parallel.save_fsdp: one gathered file and the sharded directory
+  OUT_DIR/tp.pt             {preset: {"logits": ..., "tokens": greedy tokens of PROMPTS}} of the model split TP=2
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+import model as M  # noqa: E402
+import parallel as P  # noqa: E402
+import sft  # noqa: E402
+
+STEPS, LR = 3, 1e-3
+PROBE = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))  # (B, T)
+PROMPTS = [[72, 101, 108, 108, 111], [87, 104, 97, 116, 32, 105, 115, 32, 50]]  # two lengths: left padding
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (4, 16), generator=g)  # (B, T), the same batch on every rank
+    mask = (torch.rand(4, 16, generator=g) < torch.tensor([[0.9], [0.3], [0.6], [0.5]])).long()  # uneven counts
+    return ids, mask
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train(kind, rank, world, out=""):
+    """STEPS steps of AdamW (weight decay, gradient clipping) through common.wrap_for_training, as sft.py takes them:
+    the summed token loss over the GLOBAL token count, times world (DDP and FSDP average gradients over ranks)."""
+    torch.manual_seed(0)
+    enc = C.get_tokenizer("byte")
+    net = M.build_model("tiny", enc, n_layer=2, d_model=64, d_ff=128, max_seq_len=64)
+    cfg = sft.Config(lr=LR, weight_decay=0.1, fsdp=kind == "fsdp", out=out)
+    model, raw, opt = C.wrap_for_training(net, cfg, None, world, torch.device("cpu"))
+    ids, mask = batch()
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    grads, losses = {}, []
+    for step in range(STEPS):
+        nll = -M.token_logprobs(model(ids[rows]), ids[rows], mask[rows]).sum()
+        count = C.all_reduce_sum(mask[rows, 1:].sum().float())  # position 0 is never a target
+        (nll / count * world).backward()
+        losses.append(C.all_reduce_sum(nll.detach()) / count)
+        if step == 0:
+            grads = {n: full(p.grad).clone() for n, p in raw.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    params = {n: full(p.detach()).clone() for n, p in raw.named_parameters()}
+    raw.eval()
+    with torch.no_grad():
+        logits = raw(PROBE)
+    raw.train()
+    if out:  # every rank: its shards to ckpt.dcp, the gathered file from rank 0
+        P.save_fsdp(cfg, raw, enc, opt, STEPS, {"loss": losses[-1].item()}, ["test"], rank)
+    return {"grads": grads, "params": params, "losses": torch.stack(losses), "logits": logits}
+
+
+def tp_model(preset):
+    """A tiny model of `preset` (seed 0) with weights larger than the init, so a wrong split would show."""
+    torch.manual_seed(0)
+    model = M.build_model(preset, C.get_tokenizer("byte"), n_layer=2, dropout=0.0).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def decode(model):
+    with torch.no_grad():
+        logits = model(PROBE)
+        tokens = M.generate(model, PROMPTS, 8, temperature=0, pad_id=0)[0]
+    return {"logits": logits, "tokens": tokens}
+
+
+def main():
+    from torch.distributed.device_mesh import init_device_mesh
+    rank, world, device = C.setup_ddp("cpu")
+    out_dir = sys.argv[1]
+    results = {kind: train(kind, rank, world, os.path.join(out_dir, "ckpt.pt") if kind == "fsdp" else "")
+               for kind in ("fsdp", "ddp")}
+    mesh = init_device_mesh("cpu", (world,))
+    tp = {preset: decode(P.tensor_parallel(tp_model(preset), mesh)) for preset in ("tiny", "tiny-gpt2")}
+    if rank == 0:
+        for kind, result in results.items():
+            torch.save(result, os.path.join(out_dir, f"{kind}.pt"))
+        torch.save(tp, os.path.join(out_dir, "tp.pt"))
+
+
+if __name__ == "__main__":
+    C.run(main)
