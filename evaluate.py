@@ -835,18 +835,31 @@ def judge_answer_logps(judge, enc, asks, answers, cfg, device):
     strings, answers K strings -> (N, K) float64. An answer is scored as its tokens followed by the template's end
     token (<|im_end|>), summed: "10" is two tokens in the byte tokenizer, and without the end token its first one
     "1" would also carry the mass of every reply that merely starts with "1" (with it the answers are prefix-free,
-    each a complete reply). A context too long for the judge loses its beginning. The judge always speaks its chat
-    template, whatever --no-chat-template says of the models judged."""
+    each a complete reply). A context too long for the judge loses its beginning (room is kept for the longest
+    answer). The judge always speaks its chat template, whatever --no-chat-template says of the models judged.
+
+    Each context goes through the judge once: its keys and values are then copied for the K answers, which run on
+    the copies (the same numbers as K full forwards, K times fewer context tokens)."""
     conts = [enc.encode_ordinary(a) + [C.end_id(enc)] for a in answers]
-    seqs, masks = [], []
-    for ask in asks:
-        ctx = C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0]
-        for c in conts:
-            p = ctx[max(0, len(ctx) + len(c) - judge.cfg.max_seq_len):]
-            seqs.append(p + c)
-            masks.append([0] * len(p) + [1] * len(c))
-    logps = sequence_logprobs(judge, seqs, masks, cfg, device, C.special_id(enc, "<|pad|>"))
-    return logps.view(len(asks), len(answers))  # (N, K)
+    K, L, pad = len(conts), max(map(len, conts)), C.special_id(enc, "<|pad|>")
+    cont, cmask = C.pad_right(conts, pad).to(device), C.pad_right([[1] * len(c) for c in conts], 0).to(device)
+    out = []
+    for i in range(0, len(asks), cfg.batch_size):
+        ctxs = [C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0]
+                [-(judge.cfg.max_seq_len - L):] for ask in asks[i:i + cfg.batch_size]]
+        ids, mask = M.pad_left(ctxs, pad)
+        B = len(ctxs)
+        cache = judge.new_cache(B, ids.shape[1] + L)
+        with C.autocast(device, cfg.dtype):
+            last = judge(ids.to(device), attention_mask=mask.to(device), cache=cache)[:, -1:]  # (B, 1, V)
+            for t in (cache.k, cache.v):  # row b's keys -> rows b * K .. b * K + K - 1
+                t[:] = [x.repeat_interleave(K, 0) for x in t]
+            cache.valid, cache.seen = cache.valid.repeat_interleave(K, 0), cache.seen.repeat_interleave(K, 0)
+            logits = judge(cont.repeat(B, 1), cache=cache)  # (B * K, L, V): pads after an answer are never scored
+        logits = torch.cat([last.repeat_interleave(K, 0), logits[:, :-1]], 1)  # (B * K, L, V): [:, j] predicts token j
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, cont.repeat(B, 1)[..., None]).squeeze(-1)  # (B * K, L)
+        out.append((lp * cmask.repeat(B, 1)).sum(-1).double().cpu().view(B, K))
+    return torch.cat(out)  # (N, K)
 
 
 def judge_grades(judge, enc, kind, prompts, responses, cfg, device):
