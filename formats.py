@@ -266,11 +266,13 @@ def add_special_rows(sd, cfg, enc):
     return sd, cfg
 
 
-def export_hf(model, enc, out_dir):
+def export_hf(model, enc, out_dir, compressed=False):
     """Write a Hugging Face directory that transformers' AutoModelForCausalLM (GPT2LMHeadModel for arch gpt2, Qwen2
     if qkv_bias, else Llama) and AutoTokenizer load: config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json (the chat template), generation_config.json (eos = the template's end token). A built-in
-    tokenizer's name and the template are also kept in tokenizer.json.posttrain, which load_hf_dir reads first."""
+    tokenizer's name and the template are also kept in tokenizer.json.posttrain, which load_hf_dir reads first.
+    A quantised model is written dequantised; compressed=True writes its packed linears in the compressed-tensors
+    format instead (`compressed_tensors`), for vLLM (and transformers with the compressed-tensors package)."""
     raw = getattr(model, "module", model)
     cfg = raw.cfg
     if cfg.head != "lm":
@@ -279,6 +281,7 @@ def export_hf(model, enc, out_dir):
         raise UserError(f"export_hf: a {cfg.prefix_kind} adapter ({cfg.prefix_len} learned slots) is a learned start of "
                         "the KV cache, not a weight, so it does not merge into a Hugging Face model; our checkpoint "
                         "(.pt) keeps it")
+    quant = compressed and compressed_scheme(raw)  # refusals before any work
     hf = ours_to_hf(plain_state_dict(raw, dense=True), cfg)  # a quantised model exports dequantised
     if cfg.arch == "gpt2":
         hc = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
@@ -301,6 +304,8 @@ def export_hf(model, enc, out_dir):
     ids = dict(bos_token_id=special_id(enc, _bos_token(enc)), eos_token_id=end_id(enc),
                pad_token_id=special_id(enc, "<|pad|>"))
     hc.update(ids)
+    if compressed:
+        hf, hc["quantization_config"] = compressed_tensors(raw, hf, quant)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(_safetensors_bytes(hf)))
     write_tokenizer(enc, out_dir, cfg.max_seq_len)
@@ -309,6 +314,96 @@ def export_hf(model, enc, out_dir):
         files.append(("tokenizer.json.posttrain", {"tokenizer": enc.name, "chat_template": enc.chat_template}))
     for name, obj in files:
         _write_json(os.path.join(out_dir, name), obj)
+
+
+# -----------------------------------------------------------------------------
+# compressed-tensors (what llm-compressor writes and vLLM serves): quantize.py's formats in a Hugging Face directory
+#
+# Every quantised linear keeps its own numbers, re-laid out; config.json's "quantization_config" says how to read
+# them (one config group for the blocks' linears; the head, never quantised by us, is in "ignore").
+#   int weight-only (rtn / gptq / awq, any group size that divides the rows; format "pack-quantized"):
+#     weight_packed int32 (out, ceil(in b / 32)): the codes as one little-endian stream of b-bit fields, code j at bit
+#       b j (32 codes in b words): our pack_bits bytes read four at a time. compressed-tensors stores signed values
+#       q in [-2^(b-1), 2^(b-1)) as q + 2^(b-1), which is our unsigned code itself.
+#     weight_scale (out, G) in the model's dtype (fp32: our fp16 steps exactly), weight_shape int64 [out, in];
+#     weight_zero_point int32, our zeros packed the same way down each column (shape (ceil(out b / 32), G)), only
+#       where the grid is min-max: a symmetric grid's zero 2^(b-1) is their implicit signed 0.
+#     w = (q - zp) * scale = (code - zero) * scale: the same weights, bit for bit.
+#   fp8 (format "float-quantized"): weight float8_e4m3fn (out, in), our codes; weight_scale fp32 (out, 1) per channel,
+#     or (1,) per tensor; the inputs "dynamic", per token (per-channel weights) or per tensor, as ours.
+
+
+def check_compressible(cfg, group_size):
+    """Refuse, before any work, a model compressed-tensors (and the engines reading it) cannot hold quantised."""
+    if cfg.arch == "gpt2":
+        raise UserError("GPT-2's attention and MLP are Conv1D layers in transformers (weights stored transposed), "
+                        "which compressed-tensors does not quantise: export_hf writes this model dense")
+    if group_size and (cfg.d_model % group_size or cfg.d_ff % group_size):
+        raise UserError(f"group size {group_size} does not divide the linears' inputs ({cfg.d_model}, {cfg.d_ff}): "
+                        "compressed-tensors' groups tile the rows exactly")
+
+
+def compressed_scheme(raw):
+    """The model's quantize.py settings, if compressed-tensors can hold them, else a UserError saying why."""
+    quant = getattr(raw, "quant", None)
+    if quant is None or not any(hasattr(m, "qweight") for m in raw.modules()):
+        raise UserError("the compressed-tensors export is of a quantised model: quantize.py it first (int weight-only "
+                        "or fp8), or export_hf it dense")
+    if any(name.endswith(".base") and hasattr(m, "qweight") for name, m in raw.named_modules()):
+        raise UserError("LoRA adapters over the quantised layers (QLoRA): merged in, the weights leave the grid; "
+                        "export_hf writes the merged model dense")
+    if quant["scheme"] == "nf4" or quant["scheme"] == "int" and quant["act_bits"]:
+        raise UserError(f"{quant['format']}{' with int8 activations' if quant['act_bits'] else ''}: the "
+                        "compressed-tensors export covers int weight-only (rtn, gptq, awq) and fp8 models")
+    check_compressible(raw.cfg, quant["group_size"])
+    return quant
+
+
+def pack_int32(codes, bits):
+    """codes uint8 (rows, n), each < 2^bits -> int32 (rows, ceil(n bits / 32)): compressed-tensors' pack-quantized
+    words (the bit stream of quantize.pack_bits, four bytes a word, little-endian)."""
+    from quantize import pack_bits
+    rows, n = codes.shape
+    b = pack_bits(codes, bits)
+    b = torch.cat([b, b.new_zeros(rows, -b.shape[1] % 4)], 1).to(torch.int64).view(rows, -1, 4)  # (rows, words, 4)
+    w = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)[:, :-(-n * bits // 32)].contiguous()
+
+
+def compressed_tensors(raw, hf, quant):
+    """hf (ours_to_hf's dense state dict) -> (the state dict with every quantised linear in compressed-tensors'
+    tensors, config.json's "quantization_config")."""
+    layers = {name: m for name, m in raw.named_modules() if hasattr(m, "qweight")}
+    theirs = {f"blocks.{i}.{a}": f"model.layers.{i}.{b}" for i in range(raw.cfg.n_layer) for a, b in LLAMA_NAMES}
+    fp8, bits = quant["scheme"] in ("fp8", "fp8-tensor"), quant["bits"]
+    symmetric = fp8 or all(bool((m.zeros == 2 ** (bits - 1)).all()) for m in layers.values())
+    for name, m in layers.items():
+        p = theirs[name]
+        del hf[p + ".weight"]
+        if fp8:
+            hf[p + ".weight"] = m.qweight
+            hf[p + ".weight_scale"] = m.scales if quant["scheme"] == "fp8" else m.scales.reshape(1)  # (out, 1), (1,)
+            continue
+        hf[p + ".weight_packed"] = pack_int32(m.codes(), bits)
+        hf[p + ".weight_scale"] = m.scales.float()
+        hf[p + ".weight_shape"] = torch.tensor([m.out_features, m.in_features])
+        if not symmetric:
+            hf[p + ".weight_zero_point"] = pack_int32(m.zeros.t(), bits).t().contiguous()
+    if fp8:
+        strategy = "channel" if quant["scheme"] == "fp8" else "tensor"
+        weights = dict(num_bits=8, type="float", symmetric=True, group_size=None, strategy=strategy, dynamic=False)
+        inputs = dict(num_bits=8, type="float", symmetric=True, group_size=None, dynamic=True,
+                      strategy="token" if strategy == "channel" else "tensor")
+        fmt = "float-quantized"
+    else:
+        g = quant["group_size"]
+        weights = dict(num_bits=bits, type="int", symmetric=symmetric, group_size=g or None,
+                       strategy="group" if g else "channel", dynamic=False)
+        inputs, fmt = None, "pack-quantized"
+    group = dict(targets=["Linear"], weights=weights, input_activations=inputs, output_activations=None, format=fmt)
+    return hf, dict(quant_method="compressed-tensors", format=fmt, quantization_status="compressed",
+                    config_groups={"group_0": group}, ignore=["lm_head"], kv_cache_scheme=None,
+                    global_compression_ratio=None, sparsity_config={}, transform_config={})
 
 
 def _write_json(path, obj):

@@ -7,6 +7,8 @@ quantize.py: post-training quantisation. Weights to 8, 4, 3 or 2 bits (RTN, GPTQ
     python quantize.py --model sft.pt --method awq --bits 3 --data data/toy/pretrain.txt --out awq.pt
     python quantize.py --model sft.pt --method smoothquant --data data/toy/pretrain.txt --out w8a8.pt
     python quantize.py --model sft.pt --method nf4 --out nf4.pt   # then: sft.py --model nf4.pt --lora-rank 16
+    python quantize.py --model sft.pt --method fp8 --out fp8.pt   # W8A8 e4m3 (--fp8-scales tensor: per tensor)
+    python quantize.py --model sft.pt --method gptq --bits 4 --data ... --out gptq.pt --export-hf gptq-hf  # + vLLM's
     python quantize.py --model sft.pt --method gguf --gguf-type q4_0 --out model.gguf       # llama.cpp's own types
 
 In reading order:
@@ -32,7 +34,11 @@ dimension (g = in when group_size is 0: one group per output channel), G = ceil(
   NF4 (scheme "nf4"): 4-bit codes index the 16 NF4 values; weight[r, c] = NF4[code] * absmax[r, c // g], the absmax
   itself stored in 8 bits (double quantisation): absmax = absmax_q * absmax_scale[i // 256] + absmax_mean, i the
   group's index in row-major order.
-Embeddings, norms and the output head stay in floating point, as in GPTQ and AWQ.
+  FP8 (schemes "fp8" and "fp8-tensor", formats w8a8-fp8 and w8a8-fp8-tensor): qweight float8_e4m3fn (out, in), the
+  codes themselves; scales fp32 (out, 1), or (1, 1) for the tensor: weight[r, c] = code[r, c] * scales[r or 0, 0].
+  Inputs are rounded to e4m3 on scales of their own at every call, per token (with per-row weight scales) or per tensor.
+Embeddings, norms and the output head stay in floating point, as in GPTQ and AWQ. --export-hf also writes the model
+as a Hugging Face directory in the compressed-tensors format (formats.export_hf(..., compressed=True)): vLLM serves it.
 """
 
 import contextlib
@@ -187,6 +193,53 @@ def dequantize_nf4(codes, absmax_q, absmax_scale, absmax_mean, group_size):
     n = codes.shape[1]
     absmax = nf4_absmax(absmax_q, absmax_scale, absmax_mean)
     return NF4.to(codes.device)[codes.long()] * absmax.repeat_interleave(group_size, 1)[:, :n]
+
+
+# FP8 (ModelOpt's and vLLM's W8A8 on Hopper): e4m3fn, 1 sign, 4 exponent and 3 mantissa bits, no infinities, largest
+# finite value 448. A tensor is stored as its e4m3 codes and an fp32 scale, amax / 448 (the largest |w| lands on
+# 448), per tensor or per row; activations get the same treatment at every call ("dynamic" scales), per token or per
+# tensor. Rounding is the cast's (nearest, ties to even): a normal value is off by at most 2^-4 of itself.
+FP8_MAX = 448.0
+
+
+def quantize_fp8(W, per_row=True):
+    """W (..., n) -> (codes float8_e4m3fn (..., n), scales fp32 (..., 1), or all ones-shaped (1, ..., 1) per tensor).
+    Weights: a row per output channel; activations: a row per token. An all-zero row gets scale 1."""
+    W = W.float()
+    amax = W.abs().amax(-1, keepdim=True) if per_row else W.abs().amax().reshape([1] * W.dim())
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (W / scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales  # the cast overflows to NaN: clamp
+
+
+def dequantize_fp8(codes, scales):
+    """(codes e4m3 (..., n), scales fp32 (..., 1) or (1, ..., 1)) -> fp32 (..., n)."""
+    return codes.float() * scales
+
+
+def fake_quant_fp8(x, per_token=True):
+    """x rounded to e4m3 on a dynamic scale and back, in x's dtype; the gradient passes straight through (QLoRA over
+    an FP8 base trains the layers below)."""
+    y = dequantize_fp8(*quantize_fp8(x.detach(), per_token)).to(x.dtype)
+    return x + (y - x).detach() if x.requires_grad else y
+
+
+def fp8_matmul_ref(x, codes, scales, per_token=True):
+    """x (N, in) float, codes e4m3 (out, in), scales fp32 (out, 1) or (1, 1) -> y (N, out) fp32: x quantised to e4m3
+    (per token with per-row weight scales, else per tensor), both dequantised, an fp32 matmul. fp8_matmul's twin."""
+    return fake_quant_fp8(x.float(), per_token) @ dequantize_fp8(codes, scales).t()
+
+
+def fp8_matmul(x, codes, scales, per_token=True):
+    """fp8_matmul_ref on e4m3 tensor cores: torch._scaled_mm (CUDA, compute capability >= 8.9: Ada, Hopper), the
+    scales applied to its fp32 accumulator, bf16 out (what row-wise scaling requires); the reference elsewhere (and
+    where the sizes miss _scaled_mm's multiples of 16)."""
+    N, n = x.shape
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and n % 16 == 0
+            and codes.shape[0] % 16 == 0):
+        return fp8_matmul_ref(x, codes, scales, per_token)
+    xq, sx = quantize_fp8(F.pad(x, (0, 0, 0, -N % 16)), per_token)  # (N padded to 16, in): rows of zeros
+    y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scales.t(), out_dtype=torch.bfloat16)
+    return y[:N].float()
 
 
 # 2. GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers")
@@ -344,6 +397,9 @@ def fake_quant_per_token(x, bits=8):
     return torch.round(x / s).clamp(-qmax, qmax) * s
 
 
+FP8_SCHEMES = ("fp8", "fp8-tensor")  # e4m3 weights and activations: per row and per token, or per tensor
+
+
 # torch's weight-only CPU kernels are built for decoding, with bf16 activations (given fp32 ones they fall back to a
 # path ~20x slower than a dense matmul): at a few rows they read 4x / 8x fewer weight bytes than fp32; at hundreds
 # of rows (prefill, calibration, training) a dense matmul on the dequantised weight is far faster
@@ -364,12 +420,16 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.scheme, self.act_bits = bits, group_size or in_features, scheme, act_bits
         G = -(-in_features // self.group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8) * bits, dtype=torch.uint8))
+        if scheme in FP8_SCHEMES:  # e4m3 codes, unpacked, and fp32 scales: one per row, or one for the tensor
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn))
+            self.register_buffer("scales", torch.ones(out_features if scheme == "fp8" else 1, 1))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, -(-in_features // 8) * bits, dtype=torch.uint8))
         if scheme == "nf4":
             self.register_buffer("absmax_q", torch.zeros(out_features, G, dtype=torch.int8))
             self.register_buffer("absmax_scale", torch.zeros(-(-out_features * G // DQ_BLOCK)))
             self.register_buffer("absmax_mean", torch.zeros(()))
-        else:
+        elif scheme == "int":
             self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float16))
             self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.uint8))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -382,6 +442,9 @@ class QuantLinear(nn.Module):
         """An nn.Linear -> QuantLinear: RTN (or NF4) of its weight, or the given codes and grid (GPTQ's)."""
         layer = cls(linear.in_features, linear.out_features, bits, group_size, scheme, linear.bias, act_bits)
         W = linear.weight.detach().float().cpu()
+        if scheme in FP8_SCHEMES:
+            layer.qweight, layer.scales = quantize_fp8(W, scheme == "fp8")
+            return layer.to(linear.weight.device)
         if scheme == "nf4":
             codes, layer.absmax_q, layer.absmax_scale, layer.absmax_mean = quantize_nf4(W, layer.group_size)
         elif codes is None:
@@ -392,10 +455,12 @@ class QuantLinear(nn.Module):
         return layer.to(linear.weight.device)
 
     def codes(self):
-        return unpack_bits(self.qweight, self.bits, self.in_features)
+        return self.qweight if self.scheme in FP8_SCHEMES else unpack_bits(self.qweight, self.bits, self.in_features)
 
     def dequantize(self):
         """The float weight (out, in), fp32."""
+        if self.scheme in FP8_SCHEMES:
+            return dequantize_fp8(self.qweight, self.scales)
         if self.scheme == "nf4":
             return dequantize_nf4(self.codes(), self.absmax_q, self.absmax_scale, self.absmax_mean, self.group_size)
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size)
@@ -424,7 +489,14 @@ class QuantLinear(nn.Module):
         return None
 
     def forward(self, x):
-        if self.act_bits:
+        fp8 = self.scheme in FP8_SCHEMES
+        if fp8 and x.is_cuda and self._dense is None and not (torch.is_grad_enabled() and x.requires_grad):
+            y = fp8_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.scheme == "fp8")
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # tensor cores where they are, else the reference
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if fp8:
+            x = fake_quant_fp8(x, self.scheme == "fp8")
+        elif self.act_bits:
             x = fake_quant_per_token(x, self.act_bits)
         if self._dense is not None:  # inside dequantized(): calibration's many batches through one block
             return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -441,7 +513,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self):
         act = f", act_bits={self.act_bits}" if self.act_bits else ""
-        return (f"in={self.in_features}, out={self.out_features}, {self.scheme}{self.bits}, "
+        kind = self.scheme if self.scheme in FP8_SCHEMES else f"{self.scheme}{self.bits}"
+        return (f"in={self.in_features}, out={self.out_features}, {kind}, "
                 f"group_size={self.group_size}{act}")
 
 
@@ -479,9 +552,12 @@ def _swap(model, name, layer):
 
 
 def weight_format(method, bits, group_size, scheme):
-    """The checkpoint's "format": int8, int4-g128, nf4-g64, w8a8."""
+    """The checkpoint's "format": int8, int4-g128, nf4-g64, w8a8 (SmoothQuant's int8), w8a8-fp8 (e4m3, a scale per
+    weight row and per token), w8a8-fp8-tensor (a scale per weight and per activation tensor)."""
     if method == "smoothquant":
         return "w8a8"
+    if scheme in FP8_SCHEMES:
+        return "w8a8-" + scheme
     name = "nf4" if scheme == "nf4" else f"int{bits}"
     return name if not group_size else f"{name}-g{group_size}"
 
@@ -493,21 +569,23 @@ def weight_format(method, bits, group_size, scheme):
 
 @torch.no_grad()
 def quantize_model(model, method="rtn", bits=4, group_size=128, symmetric=False, ids=None, damp=0.01,
-                   act_order=False, alpha=0.5, awq_grid=20, awq_tokens=4096, batch_size=8, progress=None, act_bits=0):
+                   act_order=False, alpha=0.5, awq_grid=20, awq_tokens=4096, batch_size=8, progress=None, act_bits=0,
+                   fp8_scales="channel"):
     """Quantise every linear in the blocks in place -> the model, with `model.quant` its settings.
 
     rtn / nf4 need no data. gptq / awq / smoothquant run the calibration ids block by block: each block's inputs
     are the previous (already quantised) block's outputs, its linears' input statistics gathered on the float block,
     then its linears replaced and its outputs computed for the next. act_bits 8 rounds every quantised linear's
-    inputs to int8 per token as well (W4A8 with rtn / gptq / awq; smoothquant is always W8A8)."""
+    inputs to int8 per token as well (W4A8 with rtn / gptq / awq; smoothquant is always W8A8). fp8 (no data) is W8A8
+    in e4m3 with fp8_scales "channel" (a scale per weight row, and per token at run time) or "tensor"."""
     cfg = model.cfg
     model.eval()
-    scheme = "nf4" if method == "nf4" else "int"
-    if method == "smoothquant":
+    scheme = {"nf4": "nf4", "fp8": "fp8" if fp8_scales == "channel" else "fp8-tensor"}.get(method, "int")
+    if method in ("smoothquant", "fp8"):
         bits, group_size, symmetric = 8, 0, True
     if scheme == "nf4":
         bits = 4
-    act_bits = 8 if method == "smoothquant" else act_bits
+    act_bits = 8 if method in ("smoothquant", "fp8") else act_bits
     need = {"gptq": {"hessian"}, "awq": {"sample"}, "smoothquant": {"absmax"}}.get(method, set())
     xs, rope = C.block_inputs(model, ids, batch_size) if need else (None, None)
     for index, block in enumerate(model.blocks):
@@ -565,9 +643,14 @@ def _check_quant(quant, path):
     for k, kind in QUANT_FIELDS.items():
         if type(quant[k]) is not kind:
             raise UserError(f"{path}: quant {k} = {C._show(quant[k])}: expected a {kind.__name__}")
-    if quant["scheme"] not in ("int", "nf4") or quant["bits"] not in (2, 3, 4, 8) or quant["act_bits"] not in (0, 8):
+    if (quant["scheme"] not in ("int", "nf4", *FP8_SCHEMES) or quant["bits"] not in (2, 3, 4, 8)
+            or quant["act_bits"] not in (0, 8)):
         raise UserError(f"{path}: quant scheme {quant['scheme']!r}, bits {quant['bits']}, act_bits "
-                        f"{quant['act_bits']}: expected scheme int or nf4, bits 2, 3, 4 or 8, act_bits 0 or 8")
+                        f"{quant['act_bits']}: expected scheme int, nf4, fp8 or fp8-tensor, bits 2, 3, 4 or 8, act_bits"
+                        " 0 or 8")
+    if quant["scheme"] in FP8_SCHEMES and (quant["bits"], quant["act_bits"], quant["group_size"]) != (8, 8, 0):
+        raise UserError(f"{path}: quant scheme {quant['scheme']} is W8A8 with a scale per row or tensor: expected "
+                        "bits 8, act_bits 8, group_size 0")
     if not 0 <= quant["group_size"] <= C.SIZE_LIMITS["d_ff"]:
         raise UserError(f"{path}: quant group_size = {quant['group_size']}: expected 0 (per channel) or a size")
 
@@ -605,6 +688,9 @@ def load_quantized(ckpt, path, device="cpu", head=None):
             layer.bias = nn.Parameter(bias.float(), requires_grad=False)
         if layer.scheme == "int" and bool((layer.zeros.int() >= 2 ** layer.bits).any()):
             raise UserError(f"{path}: {name}.zeros holds codes beyond {quant['bits']} bits")
+        if layer.scheme in FP8_SCHEMES and not (layer.qweight.float().isfinite().all() and layer.scales.isfinite().all()
+                                                and (layer.scales > 0).all()):
+            raise UserError(f"{path}: {name} holds NaN e4m3 codes or scales that are not positive and finite")
         layers[name] = layer
         placeholders[f"{name}.weight"] = torch.zeros(1).expand(out, n)  # what check_weights expects, no memory
     rest = {k: v for k, v in sd.items() if k.rpartition(".")[0] not in layers or k.endswith(".bias")}
@@ -653,7 +739,7 @@ def model_bytes(model):
 class Config:
     model: str = ""  # checkpoint to quantise (ckpt.pt, .safetensors, HF directory or GGUF)
     out: str = "out/quant.pt"  # the quantised checkpoint (a .gguf file for --method gguf)
-    method: str = "rtn"  # rtn | gptq | awq | smoothquant (W8A8) | nf4 (QLoRA's base) | gguf (a llama.cpp file)
+    method: str = "rtn"  # rtn | gptq | awq | smoothquant (W8A8) | nf4 (QLoRA's base) | fp8 (W8A8 e4m3) | gguf
     bits: int = 4  # 8, 4, 3 or 2 (rtn, gptq, awq; smoothquant is 8, nf4 is 4)
     group_size: int = 128  # weights per scale along the input dimension (0: one scale per output channel)
     symmetric: bool = False  # a grid symmetric about 0 (zero point fixed at 2^(bits-1)); else min-max
@@ -668,12 +754,14 @@ class Config:
     alpha: float = 0.5  # smoothquant: migration strength (activation outliers moved into the weights)
     awq_grid: int = 20  # awq: alphas tried, 0 to 1 in steps of 1/awq_grid
     gguf_type: str = "q8_0"  # gguf: f32 | f16 | q8_0 | q4_0 | q4_1 for the 2-D weights
+    fp8_scales: str = "channel"  # fp8: channel (a scale per weight row and per token) | tensor (one per tensor)
+    export_hf: str = ""  # also write this Hugging Face directory, its linears in the compressed-tensors format (vLLM)
     seed: int = 0  # which windows are drawn
     batch_size: int = 8  # calibration sequences per forward
     device: str = "auto"  # auto | cpu | cuda | mps (calibration runs here)
 
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "nf4", "gguf")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "nf4", "fp8", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 
@@ -692,7 +780,13 @@ def check_config(cfg):
     if cfg.group_size < 0 or cfg.group_size % 8:
         raise UserError(f"--group-size {cfg.group_size}: a multiple of 8, or 0 for one scale per output channel")
     if cfg.act_bits not in (0, 8) or cfg.act_bits and cfg.method not in ("rtn", "gptq", "awq"):
-        raise UserError(f"--act-bits {cfg.act_bits}: 0, or 8 with --method rtn, gptq or awq (smoothquant is W8A8)")
+        raise UserError(f"--act-bits {cfg.act_bits}: 0, or 8 with --method rtn, gptq or awq (smoothquant and fp8 "
+                        "are W8A8)")
+    if cfg.fp8_scales not in ("channel", "tensor") or cfg.fp8_scales != "channel" and cfg.method != "fp8":
+        raise UserError(f"--fp8-scales {cfg.fp8_scales!r}: channel or tensor, with --method fp8")
+    if cfg.export_hf and (cfg.method in ("smoothquant", "nf4", "gguf") or cfg.act_bits):
+        raise UserError("--export-hf writes compressed-tensors' int weight-only (rtn, gptq, awq without --act-bits) "
+                        f"and fp8 models, not --method {cfg.method}{' --act-bits 8' if cfg.act_bits else ''}")
     if cfg.method == "nf4" and not cfg.group_size:
         raise UserError("--method nf4 needs a --group-size (QLoRA's is 64)")
     if cfg.method in ("gptq", "awq", "smoothquant") and not cfg.data:
@@ -717,6 +811,9 @@ def main(argv=None):
         dense = {**ckpt, "model": M.plain_state_dict(model, dense=True), "format": "fp32"}
         model = C.load_dense(dense, cfg.model)[0]
     model = model.float().to(device).eval()
+    if cfg.export_hf:  # refused before the work, not after it
+        import formats
+        formats.check_compressible(model.cfg, 0 if cfg.method == "fp8" else cfg.group_size)
     calib = held = None
     if cfg.data:
         calib = C.calibration_ids(enc, cfg.data, cfg.format, cfg.calib_samples, cfg.calib_len, cfg.seed)
@@ -729,7 +826,8 @@ def main(argv=None):
     bar = C.tqdm(total=model.cfg.n_layer, desc=f"{cfg.method} W{cfg.bits}", disable=None)
     quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
                    calib.to(device) if calib is not None else None, cfg.damp, cfg.act_order, cfg.alpha, cfg.awq_grid,
-                   batch_size=cfg.batch_size, progress=lambda i: bar.update(1), act_bits=cfg.act_bits)
+                   batch_size=cfg.batch_size, progress=lambda i: bar.update(1), act_bits=cfg.act_bits,
+                   fp8_scales=cfg.fp8_scales)
     bar.close()
     metrics["bytes"] = model_bytes(model)
     if held is not None:
@@ -739,6 +837,10 @@ def main(argv=None):
     report = f"{model.quant['format']} ({cfg.method}): {metrics['fp_bytes'] / 1e6:.1f} MB -> {metrics['bytes'] / 1e6:.1f} MB"
     if held is not None:
         report += f"; perplexity on {cfg.eval_samples} held-out windows {metrics['ppl_fp']:.3f} -> {metrics['ppl']:.3f}"
+    if cfg.export_hf:
+        import formats
+        formats.export_hf(model, enc, cfg.export_hf, compressed=True)
+        report += f"; compressed-tensors directory {cfg.export_hf}"
     print(f"{report}; wrote {cfg.out}", file=sys.stderr)
 
 
