@@ -5,7 +5,8 @@ the callers of export_hf, so a script that never meets a Hugging Face directory 
   `.safetensors` + a sibling `.json` (config, tokenizer name): `save_safetensors`, `load_safetensors`.
   Hugging Face directories of the GPT-2, Llama and Qwen2 families: `load_hf_dir` (config.json checked before
   any arithmetic on its sizes; the tokenizer from tokenizer.json), `export_hf` (a directory that
-  `transformers.AutoModelForCausalLM` and `AutoTokenizer` load, chat template and generation config included).
+  `transformers.AutoModelForCausalLM` and `AutoTokenizer` load, chat template and generation config included;
+  a quantised model's linears in the compressed-tensors format that vLLM serves with compressed=True).
   Byte-level BPE vocabularies of real models (tokenizer.json here, GGUF metadata in gguf_file.py) as tiktoken
   Encodings: `file_vocab`, `byte_level_encoding`; and back out: `tokenizer_json`, `write_tokenizer`.
   GGUF weights are read by gguf_file.py.
@@ -169,6 +170,11 @@ def load_hf_dir(path):
     if family is None:
         raise UserError(f"{path}: unknown architecture {_show(mt)} (supported: gpt2, llama, qwen2)")
     # what we do not implement first (the more useful message), then the sizes
+    if hc.get("quantization_config") is not None:
+        qc = hc["quantization_config"]
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise UserError(f"{path}: a quantised Hugging Face directory ({_show(method)}); this project reads float ones "
+                        "(quantize.py's own checkpoints are the .pt it writes beside --export-hf)")
     rope = hc.get("rope_parameters") or hc.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise UserError(f"{cfg_path}: rope_parameters / rope_scaling is {_show(rope)}, expected an object")

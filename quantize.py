@@ -13,12 +13,13 @@ quantize.py: post-training quantisation. Weights to 8, 4, 3 or 2 bits (RTN, GPTQ
 
 In reading order:
   1. The grid: `quantize_rtn` / `dequantize` (round to nearest on a per-group uniform grid), `pack_bits` /
-     `unpack_bits` (the packed layout, below), NF4 (`nf4_values`, `quantize_nf4`).
+     `unpack_bits` (the packed layout, below), NF4 (`nf4_values`, `quantize_nf4`), FP8 (`quantize_fp8`, `fp8_matmul`:
+     torch._scaled_mm on e4m3 tensor cores, and its twin `fp8_matmul_ref`, what CPUs and the tests run).
   2. GPTQ (`gptq_quantize`): round one input column at a time and push its error onto the columns not yet rounded.
   3. AWQ (`awq_search`) and SmoothQuant (`smoothquant_scales`): per-input-channel scales, folded into the op before
      the linear (`fold_scales`) so the float model computes exactly what it did.
-  4. `QuantLinear`: the packed weights in a module; torch's int8 / int4 CPU kernels where they apply, else
-     dequantise-then-matmul (the reference every fast path is tested against).
+  4. `QuantLinear`: the packed weights in a module; torch's int8 / int4 CPU kernels (fp8: _scaled_mm on CUDA) where
+     they apply, else dequantise-then-matmul (the reference every fast path is tested against).
   5. Calibration as the papers do it: block by block, each block fed the outputs of the quantised blocks before it.
   6. Checkpoints: `load_quantized` (common.load_model calls it for these formats) and `main`.
 
@@ -509,7 +510,13 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._kernel = None  # a move or cast: the kernel's copy is rebuilt from the buffers
-        return super()._apply(fn, recurse)
+        if self.scheme not in FP8_SCHEMES:
+            return super()._apply(fn, recurse)
+        held = {n: self._buffers.pop(n) for n in ("qweight", "scales")}  # e4m3 is a float dtype: .to(bf16) would
+        super()._apply(fn, recurse)                                       # cast the codes; they move, never cast
+        for n, b in held.items():
+            self.register_buffer(n, b.to(fn(b.new_empty(0)).device))
+        return self
 
     def extra_repr(self):
         act = f", act_bits={self.act_bits}" if self.act_bits else ""

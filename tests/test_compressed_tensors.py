@@ -141,3 +141,5 @@ def test_quantize_cli_exports_a_directory_transformers_runs(tmp_path, enc, calib
     proc = run_script("quantize.py", "--model", save_tiny(tmp_path / "g.pt", enc, preset="tiny-gpt2"), "--method",
                       "fp8", "--out", str(tmp_path / "g8.pt"), "--export-hf", str(tmp_path / "ghf"), check=False)
     assert_one_line_error(proc, "", "Conv1D")
+    with pytest.raises(C.UserError, match="a quantised Hugging Face directory .'compressed-tensors'."):
+        C.load_model(str(tmp_path / "hf"))  # ours to write, not to read: the .pt beside it is the checkpoint

@@ -173,6 +173,20 @@ def test_fp8_model_is_close_to_float_and_reloads_bit_exact(tmp_path, enc, preset
         assert torch.equal(again(x), ours)
 
 
+def test_fp8_codes_and_scales_move_but_are_never_cast(tmp_path, enc):
+    """model.to(torch.bfloat16) casts every float tensor, and e4m3 is a float dtype: the codes and their fp32 scales
+    keep theirs, so the layers compute what they did (on a GPU: .to("cuda", torch.bfloat16), the decode setting)."""
+    model = Q.quantize_model(C.load_model(save_tiny(tmp_path / "fp.pt", enc, std=0.05))[0], "fp8")
+    before = {n: m.dequantize() for n, m in model.named_modules() if isinstance(m, Q.QuantLinear)}
+    model.to(torch.bfloat16)
+    for name, w in before.items():
+        m = model.get_submodule(name)
+        assert m.qweight.dtype == torch.float8_e4m3fn and m.scales.dtype == torch.float32
+        assert torch.equal(m.dequantize(), w) and list(dict(m.named_buffers())) == ["qweight", "scales"]
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 8))).dtype == torch.bfloat16
+
+
 def test_corrupt_fp8_checkpoints_are_refused(tmp_path, enc):
     model = C.load_model(save_tiny(tmp_path / "fp.pt", enc, std=0.05))[0]
     Q.quantize_model(model, "fp8")
