@@ -47,7 +47,10 @@ rater, the report's agreement of a judge or a reward model with it is their accu
 
 With --reward-model and / or --judge the report also sets each machine labeller's verdict on every voted pair
 beside the humans' votes: the reward model prefers the response it scores higher; the judge (evaluate.py's,
-log p("A") vs log p("B")) is asked in both orders and a verdict that flips with the order is a tie. Their
+log p("A") vs log p("B")) is asked in both orders and a verdict that flips with the order is a tie. The judge has a
+second row, "log-odds averaged": a wins when m1 > m2, m1 = log p("A") - log p("B") with a shown as A and m2 the
+same with a shown as B, i.e. when the mean log-odds for a over the two orders, (m1 - m2) / 2, is positive. A small
+judge that always names one letter ties on every pair by the first rule and may still rank by the second. Their
 agreement with the votes is printed beside the humans' agreement with each other, MT-Bench's yardstick.
 
 In the leaderboard and the win rates "both bad" counts as a tie (Chatbot Arena's "tie (bothbad)"). Agreement is
@@ -652,6 +655,9 @@ def machine_verdicts(pairs, cfg):
         swapped = E.judge_margins(judge, enc, prompts, b, a, ecfg, device)
         name = f"LLM judge {os.path.basename(cfg.judge)}"
         out[name] = dict(zip(ids, map(verdict_label, E.judge_preference(first, swapped).tolist())))
+        # the same answers read as log-odds averaged over the two orders: a constant lean towards one letter cancels
+        # and what is left decides (a judge that always answers "A" still ties on every pair, its margins equal)
+        out[f"{name}, log-odds averaged"] = dict(zip(ids, map(verdict_label, E.preference(first, swapped).tolist())))
         notes.append(f"{name}: position bias {E.position_bias(first, swapped):.3f} on these {len(pairs)} pairs "
                      "(the share it judged by the order shown, not by the responses)")
     return out, notes

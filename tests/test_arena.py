@@ -500,11 +500,27 @@ def test_reward_model_and_judge_against_the_humans(files, tmp_path, enc):
     assert got[:4] == (pytest.approx(wo, abs=5e-4), n_wo, pytest.approx(w, abs=5e-4), n_w) and n_w == 8
     # the always-"A" judge: a tie on all 4 pairs, so no decisive unit; with ties it matches the human ties only
     assert machine_row(out, "LLM judge judge.pt")[1:] == (0, pytest.approx(2 / 8, abs=5e-4), 8, "4")
+    assert machine_row(out, "LLM judge judge.pt, log-odds averaged")[1:] == (0, pytest.approx(2 / 8, abs=5e-4), 8, "4")
     assert "judge.pt: position bias 1.000 on these 4 pairs" in out
     # humans with each other: one unit per pair (both voted on all 4), ann's label against bob's
     ann, bob = ([state["active"][(r, p["id"])]["choice"] for p in rows] for r in ("ann", "bob"))
     wo, n_wo, w, n_w = A.labeller_agreement(ann, bob)
     assert machine_row(out, "humans with each other")[1:4] == (n_wo, pytest.approx(w, abs=5e-4), 4)
+
+
+def test_the_judges_two_readings_of_both_orders(monkeypatch):
+    """Margins m1 (a shown as A) and m2 (a shown as B) of a judge that leans to "A": by verdicts every pair flips
+    with the order (a tie); by log-odds averaged a wins where m1 > m2, b where m1 < m2, a tie where equal."""
+    import evaluate as E
+    margins = {("x", "y"): torch.tensor([2.0, 2.0, 0.5, -1.0]), ("y", "x"): torch.tensor([1.0, 3.0, 0.5, 1.0])}
+    monkeypatch.setattr(E, "load", lambda *a: (None, None))
+    monkeypatch.setattr(E, "judge_margins", lambda judge, enc, prompts, first, second, *a: margins[(first[0], second[0])])
+    pairs = [{"id": f"p{i}", "messages": [], "a": "x", "b": "y"} for i in range(4)]
+    out, notes = A.machine_verdicts(pairs, A.Config(judge="j.pt", device="cpu"))
+    assert out["LLM judge j.pt"] == {"p0": "tie", "p1": "tie", "p2": "tie", "p3": "b"}
+    assert out["LLM judge j.pt, log-odds averaged"] == {"p0": "a", "p1": "b", "p2": "tie", "p3": "b"}
+    assert notes == ["LLM judge j.pt: position bias 0.750 on these 4 pairs (the share it judged by the order shown, "
+                     "not by the responses)"]
 
 
 def test_machine_labellers_need_the_report(files):
