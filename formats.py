@@ -345,8 +345,10 @@ def check_compressible(cfg, group_size):
         raise UserError("GPT-2's attention and MLP are Conv1D layers in transformers (weights stored transposed), "
                         "which compressed-tensors does not quantise: export_hf writes this model dense")
     if group_size and (cfg.d_model % group_size or cfg.d_ff % group_size):
+        fits = [2 ** k for k in range(10, 4, -1) if 2 ** k < group_size and not (cfg.d_model | cfg.d_ff) % 2 ** k]
         raise UserError(f"group size {group_size} does not divide the linears' inputs ({cfg.d_model}, {cfg.d_ff}): "
-                        "compressed-tensors' groups tile the rows exactly")
+                        f"compressed-tensors' groups tile the rows exactly (--group-size {fits[0] if fits else 0} "
+                        "does)")
 
 
 def compressed_scheme(raw):

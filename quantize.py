@@ -414,7 +414,8 @@ class QuantLinear(nn.Module):
     first (W8A8). forward uses torch's int8 / int4 weight-only CPU kernels when the layer fits them (symmetric int8
     per channel; int4 with in % group_size == 0 and out % 16 == 0), with no grad, fp32 inputs and at most FAST_ROWS
     rows, the inputs rounded to bf16 for them (as gpt-fast runs them); else it dequantises and multiplies in the
-    inputs' dtype, which is also what every kernel is tested against."""
+    inputs' dtype, which is also what every kernel is tested against. "fp8" / "fp8-tensor": code * scale, the inputs
+    rounded to e4m3 (per token / per tensor); on CUDA without grad, fp8_matmul (torch._scaled_mm where it runs)."""
 
     def __init__(self, in_features, out_features, bits, group_size, scheme="int", bias=None, act_bits=0):
         super().__init__()
@@ -512,8 +513,9 @@ class QuantLinear(nn.Module):
         self._kernel = None  # a move or cast: the kernel's copy is rebuilt from the buffers
         if self.scheme not in FP8_SCHEMES:
             return super()._apply(fn, recurse)
-        held = {n: self._buffers.pop(n) for n in ("qweight", "scales")}  # e4m3 is a float dtype: .to(bf16) would
-        super()._apply(fn, recurse)                                       # cast the codes; they move, never cast
+        # e4m3 is a float dtype: model.to(torch.bfloat16) would cast the codes and their fp32 scales; they only move
+        held = {n: self._buffers.pop(n) for n in ("qweight", "scales")}
+        super()._apply(fn, recurse)
         for n, b in held.items():
             self.register_buffer(n, b.to(fn(b.new_empty(0)).device))
         return self
@@ -830,7 +832,8 @@ def main(argv=None):
     metrics = {"fp_bytes": model_bytes(model)}
     if held is not None:
         metrics["ppl_fp"] = C.perplexity(model, held.to(device), cfg.batch_size)
-    bar = C.tqdm(total=model.cfg.n_layer, desc=f"{cfg.method} W{cfg.bits}", disable=None)
+    bits = 8 if cfg.method in ("smoothquant", "fp8") else cfg.bits
+    bar = C.tqdm(total=model.cfg.n_layer, desc=f"{cfg.method} W{bits}", disable=None)
     quantize_model(model, cfg.method, cfg.bits, cfg.group_size, cfg.symmetric,
                    calib.to(device) if calib is not None else None, cfg.damp, cfg.act_order, cfg.alpha, cfg.awq_grid,
                    batch_size=cfg.batch_size, progress=lambda i: bar.update(1), act_bits=cfg.act_bits,
