@@ -42,9 +42,12 @@ budget; a flag there would import this file. `speculative.generate(target, draft
 `model.generate`'s arguments after the draft.
 
 The measurement (`main`): the same prompts decoded at batch 1 by `model.generate` and by speculative decoding with each
---draft at each --k and temperature, no stop token (every prompt gets --max-new-tokens); tokens/s is new tokens over
-the wall time of all prompts, prefill included; acceptance is accepted / drafted tokens; speed-up is against plain
-decoding at the same temperature. Greedy runs also report whether the tokens equal plain decoding's.
+--draft at each --k and temperature, one sampling seed for all. No stop token, every special token banned
+(`common.never_sampled`): every prompt gets --max-new-tokens. tokens/s is new tokens over the wall time of all prompts,
+prefill included; acceptance is accepted / drafted tokens (vLLM's draft acceptance rate); alpha is accepted / examined
+tokens, the drafts after a round's rejection not counted (Leviathan's alpha, the probability a draft token is kept:
+tokens per round = (1 - alpha^(k+1)) / (1 - alpha) when it is the same everywhere); speed-up is against plain decoding
+at the same temperature. Greedy runs also report whether the tokens equal plain decoding's.
 
     python speculative.py --model target.pt --draft small.pt --data prompts.jsonl --k 2,4,8   # CPU (or --device cuda)
     python speculative.py --model target.pt --draft a.pt,b.pt --data text.txt --n-prompts 8 --prompt-len 64
@@ -123,8 +126,9 @@ def generate(target, draft, prompts, max_new_tokens, k=4, temperature=1.0, top_k
     """`model.generate(target, prompts, ...)` by speculative decoding with `draft` proposing k tokens a round.
 
     Returns (tokens, logprobs, mask), (B, N) each, N <= max_new_tokens, as `model.generate` does (logprobs under the
-    target's filtered distribution), and counts {"drafted", "accepted", "rounds"}: draft tokens proposed and kept by
-    the rule, over the rows unfinished at each round, and target forwards after the prefill."""
+    target's filtered distribution), and counts {"drafted", "accepted", "rejected", "rounds"}, over the rows unfinished
+    at each round: draft tokens proposed, draft tokens kept by the rule, rounds that ended in a rejection (the tokens
+    drafted after one are never examined), and target forwards after the prefill."""
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise UserError(f"the draft has {draft.cfg.vocab_size} token ids and the target {target.cfg.vocab_size}: "
                         "speculative decoding needs the same tokenizer for both")
@@ -145,7 +149,7 @@ def generate(target, draft, prompts, max_new_tokens, k=4, temperature=1.0, top_k
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
-    counts = {"drafted": 0, "accepted": 0, "rounds": 0}
+    counts = {"drafted": 0, "accepted": 0, "rejected": 0, "rounds": 0}
     while len(tokens) < max_new_tokens and not done.all():
         k_now = max(1, min(k, max_new_tokens - len(tokens) - 1))  # no more drafts than tokens still wanted
         x, xs, qs = pending, [], []
@@ -161,6 +165,7 @@ def generate(target, draft, prompts, max_new_tokens, k=4, temperature=1.0, top_k
         m = min(int((n[~done] + 1).min()), max_new_tokens - len(tokens))  # what every unfinished row has
         counts["drafted"] += k_now * int((~done).sum())
         counts["accepted"] += int(n[~done].sum())
+        counts["rejected"] += int((n[~done] < k_now).sum())
         counts["rounds"] += 1
         emitted_logp = logp[:, :m].gather(-1, emitted[:, :m, None]).squeeze(-1)  # (B, m)
         for j in range(m):
@@ -268,8 +273,10 @@ def main(argv=None):
                 g = torch.Generator(device).manual_seed(cfg.seed)
                 spec_tok_s, outs = timed_runs(lambda p: generate(target, draft, [p], cfg.max_new_tokens, k, temp,
                                                                  generator=g, **settings), prompts)
-                drafted, accepted, rounds = (sum(o[3][key] for o in outs) for key in ("drafted", "accepted", "rounds"))
+                drafted, accepted, rejected, rounds = (sum(o[3][key] for o in outs)
+                                                       for key in ("drafted", "accepted", "rejected", "rounds"))
                 run = {"draft": path, "k": k, "temperature": temp, "acceptance": accepted / drafted,
+                       "alpha": accepted / max(1, accepted + rejected),
                        "tokens_per_round": sum(int(o[2].sum()) for o in outs) / rounds, "tok_s": spec_tok_s,
                        "speedup": spec_tok_s / tok_s}
                 if temp == 0:
@@ -278,11 +285,12 @@ def main(argv=None):
                 print(json.dumps(run), flush=True)
     results["machine"]["load_avg_after"] = os.getloadavg()
     C.atomic_write(cfg.out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    print("\n| draft | T | k | acceptance | tokens/round | tok/s | plain tok/s | speed-up |\n" + "|---" * 8 + "|")
+    head = "| draft | T | k | acceptance | alpha | tokens/round | tok/s | plain tok/s | speed-up |"
+    print(f"\n{head}\n" + "|---" * 9 + "|")
     for r in results["runs"]:
         print(f"| {os.path.basename(r['draft'])} | {r['temperature']:g} | {r['k']} | {r['acceptance']:.3f} | "
-              f"{r['tokens_per_round']:.2f} | {r['tok_s']:.1f} | {results['plain'][str(r['temperature'])]:.1f} | "
-              f"{r['speedup']:.2f}x |")
+              f"{r['alpha']:.3f} | {r['tokens_per_round']:.2f} | {r['tok_s']:.1f} | "
+              f"{results['plain'][str(r['temperature'])]:.1f} | {r['speedup']:.2f}x |")
 
 
 if __name__ == "__main__":

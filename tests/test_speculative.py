@@ -19,6 +19,10 @@ import speculative as S
 from conftest import run_script, save_tiny
 from test_copy_alone import NOT_THERE, PASTE, pure_block
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+SETTINGS = [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.5, 0, 0.8), (0.8, 4, 0.7), (0.0, 0, 1.0)]  # temperature, top_k, top_p
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models: one thread is fastest, and far faster than two on a busy machine."""
@@ -28,11 +32,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-SETTINGS = [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.5, 0, 0.8), (0.8, 4, 0.7), (0.0, 0, 1.0)]  # temperature, top_k, top_p
-
-
 def tiny(arch, vocab_size, seed, std=0.3, n_layer=1):
+    """A small random model of the family, vocabulary vocab_size, weights N(0, std): clearly peaked distributions."""
     torch.manual_seed(seed)
     cfg = M.Config(arch=arch, vocab_size=vocab_size, n_layer=n_layer, n_head=2, n_kv_head=2 if arch == "gpt2" else 1,
                    d_model=16, d_ff=32, max_seq_len=64)
@@ -53,9 +54,11 @@ def noisy_copy(model, std, seed):
     return draft
 
 
+@st.composite
 def distributions(draw):
     """Hypothesis: a (k+1, V) p and a (k, V) q, float64, rows summing to 1, some entries zero (filtered)."""
     k, V = draw(st.integers(1, 4)), draw(st.integers(2, 6))
+
     def rows(n):
         w = torch.tensor(draw(st.lists(st.floats(0, 1), min_size=n * V, max_size=n * V)), dtype=torch.float64)
         w = w.view(n, V) * (torch.rand(n, V, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) > 0.3)
@@ -73,7 +76,7 @@ def distributions(draw):
 def test_rule_emits_p_at_every_position(data):
     """For each drafted position and every token x: q(x) accept(x) + P(reject) residual(x) = p(x) (Leviathan et al.
     App. A.1), with P(reject) = 1 - sum_y q(y) accept(y); accept in [0, 1], every fallback a distribution."""
-    p, q = data.draw(st.composite(distributions)())
+    p, q = data.draw(distributions())
     k, V = q.shape
     every = torch.arange(V)[:, None].expand(V, k)  # row x drafts x at every position
     accept, fallback = S.speculative_probs(p.expand(V, -1, -1), q.expand(V, -1, -1), every)  # (V, k), (V, k+1, V)
@@ -91,7 +94,7 @@ def test_rule_emits_p_at_every_position(data):
 def test_accept_keeps_a_prefix_and_draws_from_its_fallback(data):
     """speculative_accept: n in 0..k; the emitted token possible under fallback[n]; q == p keeps all k; one-hot p and
     q (greedy) keep exactly the leading matches and emit the target's argmax after them."""
-    p, q = data.draw(st.composite(distributions)())
+    p, q = data.draw(distributions())
     k, V = q.shape
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     draft = torch.multinomial(q, 1, generator=g).T  # (1, k)
@@ -189,7 +192,7 @@ def test_greedy_equals_the_targets_greedy(pair, k):
     tokens, logps, mask, counts = S.generate(target, draft, PROMPTS, 16, k, temperature=0, pad_id=0)
     assert torch.equal(tokens, want[0]) and torch.equal(mask, want[2])
     assert torch.allclose(logps, want[1], atol=1e-5)
-    assert 0 < counts["accepted"] < counts["drafted"]
+    assert 0 < counts["accepted"] < counts["drafted"] and 0 < counts["rejected"] <= len(PROMPTS) * counts["rounds"]
 
 
 def test_draft_equal_to_target_keeps_every_token(pair):
@@ -198,7 +201,7 @@ def test_draft_equal_to_target_keeps_every_token(pair):
     target, _ = pair
     g = torch.Generator().manual_seed(0)
     tokens, _, mask, counts = S.generate(target, target, PROMPTS, 17, 4, temperature=1.0, top_p=0.9, generator=g)
-    assert counts["accepted"] == counts["drafted"] > 0
+    assert counts["accepted"] == counts["drafted"] > 0 and counts["rejected"] == 0
     assert counts["rounds"] == 4 and tokens.shape == (3, 17)  # 5 + 5 + 5 + 2 tokens (the last round drafts 1)
 
 
