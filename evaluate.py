@@ -838,28 +838,28 @@ def judge_answer_logps(judge, enc, asks, answers, cfg, device):
     each a complete reply). A context too long for the judge loses its beginning (room is kept for the longest
     answer). The judge always speaks its chat template, whatever --no-chat-template says of the models judged.
 
-    Each context goes through the judge once: its keys and values are then copied for the K answers, which run on
-    the copies (the same numbers as K full forwards, K times fewer context tokens)."""
+    Each context goes through the judge once; each answer then runs on its keys and values in the KV cache, which is
+    rewound after it (the next answer overwrites its slots): the same numbers as K full forwards, K times fewer
+    context tokens, and no copy of the cache."""
     conts = [enc.encode_ordinary(a) + [C.end_id(enc)] for a in answers]
-    K, L, pad = len(conts), max(map(len, conts)), C.special_id(enc, "<|pad|>")
-    cont, cmask = C.pad_right(conts, pad).to(device), C.pad_right([[1] * len(c) for c in conts], 0).to(device)
-    out = []
+    room = judge.cfg.max_seq_len - max(map(len, conts))
+    out = torch.zeros(len(asks), len(conts), dtype=torch.float64)
     for i in range(0, len(asks), cfg.batch_size):
-        ctxs = [C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0]
-                [-(judge.cfg.max_seq_len - L):] for ask in asks[i:i + cfg.batch_size]]
-        ids, mask = M.pad_left(ctxs, pad)
+        ctxs = [C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0][-room:]
+                for ask in asks[i:i + cfg.batch_size]]
+        ids, mask = M.pad_left(ctxs, C.special_id(enc, "<|pad|>"))
         B = len(ctxs)
-        cache = judge.new_cache(B, ids.shape[1] + L)
+        cache = judge.new_cache(B, ids.shape[1] + judge.cfg.max_seq_len - room)
         with C.autocast(device, cfg.dtype):
             last = judge(ids.to(device), attention_mask=mask.to(device), cache=cache)[:, -1:]  # (B, 1, V)
-            for t in (cache.k, cache.v):  # row b's keys -> rows b * K .. b * K + K - 1
-                t[:] = [x.repeat_interleave(K, 0) for x in t]
-            cache.valid, cache.seen = cache.valid.repeat_interleave(K, 0), cache.seen.repeat_interleave(K, 0)
-            logits = judge(cont.repeat(B, 1), cache=cache)  # (B * K, L, V): pads after an answer are never scored
-        logits = torch.cat([last.repeat_interleave(K, 0), logits[:, :-1]], 1)  # (B * K, L, V): [:, j] predicts token j
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, cont.repeat(B, 1)[..., None]).squeeze(-1)  # (B * K, L)
-        out.append((lp * cmask.repeat(B, 1)).sum(-1).double().cpu().view(B, K))
-    return torch.cat(out)  # (N, K)
+            start = cache.pos.clone(), cache.seen.clone(), cache.valid.clone()
+            for k, c in enumerate(conts):
+                cache.pos, cache.seen, cache.valid = (t.clone() for t in start)  # rewind to the end of the context
+                c = torch.tensor([c] * B, device=device)  # (B, Lc)
+                logits = torch.cat([last, judge(c, cache=cache)[:, :-1]], 1)  # (B, Lc, V): [:, j] predicts c[:, j]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, c[..., None]).squeeze(-1)  # (B, Lc)
+                out[i:i + B, k] = lp.sum(-1).double().cpu()
+    return out  # (N, K)
 
 
 def judge_grades(judge, enc, kind, prompts, responses, cfg, device):
