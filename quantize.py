@@ -199,7 +199,9 @@ def dequantize_nf4(codes, absmax_q, absmax_scale, absmax_mean, group_size):
 # FP8 (ModelOpt's and vLLM's W8A8 on Hopper): e4m3fn, 1 sign, 4 exponent and 3 mantissa bits, no infinities, largest
 # finite value 448. A tensor is stored as its e4m3 codes and an fp32 scale, amax / 448 (the largest |w| lands on
 # 448), per tensor or per row; activations get the same treatment at every call ("dynamic" scales), per token or per
-# tensor. Rounding is the cast's (nearest, ties to even): a normal value is off by at most 2^-4 of itself.
+# tensor (one scale for all the tokens of a batch, as vLLM's dynamic per-tensor scale: a sequence's outputs then
+# depend on what is batched with it; per token they do not). Rounding is the cast's (nearest, ties to even): a normal
+# value is off by at most 2^-4 of itself.
 FP8_MAX = 448.0
 
 

@@ -187,6 +187,16 @@ def test_fp8_codes_and_scales_move_but_are_never_cast(tmp_path, enc):
         assert model(torch.randint(0, 256, (1, 8))).dtype == torch.bfloat16
 
 
+def test_fp8_layer_passes_gradients_to_its_inputs():
+    """QLoRA over an FP8 base: the input's gradient is the straight-through one, g W (W dequantised), so adapters
+    below an FP8 layer train (sft.py --model fp8.pt --lora-rank 16)."""
+    torch.manual_seed(0)
+    layer = Q.QuantLinear.from_linear(torch.nn.Linear(32, 16), 8, 0, "fp8", act_bits=8)
+    x, g = torch.randn(4, 32, requires_grad=True), torch.randn(4, 16)
+    layer(x).backward(g)
+    assert torch.allclose(x.grad, g @ layer.dequantize(), atol=1e-6)
+
+
 def test_corrupt_fp8_checkpoints_are_refused(tmp_path, enc):
     model = C.load_model(save_tiny(tmp_path / "fp.pt", enc, std=0.05))[0]
     Q.quantize_model(model, "fp8")
