@@ -10,6 +10,7 @@ that is nearly zero into a visible step (conftest.assert_same_training bounds it
 compute with them: equal bit for bit. Tensor parallelism sums o's and down's halves on two ranks, then adds:
 logits agree to fp32 rounding, greedy tokens exactly."""
 import os
+import sys
 
 import pytest
 import torch
@@ -21,7 +22,6 @@ from test_sft import write_chats
 import common as C
 import model as M
 import parallel as P
-import sys
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import fsdp_worker as W  # noqa: E402
