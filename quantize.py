@@ -236,10 +236,16 @@ def fp8_matmul(x, codes, scales, per_token=True):
     """fp8_matmul_ref on e4m3 tensor cores: torch._scaled_mm (CUDA, compute capability >= 8.9: Ada, Hopper), the
     scales applied to its fp32 accumulator, bf16 out (what row-wise scaling requires); the reference elsewhere (and
     where the sizes miss _scaled_mm's multiples of 16)."""
-    N, n = x.shape
-    if not (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and n % 16 == 0
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9) and x.shape[1] % 16 == 0
             and codes.shape[0] % 16 == 0):
         return fp8_matmul_ref(x, codes, scales, per_token)
+    return scaled_mm_fp8(x, codes, scales, per_token)
+
+
+def scaled_mm_fp8(x, codes, scales, per_token=True):
+    """fp8_matmul's tensor-core call, on whatever device runs torch._scaled_mm (recent CPU builds do too, slowly:
+    the tests check the call there)."""
+    N = x.shape[0]
     xq, sx = quantize_fp8(F.pad(x, (0, 0, 0, -N % 16)), per_token)  # (N padded to 16, in): rows of zeros
     y = torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scales.t(), out_dtype=torch.bfloat16)
     return y[:N].float()

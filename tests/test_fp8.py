@@ -113,15 +113,31 @@ def test_fp8_matmul_reference_is_the_dequantised_product(per_token):
     assert torch.equal(Q.fp8_matmul(x, codes, scales, per_token), want)  # on CPU the reference itself
 
 
-@pytest.mark.skipif(not SCALED_MM, reason="torch._scaled_mm needs a CUDA GPU of compute capability >= 8.9")
+def _cpu_scaled_mm():
+    try:
+        codes, scales = Q.quantize_fp8(torch.ones(16, 16))
+        torch._scaled_mm(codes, codes.t(), scale_a=scales, scale_b=scales.t(), out_dtype=torch.bfloat16)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_scaled_mm(), reason="no CPU torch._scaled_mm")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not SCALED_MM, reason="torch._scaled_mm needs a CUDA GPU of "
+                                                          "compute capability >= 8.9"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_token", [True, False])
 @pytest.mark.parametrize("N", [1, 7, 64])
-def test_scaled_mm_equals_the_reference(per_token, N):
+def test_scaled_mm_equals_the_reference(device, per_token, N):
     """Products of e4m3 values are exact in fp32; what differs is the order of the fp32 sums and the bf16 output
-    (half its ulp, 2^-9 relative)."""
-    x, W = _weights(3, N, 256).cuda(), _weights(4, 384, 256).cuda()
+    (half its ulp, 2^-9 relative). On CUDA through fp8_matmul's dispatch; on CPU (torch runs _scaled_mm there too)
+    the same call directly, so the scales' shapes and the row padding are checked without a GPU."""
+    x, W = _weights(3, N, 256).to(device), _weights(4, 384, 256).to(device)
     codes, scales = Q.quantize_fp8(W, per_token)
-    y, ref = Q.fp8_matmul(x, codes, scales, per_token), Q.fp8_matmul_ref(x, codes, scales, per_token)
+    mm = Q.fp8_matmul if device == "cuda" else Q.scaled_mm_fp8
+    y, ref = mm(x, codes, scales, per_token), Q.fp8_matmul_ref(x, codes, scales, per_token)
     xq, sx = Q.quantize_fp8(x, per_token)
     size = Q.dequantize_fp8(xq, sx).abs() @ Q.dequantize_fp8(codes, scales).abs().t()
     assert y.dtype == torch.float32 and y.shape == (N, 384)
