@@ -981,7 +981,8 @@ def setup_ddp(device_spec="auto"):
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # a script's main() called by a program that joined already (tests)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

@@ -57,7 +57,8 @@ the first k (lm-eval's first_n, which MMLU uses; lm-eval samples the others' at 
         --suite-fewshot mmlu:mmlu_dev.jsonl,gsm8k:gsm8k_train.jsonl --max-new-tokens 256    # MMLU 5-shot, GSM8K
     python evaluate.py --model out/sft.pt --data data/toy/eval.jsonl --scorer data/toyworld.py:gold_reward \\
         --best-of 16 --best-by out/rm.pt --temperature 1                     # best-of-16 by the reward model
-Evaluation is a single process: no torchrun.
+Evaluation is a single process, or with --tp one model split over torchrun's ranks (parallel.tensor_parallel):
+    torchrun --nproc_per_node=2 evaluate.py --tp --model out/sft.pt --data data/toy/eval.jsonl --text data/toy/sft.jsonl
 """
 
 import json
@@ -120,6 +121,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     out: str = ""  # JSON results file (atomic write); the markdown table always goes to stdout
+    tp: bool = False  # under torchrun: each --model split over the ranks (tensor parallel, parallel.py)
     responses: str = ""  # JSONL {"prompt", "responses": {model: text}}, one line per --data prompt (arena.py's
     # --build-pairs input: the models' responses side by side for human raters), written atomically
 
@@ -996,7 +998,7 @@ def log(msg):
 def main(argv=None):
     cfg = C.parse_config(Config, argv, description=__doc__)
     check_flags(cfg)
-    device = C.pick_device(cfg.device)
+    rank, world, device = C.setup_ddp(cfg.device) if cfg.tp else (0, 1, C.pick_device(cfg.device))
     paths = [p.strip() for p in cfg.model.split(",") if p.strip()]
     best_by_fn = cfg.best_by.endswith(".py") or cfg.best_by.rpartition(":")[0].endswith(".py")  # else a checkpoint
     for p in paths + [x for x in (cfg.baseline, cfg.reward_model, cfg.judge, cfg.ref) if x] + \
@@ -1066,6 +1068,10 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
         model, enc = load(path, device, "lm", cfg.dequantize)
+        if world > 1:  # --tp: every rank runs the same evaluation on its share of the heads
+            import parallel
+            from torch.distributed.device_mesh import init_device_mesh
+            parallel.tensor_parallel(model, init_device_mesh(device.type, (world,)))
         if ref is not None and (ref[1].name != enc.name or ref[0].cfg.vocab_size != model.cfg.vocab_size):
             raise M.UserError(f"--ref {cfg.ref} and {path} use different tokenizers: their KL is undefined")
         row = {"model": path}
@@ -1136,6 +1142,8 @@ def main(argv=None):
         rows.append(row)
         del model
 
+    if rank:  # --tp: the same rows on every rank
+        return
     print(markdown_table(rows))
     if cfg.out:
         clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}

@@ -22,7 +22,7 @@ parallel.py: training and inference beyond one device's memory, beside DDP (comm
   TP        tensor-parallel inference (Megatron-LM, Shoeybi et al. 2019) with DTensor: q, k, v, gate, up split by
             output rows (ColwiseParallel), o and down by input columns (RowwiseParallel), so rank r holds query
             heads r*n_head/N.. and key/value heads r*n_kv_head/N.. and one all-reduce per attention and per MLP
-            joins them; embeddings, norms and head replicated. Same `model.generate`.
+            joins them; embeddings, norms and head replicated. Same `model.generate`; `evaluate.py --tp` uses it.
 
 Departures: under --fsdp, eval mode holds the gathered weights (`shard`): evaluation and sampling loops differ in
 length across ranks (each rank scores its share, generate stops early), which per-forward all-gathers cannot
@@ -32,6 +32,7 @@ follow. --fsdp trains a dense model in full (no LoRA / prefix adapters, no prune
     torchrun --nproc_per_node=4 sft.py --fsdp --resume out/sft.dcp --model out/base.pt ...   # any N, 1 included
     python parallel.py dcp-to-ckpt out/sft.dcp out/sft-again.pt    # and back: ckpt-to-dcp out/sft.pt out/x.dcp
     torchrun --nproc_per_node=2 parallel.py generate --model out/sft.pt --prompt "What is 2 + 3?"   # TP=2
+    torchrun --nproc_per_node=2 evaluate.py --tp --model out/sft.pt --data data/toy/eval.jsonl    # TP=2 evaluation
 """
 
 import contextlib

@@ -8,6 +8,7 @@ the one-process references come from the same functions called in the test's own
                              "losses": each step's loss, "logits": the trained model's logits on PROBE}
   OUT_DIR/ckpt.pt, ckpt.dcp the FSDP run saved by parallel.save_fsdp: one gathered file and the sharded directory
   OUT_DIR/tp.pt             {preset: {"logits": ..., "tokens": greedy tokens of PROMPTS}} of the model split TP=2
+  OUT_DIR/eval-tp.json, eval-tp.jsonl   evaluate.py --tp's results and responses on eval_args(OUT_DIR)'s files
 """
 import os
 import sys
@@ -83,8 +84,23 @@ def decode(model):
     return {"logits": logits, "tokens": tokens}
 
 
+def eval_args(out_dir, write=False):
+    """evaluate.py's flags for two tiny models (llama with GQA, gpt2) and their files, written if `write`."""
+    models = [os.path.join(out_dir, f"{preset}.pt") for preset in ("tiny", "tiny-gpt2")]
+    data, text = os.path.join(out_dir, "eval.jsonl"), os.path.join(out_dir, "text.txt")
+    if write:
+        for path, preset in zip(models, ("tiny", "tiny-gpt2")):
+            C.save_checkpoint(path, tp_model(preset), C.get_tokenizer("byte"))
+        C.write_jsonl(data, [{"prompt": f"What is {a} + 2?", "answer": str(a + 2)} for a in range(4)])
+        with open(text, "w") as f:
+            f.write("The quick brown fox jumps over the lazy dog. " * 8)
+    return ["--model", ",".join(models), "--data", data, "--text", text, "--max-new-tokens", "6", "--no-speed",
+            "--device", "cpu"]
+
+
 def main():
     from torch.distributed.device_mesh import init_device_mesh
+    import evaluate
     rank, world, device = C.setup_ddp("cpu")
     out_dir = sys.argv[1]
     results = {kind: train(kind, rank, world, os.path.join(out_dir, "ckpt.pt") if kind == "fsdp" else "")
@@ -95,6 +111,10 @@ def main():
         for kind, result in results.items():
             torch.save(result, os.path.join(out_dir, f"{kind}.pt"))
         torch.save(tp, os.path.join(out_dir, "tp.pt"))
+    eval_args(out_dir, write=rank == 0)
+    torch.distributed.barrier()  # rank 0's files written
+    evaluate.main(["--tp", *eval_args(out_dir), "--out", os.path.join(out_dir, "eval-tp.json"),
+                   "--responses", os.path.join(out_dir, "eval-tp.jsonl")])
 
 
 if __name__ == "__main__":

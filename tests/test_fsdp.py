@@ -9,6 +9,7 @@ scale; after that, Adam divides each gradient by its own running size, which can
 that is nearly zero into a visible step (conftest.assert_same_training bounds it). Checkpoints move tensors, never
 compute with them: equal bit for bit. Tensor parallelism sums o's and down's halves on two ranks, then adds:
 logits agree to fp32 rounding, greedy tokens exactly."""
+import json
 import os
 import sys
 
@@ -106,6 +107,21 @@ def test_tensor_parallel_matches_one_process(two_ranks, preset):
     assert torch.equal(tp["tokens"], one["tokens"])
 
 
+def test_evaluate_tp_matches_one_process(two_ranks, tmp_path):
+    """evaluate.py --tp on 2 ranks (in the worker) against the same command in one process: the same greedy
+    responses, the same scores, perplexity to fp32 rounding."""
+    out, _ = two_ranks
+    import evaluate
+    evaluate.main([*W.eval_args(str(out)), "--out", str(tmp_path / "one.json"),
+                   "--responses", str(tmp_path / "one.jsonl")])
+    assert (tmp_path / "one.jsonl").read_text() == (out / "eval-tp.jsonl").read_text()
+    tp, one = (json.loads(p.read_text())["results"] for p in (out / "eval-tp.json", tmp_path / "one.json"))
+    assert [r["model"] for r in tp] == [r["model"] for r in one] and len(one) == 2
+    for a, b in zip(tp, one):
+        assert a["exact_match"] == b["exact_match"] and a["params"] == b["params"]
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5) and a["bpb"] == pytest.approx(b["bpb"], rel=1e-5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_offload_activations_gives_the_same_gradients(checkpointing):
     """save_on_cpu copies what backward needs and copies it back: the same values, so the same gradients, bit for
@@ -142,5 +158,6 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, enc):
     base = save_tiny(tmp_path / "base.pt", enc)
     assert_refused("sft.py", "--model", base, "--fsdp", "--lora-rank", "4", "--seq-len", "64",
                    "--out", str(tmp_path / "x.pt"), message="--fsdp trains every weight")
-    assert_refused("ppo.py", "--model", base, "--reward", "data/toyworld.py:gold_reward", "--fsdp",
-                   message="--fsdp is not supported by ppo.py")
+    import ppo
+    with pytest.raises(M.UserError, match="--fsdp is not supported by ppo.py"):
+        ppo.main(["--model", base, "--reward", "data/toyworld.py:gold_reward", "--fsdp"])
