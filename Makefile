@@ -12,7 +12,7 @@
 # make real-prune: SmolLM2 pruned by magnitude / Wanda / SparseGPT (50%, 2:4) and Minitron (width, depth, both), the
 #                 pruned ones healed by distillation and by plain training: the pruning table of the README
 # make real-spec: speculative decoding of SmolLM2 with half-size drafts (Minitron-pruned, healed by distillation vs by
-#                 plain training): acceptance and speed-up at k = 2, 4, 8, greedy and T = 1 (~30 minutes on 2 cores)
+#                 plain training): acceptance and speed-up at k = 2, 4, 8, greedy and T = 1 (~45 minutes on 2 busy cores)
 # make real-qat: SmolLM2 after LoRA SFT (make real-model's sft.pt), quantised (RTN / GPTQ / AWQ ...) and its GPTQ
 #                 W4 / W3 / W4A8 models trained 60 steps each by qat.py on text: the QAT table of the README
 #                 (~2 hours on 2 cores)
