@@ -193,6 +193,25 @@ def never_sampled(enc, vocab_size, stop_ids):
     return sorted(specials) + list(range(enc.n_vocab, vocab_size))
 
 
+def tokenizers_differ(a, b):
+    """Why two tokenizers would not give the same ids (None if they do): size, any id's bytes, the split pattern
+    (a probe text), the chat template."""
+    def token(enc, i):
+        try:
+            return enc.decode_single_token_bytes(i)
+        except KeyError:  # an unused id in a real vocabulary's numbering
+            return None
+    if a.n_vocab != b.n_vocab:
+        return f"{a.n_vocab} vs {b.n_vocab} ids"
+    probe = "Hello, World! 12345 in 2024: don't stop...\n\n  ça va? 東京"
+    if a.encode_ordinary(probe) != b.encode_ordinary(probe) or any(token(a, i) != token(b, i)
+                                                                    for i in range(a.n_vocab)):
+        return "the same number of ids, but different tokens"
+    if a.chat_template != b.chat_template:
+        return f"chat template {a.chat_template} vs {b.chat_template}"
+    return None
+
+
 def _encode_turn(enc, head, body, on):
     """head + body as one text, as a Jinja template renders and a tokenizer then splits it (a pre-token may span
     the two: "\\n" + "\\n..." is one "\\n\\n" token). -> (ids, mask): mask `on` from the first token that reaches

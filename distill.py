@@ -310,25 +310,6 @@ def capture(model, layers):
     return store
 
 
-def tokenizers_differ(a, b):
-    """Why two tokenizers would not give the same ids (None if they do): size, any id's bytes, the split pattern
-    (a probe text), the chat template."""
-    def token(enc, i):
-        try:
-            return enc.decode_single_token_bytes(i)
-        except KeyError:  # an unused id in a real vocabulary's numbering
-            return None
-    if a.n_vocab != b.n_vocab:
-        return f"{a.n_vocab} vs {b.n_vocab} ids"
-    probe = "Hello, World! 12345 in 2024: don't stop...\n\n  ça va? 東京"
-    if a.encode_ordinary(probe) != b.encode_ordinary(probe) or any(token(a, i) != token(b, i)
-                                                                    for i in range(a.n_vocab)):
-        return "the same number of ids, but different tokens"
-    if a.chat_template != b.chat_template:
-        return f"chat template {a.chat_template} vs {b.chat_template}"
-    return None
-
-
 def parse_init(spec):
     """--init PRESET[:field=value,...] -> (preset, {field: int}) over model.Config's whole-number fields."""
     preset, _, rest = spec.partition(":")
@@ -359,7 +340,7 @@ def load_models(cfg, device):
     else:
         student, s_enc, ckpt = C.load_model(cfg.model)
         lineage = ckpt.get("lineage", [])
-        why = tokenizers_differ(enc, s_enc)
+        why = C.tokenizers_differ(enc, s_enc)
         if why:
             raise M.UserError(f"teacher {cfg.teacher} ({enc.name}) and student {cfg.model} ({s_enc.name}) do not "
                               f"share a tokenizer ({why}): distillation compares their distributions id by id")

@@ -317,7 +317,7 @@ def load_start(cfg, device):
     teacher = None
     if cfg.teacher:
         teacher, t_enc, _ = C.load_model(cfg.teacher, device)
-        why = distill.tokenizers_differ(enc, t_enc)
+        why = C.tokenizers_differ(enc, t_enc)
         if why or teacher.cfg.head != "lm":
             raise M.UserError(f"--teacher {cfg.teacher}: " + (f"another tokenizer than --model's ({why})" if why else
                               "a reward model (scalar head), not a language model"))

@@ -54,7 +54,7 @@ at the same temperature. Greedy runs also report whether the tokens equal plain 
     scripts/spec_real.sh out/spec   # SmolLM2-135M-Instruct, drafts pruned to half and healed with / without KD
 
 Departures: the papers run batch 1; the batch rule above is ours. The draft drafts a fixed k per round (no adaptive
-k, no tree of drafts). The draft/target tokenizer check is distill.py's `tokenizers_differ`, imported from it.
+k, no tree of drafts). The draft/target tokenizer check is `common.tokenizers_differ`, distill.py's and qat.py's too.
 """
 
 import functools
@@ -241,7 +241,6 @@ def main(argv=None):
     ks, temps = parse_list(cfg.k, int, "k"), parse_list(cfg.temperatures, float, "temperatures")
     if min(ks) < 1 or min(temps) < 0 or cfg.max_new_tokens < 1 or cfg.n_prompts < 1:
         raise UserError("--k must be >= 1, --temperatures >= 0, --max-new-tokens and --n-prompts >= 1")
-    from distill import tokenizers_differ  # the one tokenizer comparison; imported late (distill imports sft)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = C.pick_device(cfg.device)
@@ -249,7 +248,7 @@ def main(argv=None):
     drafts = {}
     for path in cfg.draft.split(","):
         drafts[path], d_enc, _ = C.load_model(path, device)
-        why = tokenizers_differ(enc, d_enc)
+        why = C.tokenizers_differ(enc, d_enc)
         if why or drafts[path].cfg.vocab_size != target.cfg.vocab_size:
             raise UserError(f"draft {path} and target {cfg.model} do not share a tokenizer "
                             f"({why or 'different vocabulary sizes'}): the rule compares their distributions id by id")
