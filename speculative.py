@@ -47,7 +47,9 @@ The measurement (`main`): the same prompts decoded at batch 1 by `model.generate
 prefill included; acceptance is accepted / drafted tokens (vLLM's draft acceptance rate); alpha is accepted / examined
 tokens, the drafts after a round's rejection not counted (Leviathan's alpha, the probability a draft token is kept:
 tokens per round = (1 - alpha^(k+1)) / (1 - alpha) when it is the same everywhere); speed-up is against plain decoding
-at the same temperature. Greedy runs also report whether the tokens equal plain decoding's.
+at the same temperature. Greedy runs also report whether the tokens equal plain decoding's. On a text --data it also
+computes alpha exactly, `expected_alpha` averaged over --alpha-windows windows of 512 tokens of the text itself
+(teacher-forced): no sampling noise, so two drafts compare on thousands of positions, not on a few prompts.
 
     python speculative.py --model target.pt --draft small.pt --data prompts.jsonl --k 2,4,8   # CPU (or --device cuda)
     python speculative.py --model target.pt --draft a.pt,b.pt --data text.txt --n-prompts 8 --prompt-len 64
@@ -100,6 +102,13 @@ def speculative_accept(p, q, draft, generator=None):
     n = (u < accept).long().cumprod(1).sum(1)  # (B,) kept up to the first rejection
     after = fallback[torch.arange(len(n), device=n.device), n]  # (B, V)
     return n, torch.multinomial(after, 1, generator=generator).squeeze(-1)
+
+
+def expected_alpha(p, q):
+    """Leviathan's alpha at one position, computed rather than sampled: p, q (..., V) the target's and the draft's
+    distributions -> (...,) sum_x min(p(x), q(x)) = 1 - TV(p, q), the probability that a token drawn from q is kept
+    (E_{x~q} min(1, p(x) / q(x))). 1 when q == p; with one-hot (greedy) p and q, 1 where their argmaxes agree, else 0."""
+    return torch.minimum(p, q).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +211,8 @@ class Config:
     seed: int = 0  # sampling seed (the same for every run)
     threads: int = 0  # torch CPU threads (0: torch's default)
     device: str = "cpu"  # auto | cpu | cuda | mps
+    alpha_windows: int = 4  # text --data: also alpha computed exactly (`expected_alpha`) on this many windows of 512
+    # tokens, teacher-forced (the text's own tokens as context, not sampled ones); 0: off
     out: str = "out/spec/spec.json"  # the results, JSON; a markdown table is printed
 
 
@@ -225,6 +236,22 @@ def read_prompts(cfg, enc):
         raise UserError(f"{cfg.data}: {len(ids)} tokens, fewer than --n-prompts x --prompt-len")
     stride = len(ids) // cfg.n_prompts
     return [ids[i * stride:i * stride + cfg.prompt_len] for i in range(cfg.n_prompts)]
+
+
+@torch.no_grad()
+def exact_alphas(target, drafts, windows, temps, settings):
+    """{draft: {temperature: alpha}}: `expected_alpha` of each draft against the target, averaged over every position
+    of the windows (B, T), each distribution the filtered one both models sample from. No sampling noise: the
+    steadier figure beside the sampled acceptance of a few prompts."""
+    banned = M.ban_mask(target.cfg.vocab_size, settings["banned_ids"], windows.device)
+    p_logits = target(windows)
+    out = {}
+    for path, draft in drafts.items():
+        q_logits = draft(windows)
+        out[path] = {str(t): expected_alpha(sampling_probs(p_logits, t, settings["top_k"], settings["top_p"], banned)[0],
+                                            sampling_probs(q_logits, t, settings["top_k"], settings["top_p"], banned)[0]
+                                            ).mean().item() for t in temps}
+    return out
 
 
 def timed_runs(fn, prompts):
@@ -282,6 +309,15 @@ def main(argv=None):
                     run["same_as_plain"] = all(torch.equal(o[0], q[0]) for o, q in zip(outs, plain))
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
+    if cfg.alpha_windows and not cfg.data.endswith(".jsonl"):
+        ids = enc.encode_ordinary("\n\n".join(C.read_text(cfg.data)))
+        L = min(512, target.cfg.max_seq_len)
+        stride = max(L, len(ids) // cfg.alpha_windows)
+        windows = torch.tensor([ids[i:i + L] for i in range(0, len(ids) - L + 1, stride)][:cfg.alpha_windows],
+                               device=device)  # (W, L)
+        results["alpha_exact"] = exact_alphas(target, drafts, windows, temps, settings)
+        results["alpha_exact_positions"] = windows.numel()
+        print(json.dumps({"alpha_exact": results["alpha_exact"], "positions": windows.numel()}), flush=True)
     results["machine"]["load_avg_after"] = os.getloadavg()
     C.atomic_write(cfg.out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     head = "| draft | T | k | acceptance | alpha | tokens/round | tok/s | plain tok/s | speed-up |"
@@ -290,6 +326,9 @@ def main(argv=None):
         print(f"| {os.path.basename(r['draft'])} | {r['temperature']:g} | {r['k']} | {r['acceptance']:.3f} | "
               f"{r['alpha']:.3f} | {r['tokens_per_round']:.2f} | {r['tok_s']:.1f} | "
               f"{results['plain'][str(r['temperature'])]:.1f} | {r['speedup']:.2f}x |")
+    for path, by_t in results.get("alpha_exact", {}).items():
+        print(f"alpha computed exactly over {results['alpha_exact_positions']} text positions, "
+              f"{os.path.basename(path)}: " + ", ".join(f"T={float(t):g} {a:.3f}" for t, a in by_t.items()))
 
 
 if __name__ == "__main__":

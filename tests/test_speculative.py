@@ -91,6 +91,22 @@ def test_rule_emits_p_at_every_position(data):
 
 @settings(max_examples=60, deadline=None)
 @given(st.data())
+def test_expected_alpha_is_the_mean_keep_probability(data):
+    """expected_alpha == E_{x~q} accept(x) (the rule's own keep probability, summed over every x), == 1 - TV(p, q);
+    symmetric; 1 when q == p."""
+    p, q = data.draw(distributions())
+    k, V = q.shape
+    every = torch.arange(V)[:, None].expand(V, k)
+    accept, _ = S.speculative_probs(p.expand(V, -1, -1), q.expand(V, -1, -1), every)  # (V, k)
+    alpha = S.expected_alpha(p[:k], q)  # (k,)
+    assert torch.allclose(alpha, (q * accept.T).sum(-1), atol=1e-12)
+    assert torch.allclose(alpha, 1 - 0.5 * (p[:k] - q).abs().sum(-1), atol=1e-12)
+    assert torch.allclose(alpha, S.expected_alpha(q, p[:k]), atol=0)
+    assert torch.allclose(S.expected_alpha(q, q), torch.ones(k, dtype=torch.float64), atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
 def test_accept_keeps_a_prefix_and_draws_from_its_fallback(data):
     """speculative_accept: n in 0..k; the emitted token possible under fallback[n]; q == p keeps all k; one-hot p and
     q (greedy) keep exactly the leading matches and emit the target's argmax after them."""
@@ -252,7 +268,7 @@ def test_rule_block_copies_alone():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["functions"] == ["speculative_accept", "speculative_probs"] and out["unresolved"] == []
+    assert out["functions"] == ["expected_alpha", "speculative_accept", "speculative_probs"] and out["unresolved"] == []
 
 
 # -----------------------------------------------------------------------------
@@ -260,8 +276,9 @@ def test_rule_block_copies_alone():
 
 
 def test_script_measures_and_refuses_another_tokenizer(tmp_path, enc):
-    target = save_tiny(tmp_path / "target.pt", enc)
-    draft = save_tiny(tmp_path / "draft.pt", enc, d_model=32, n_head=2, n_kv_head=1)
+    target = save_tiny(tmp_path / "target.pt", enc, std=0.1)  # larger weights than the init: peaked distributions
+    draft = str(tmp_path / "draft.pt")  # a noisy copy: agrees with the target often, not always
+    C.save_checkpoint(draft, noisy_copy(C.load_model(target)[0], 0.03, seed=1), enc)
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "spec.json"
@@ -273,6 +290,21 @@ def test_script_measures_and_refuses_another_tokenizer(tmp_path, enc):
     self_runs = [r for r in result["runs"] if r["draft"] == target]
     assert all(r["acceptance"] == 1.0 for r in self_runs)  # the target as its own draft keeps everything
     assert all(r["same_as_plain"] for r in result["runs"] if r["temperature"] == 0)
+    # alpha computed over the text: the target against itself keeps everything; another draft at T=0 keeps a token
+    # exactly where the two argmaxes agree, counted here by hand over the same windows
+    assert result["alpha_exact"][target] == {"0.0": 1.0, "1.0": pytest.approx(1.0, abs=1e-6)}
+    t_model, _, _ = C.load_model(target)
+    d_model, _, _ = C.load_model(draft)
+    ids = torch.tensor(enc.encode_ordinary(text.read_text()))
+    L = min(512, t_model.cfg.max_seq_len)
+    stride = max(L, len(ids) // 4)  # --alpha-windows 4 windows of L tokens spread over the text
+    windows = torch.stack([ids[i:i + L] for i in range(0, len(ids) - L + 1, stride)][:4])
+    banned = M.ban_mask(t_model.cfg.vocab_size, C.never_sampled(enc, t_model.cfg.vocab_size, []))
+    with torch.no_grad():
+        agree = (t_model.eval()(windows).masked_fill(banned, -torch.inf).argmax(-1) ==
+                 d_model.eval()(windows).masked_fill(banned, -torch.inf).argmax(-1)).double().mean().item()
+    assert result["alpha_exact_positions"] == windows.numel()
+    assert result["alpha_exact"][draft]["0.0"] == pytest.approx(agree, abs=1e-9) and 0 < agree < 1
     other = save_tiny(tmp_path / "other.pt", C.get_tokenizer("gpt2"))  # in-process: a subprocess costs seconds
     with pytest.raises(M.UserError, match="do not share a tokenizer"):
         S.main(["--model", target, "--draft", other, "--data", str(text)])
