@@ -832,6 +832,7 @@ def judge_margins(judge, enc, prompts, first, second, cfg, device):
     return torch.cat(out)
 
 
+@torch.no_grad()
 def judge_answer_logps(judge, enc, asks, answers, cfg, device):
     """log p(answer as the judge's whole reply | ask as the user turn), for each ask and each allowed answer: asks N
     strings, answers K strings -> (N, K) float64. An answer is scored as its tokens followed by the template's end

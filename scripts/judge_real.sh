@@ -10,7 +10,7 @@
 #      world, the harmless verdict's agreement with the world's safety rule, and the verbosity bias.
 #   3. The suites (MMLU, HellaSwag, ARC, TruthfulQA MC1 / MC2, GSM8K) on tests/fixtures/suites: a handful of records
 #      each in the published schemas, so the figures show the path works on a real model, not its ability.
-# Usage: bash scripts/judge_real.sh [OUT=out/judge-real] [N=300] [L=100]
+# Usage: bash scripts/judge_real.sh [OUT=out/judge-real] [N=300] [L=100]   (OUT/pairwise.md, once written, is kept)
 set -euo pipefail
 OUT=${1:-out/judge-real}; N=${2:-300}; L=${3:-100}
 PY=${PY:-python}
@@ -24,11 +24,13 @@ W=data/toyworld.py
 FIX=tests/fixtures/suites
 
 echo "== 1. pairwise: SmolLM2 against the gold reward on $N preference pairs"
-head -n "$N" data/toy/prefs.jsonl > "$OUT/prefs.jsonl"
-$PY arena.py --build-pairs "$OUT/prefs.jsonl" --pairs "$OUT/pairs.jsonl"
-rm -f "$OUT/votes.jsonl"
-$PY arena.py --pairs "$OUT/pairs.jsonl" --votes "$OUT/votes.jsonl" --vote-by $W:gold_reward --rater gold \
-  --report --judge "$GGUF" | tee "$OUT/pairwise.md"
+if [ -s "$OUT/pairwise.md" ]; then echo "kept from an earlier run: $OUT/pairwise.md"; cat "$OUT/pairwise.md"; else
+  head -n "$N" data/toy/prefs.jsonl > "$OUT/prefs.jsonl"
+  $PY arena.py --build-pairs "$OUT/prefs.jsonl" --pairs "$OUT/pairs.jsonl"
+  rm -f "$OUT/votes.jsonl"
+  $PY arena.py --pairs "$OUT/pairs.jsonl" --votes "$OUT/votes.jsonl" --vote-by $W:gold_reward --rater gold \
+    --report --judge "$GGUF" > "$OUT/pairwise.tmp" && mv "$OUT/pairwise.tmp" "$OUT/pairwise.md" && cat "$OUT/pairwise.md"
+fi
 
 echo "== 2. absolute grades of its own answers ($L task and $L red-team prompts)"
 $PY evaluate.py --model "$GGUF" --data data/toy/eval.jsonl --redteam data/toy/redteam.jsonl --limit "$L" \
