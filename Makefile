@@ -20,7 +20,7 @@
 #                 PPO, GRPO), 3 seeds from one SFT checkpoint: the table of the README (~90 minutes on 2 cores)
 # make real-judge: SmolLM2-135M-Instruct as an evaluator: its pairwise verdicts against the world's gold reward (position
 #                 bias beside), its grades of its own answers (harmless vs the safety rule, verbosity bias), the
-#                 suites on their fixture files (~15 minutes on 2 cores)
+#                 suites on their fixture files (about an hour on 2 cores shared with other jobs)
 # make arena-browser: arena.py's rating page driven in headless Chromium (Debian's chromium package and pip's
 #                 playwright, test-only; playwright's own browser download is not used): votes by keyboard, a
 #                 screenshot in out/arena/screenshot.png
