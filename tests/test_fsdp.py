@@ -154,10 +154,10 @@ def test_sft_fsdp_resumes_from_its_shards_in_one_process(tmp_path, enc):
     assert_same_training(a, b, 1e-3, 4, bulk=1e-3, frac=1e-3)
 
 
-def test_fsdp_refuses_what_it_does_not_shard(tmp_path, enc):
+def test_fsdp_refuses_what_it_does_not_shard(tmp_path, enc, toy_dir):
     base = save_tiny(tmp_path / "base.pt", enc)
-    assert_refused("sft.py", "--model", base, "--fsdp", "--lora-rank", "4", "--seq-len", "64",
-                   "--out", str(tmp_path / "x.pt"), message="--fsdp trains every weight")
+    assert_refused("sft.py", "--model", base, "--data", f"{toy_dir}/sft.jsonl", "--fsdp", "--lora-rank", "4",
+                   "--seq-len", "64", "--out", str(tmp_path / "x.pt"), message="--fsdp trains every weight")
     import ppo
     with pytest.raises(M.UserError, match="--fsdp is not supported by ppo.py"):
         ppo.main(["--model", base, "--reward", "data/toyworld.py:gold_reward", "--fsdp"])
