@@ -1200,8 +1200,11 @@ def resume_and_peft(model, cfg, train_also=()):
         raise UserError("--rslora scales LoRA / DoRA adapters: give --lora-rank or --peft lora / dora")
     state, step = None, 0
     if resume:
-        import parallel  # a sharded checkpoint's tensors load after sharding, in wrap_for_training
-        ckpt = parallel.read_meta(resume) if parallel.is_dcp(resume) else load_checkpoint(resume)
+        if os.path.isdir(resume) and os.path.isfile(os.path.join(resume, ".metadata")):  # sharded (parallel.py):
+            import parallel  # its tensors load after sharding, in wrap_for_training
+            ckpt = parallel.read_meta(resume)
+        else:
+            ckpt = load_checkpoint(resume)
         state, step = ckpt.get("train_state"), ckpt.get("step")
         if not isinstance(state, dict) or not isinstance(step, int) or isinstance(step, bool):
             raise UserError(f"{resume}: no train_state and step to resume from (not written by a training script?)")
@@ -1297,8 +1300,10 @@ def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-
     Returns (the module to call, the raw module to save, the optimiser). A second model (ppo.py's critic) is
     wrapped by a second call with its own key; restoring the RNG again sets the same state."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    import parallel as P
-    fsdp = getattr(cfg, "fsdp", False)
+    fsdp, offload = getattr(cfg, "fsdp", False), getattr(cfg, "offload_activations", False)
+    sharded = state is not None and "dcp" in state
+    if fsdp or offload or sharded:  # parallel.py is needed only then: a copied script runs without it otherwise
+        import parallel as P
     if fsdp:  # --fsdp: sharded before the optimiser is made, which then holds (and steps) the shards
         P.check_fsdp(model, cfg)
         P.shard(model, device, cfg.dtype)
@@ -1307,9 +1312,9 @@ def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-
         optimizer.register_step_post_hook(lambda *_: apply_masks(model))
     if state is not None:
         try:
-            if "dcp" in state and key == "optimizer":  # a sharded checkpoint (parallel.py): weights and optimiser
+            if sharded and key == "optimizer":  # a sharded checkpoint (parallel.py): weights and optimiser
                 P.load_dcp(state["dcp"], model, optimizer)
-            elif P.fsdp_modules(model):
+            elif fsdp:  # a one-file checkpoint's full optimiser state, split to this rank's shards
                 P.load_full_optimizer(model, optimizer, state[key])
             else:
                 optimizer.load_state_dict(state[key])
@@ -1319,7 +1324,7 @@ def wrap_for_training(model, cfg, state, world, device, key="optimizer", eps=1e-
     raw = model
     if world > 1 and not fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if getattr(cfg, "offload_activations", False):
+    if offload:
         P.offload_activations(raw)
     if cfg.compile:
         model = torch.compile(model)
