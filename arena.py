@@ -572,7 +572,7 @@ def report(pairs, state, criteria=(), n_boot=1000, seed=0, machines=None, machin
     criteria = list(criteria) or list(dict.fromkeys(c for _, _, v in votes for c in v.get("ratings", {})))
     lines += ["", "## Inter-rater agreement", ""] + agreement_lines(pairs, state, criteria)
     if machines:
-        lines += ["", "## Machine labellers against the humans", ""] + machine_lines(state, machines, n_boot, seed)
+        lines += ["", "## Machine labellers against the raters", ""] + machine_lines(state, machines, n_boot, seed)
         lines += [""] + [f"- {n}" for n in machine_notes] if machine_notes else []
     if criteria:
         lines += ["", "## Ratings (mean of 1-7, number of ratings)", "",

@@ -489,7 +489,7 @@ def test_reward_model_and_judge_against_the_humans(files, tmp_path, enc):
     proc = run_script("arena.py", "--pairs", str(pairs), "--votes", str(votes), "--report", "--n-boot", "50",
                       "--reward-model", rm, "--judge", str(judge), "--device", "cpu")
     out = proc.stdout
-    assert "## Machine labellers against the humans" in out
+    assert "## Machine labellers against the raters" in out
     state, rows = A.read_votes(str(votes)), A.read_pairs(str(pairs))
     model, _, _ = C.load_model(rm, torch.device("cpu"))
     scores = {p["id"]: C.score_responses(model.eval(), enc, [p["messages"]] * 2, [p["a"], p["b"]]) for p in rows}
