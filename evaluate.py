@@ -129,8 +129,9 @@ class Config:
 COLUMNS = ["ppl", "bpb", "exact_match", "contains", "accuracy", "gold_reward", "safety", "mc_acc", "mc_acc_norm",
            "mc_acc_bytes", "win_rate", "win_rate_lc", "kl_ref", "best_of", "kl_bon", "prefill_tok_s", "decode_tok_s",
            "peak_mem_mb", "params", "size_mb"]
+# --judge-grades (position bias: whenever --judge compares with --baseline)
 JUDGE_COLUMNS = ["judge_helpful", "judge_harmless", "judge_safety_agree", "judge_position_bias",
-                 "judge_verbosity_bias", "judge_verbosity_rise"]  # --judge-grades (position bias: whenever --judge compares with --baseline)
+                 "judge_verbosity_bias", "judge_verbosity_rise"]
 SUITE_COLUMNS = ["mmlu_acc", "hellaswag_acc", "hellaswag_acc_norm", "arc_acc", "arc_acc_norm", "truthfulqa_mc1",
                  "truthfulqa_mc2", "gsm8k_strict", "gsm8k_flexible"]  # --suite
 COT = "Think step by step."
@@ -845,21 +846,20 @@ def judge_answer_logps(judge, enc, asks, answers, cfg, device):
     rewound after it (the next answer overwrites its slots): the same numbers as K full forwards, K times fewer
     context tokens, and no copy of the cache."""
     conts = [enc.encode_ordinary(a) + [C.end_id(enc)] for a in answers]
-    room = judge.cfg.max_seq_len - max(map(len, conts))
+    L = max(map(len, conts))
     out = torch.zeros(len(asks), len(conts), dtype=torch.float64)
     for i in range(0, len(asks), cfg.batch_size):
-        ctxs = [C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0][-room:]
-                for ask in asks[i:i + cfg.batch_size]]
+        ctxs = [C.render_chat(enc, [{"role": "user", "content": ask}], add_generation_prompt=True)[0]
+                [-(judge.cfg.max_seq_len - L):] for ask in asks[i:i + cfg.batch_size]]
         ids, mask = M.pad_left(ctxs, C.special_id(enc, "<|pad|>"))
         B = len(ctxs)
-        cache = judge.new_cache(B, ids.shape[1] + judge.cfg.max_seq_len - room)
+        cache = judge.new_cache(B, ids.shape[1] + L)
         with C.autocast(device, cfg.dtype):
             last = judge(ids.to(device), attention_mask=mask.to(device), cache=cache)[:, -1:]  # (B, 1, V)
-            start = cache.pos.clone(), cache.seen.clone(), cache.valid.clone()
             for k, c in enumerate(conts):
-                cache.pos, cache.seen, cache.valid = (t.clone() for t in start)  # rewind to the end of the context
                 c = torch.tensor([c] * B, device=device)  # (B, Lc)
                 logits = torch.cat([last, judge(c, cache=cache)[:, :-1]], 1)  # (B, Lc, V): [:, j] predicts c[:, j]
+                cache.rewind(c.shape[1])  # back to the end of the context for the next answer
                 lp = torch.log_softmax(logits.float(), -1).gather(-1, c[..., None]).squeeze(-1)  # (B, Lc)
                 out[i:i + B, k] = lp.sum(-1).double().cpu()
     return out  # (N, K)

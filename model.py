@@ -181,6 +181,13 @@ class KVCache:
         """The (T,) slots the next T tokens are written to."""
         return self.pos + torch.arange(T, device=self.pos.device)
 
+    def rewind(self, n):
+        """Forget the last n tokens written (every row's): the next forward writes over their slots, and a query
+        attends only to slots up to its own, so what they held is never read (speculative decoding's rollback, a
+        judge's answers scored one after another on one context)."""
+        self.pos -= n
+        self.seen -= n
+
     def update(self, layer, k, v):
         """Write k, v (B, nkv, T, hd) at the next T slots -> this layer's keys and values, all max_len slots."""
         slots = self.slots(k.shape[2])

@@ -34,7 +34,7 @@ unfinished row emits its 1..k+1 tokens and the batch keeps the first m of each, 
 emitted; a row that had more drops the rest. Exact still: the first m tokens of a speculative sample are distributed
 as the target's first m, and the next round starts from them as from any context. The price is work thrown away
 (none at batch 1, the latency setting the method is for). Both caches are then rolled back to the kept tokens by
-moving `pos` and `seen` back (`rewind`); the slots past `pos` still hold rejected keys, but every forward rewrites
+moving `pos` and `seen` back (`KVCache.rewind`); the slots past `pos` still hold rejected keys, but every forward rewrites
 its slots before it reads them and attends only to slots up to its own, so they are never seen.
 
 Why a file of its own, and no `draft=` flag on `model.generate`: model.py is copied alone and is past its line
@@ -123,12 +123,6 @@ def sampling_probs(logits, temperature, top_k, top_p, banned):
     return probs, logp
 
 
-def rewind(cache, n):
-    """Forget the last n tokens written to a KVCache (every row's): the next forward writes over their slots."""
-    cache.pos -= n
-    cache.seen -= n
-
-
 @torch.no_grad()
 def generate(target, draft, prompts, max_new_tokens, k=4, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
              generator=None, banned_ids=()):
@@ -185,9 +179,9 @@ def generate(target, draft, prompts, max_new_tokens, k=4, temperature=1.0, top_k
             if done.all():  # as model.generate: no columns after the last row's stop
                 break
         # the target saw last, x_1..x_k: keep last, x_1..x_{m-1}; the draft saw pending, x_1..x_{k-1}: keep x_<=seen
-        rewind(t_cache, k_now + 1 - m)
+        t_cache.rewind(k_now + 1 - m)
         seen = min(m - 1, k_now - 1)
-        rewind(d_cache, k_now - 1 - seen)
+        d_cache.rewind(k_now - 1 - seen)
         last, pending = emitted[:, m - 1:m], emitted[:, seen:m]
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1), counts
 
