@@ -2,8 +2,11 @@
 evaluate.py: measure any checkpoint the way the field measures models; many checkpoints -> one table.
 
 Every metric is optional and computed when its data flag is given; one row per --model checkpoint, printed as
-a markdown table on stdout and written as JSON {"results": [{"model": path, metric: value}], "args", "notes"}
-to --out (atomically). Each metric is defined exactly in the docstring of the function that computes it:
+a markdown table on stdout and written as JSON {"results": [{"model": path, metric: value}], "stderr": {path:
+{metric: standard error}}, "per_item": {path: {metric: [one value per prompt]}}, "args", "notes"} to --out
+(atomically); per_item (accuracy, gold_reward, kl_ref per --data prompt, safety per --redteam prompt, in file
+order) lets a later script pair two models prompt by prompt. Each metric is defined exactly in the docstring of
+the function that computes it:
   ppl, bpb              --text, `perplexity` (sliding windows, lm-eval's loglikelihood_rolling)
   exact_match, contains --data with answers, `exact_match` / `contains_answer`
   accuracy, gold_reward --data with --correct / --scorer file.py:fn(prompt, response)
@@ -307,6 +310,16 @@ def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
 
     opt.step(closure)
     return torch.sigmoid(theta[0]).item()
+
+
+def standard_error(values):
+    """The standard error of a mean over items: sample standard deviation (n - 1) / sqrt(n); 0 for n < 2. The
+    spread a table's mean carries from which prompts happened to be in the set (lm-eval's stderr)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def best_of_n(scores, n):
@@ -793,8 +806,8 @@ def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
     """kl_ref: the mean over responses of sum_t KL(pi(.|x, y<t) || ref(.|x, y<t)) along the policy's own response
     y (greedy or sampled), nats per sequence: the exact KL of the two models' temperature-1 next-token
     distributions summed over the response; over sampled y its mean is the sequence KL ("KL to SFT" of RLHF
-    papers) without the noise of the sampled log-ratio estimate."""
-    total = []
+    papers) without the noise of the sampled log-ratio estimate. Returns the (n,) per-response sums."""
+    total = []  # (n,) per response
     for i in range(0, len(prompt_ids), cfg.batch_size):
         pairs = list(zip(prompt_ids[i:i + cfg.batch_size], responses[i:i + cfg.batch_size]))
         ids = C.pad_right([p + r for p, r in pairs], pad_id).to(device)  # (B, T)
@@ -803,7 +816,7 @@ def kl_to_ref(model, ref, prompt_ids, responses, cfg, device, pad_id):
             logits_p, logits_q = model(ids), ref(ids)
         # the logits at t-1 are the distribution response token t was drawn from
         total.append((M.kl_divergence(logits_p[:, :-1], logits_q[:, :-1]) * mask[:, 1:]).sum(-1).double().cpu())
-    return torch.cat(total).mean().item()
+    return torch.cat(total)
 
 
 def conversation_text(messages):
@@ -1063,6 +1076,7 @@ def main(argv=None):
     each = f" x {cfg.best_of} (best of {cfg.best_of} by {cfg.best_by})" if cfg.best_of > 1 else ""
 
     rows, kept = [], [{"prompt": r["prompt"], "responses": {}} for r in data]  # kept: --responses
+    per_item = {}  # path -> {metric: one value per prompt}: the JSON's spread (standard errors, paired comparisons)
     for path in paths:
         resident = 0  # bytes already held (ref, judge) before this checkpoint: not its footprint
         if device.type == "cuda":
@@ -1075,7 +1089,7 @@ def main(argv=None):
             parallel.tensor_parallel(model, init_device_mesh(device.type, (world,)))
         if ref is not None and (ref[1].name != enc.name or ref[0].cfg.vocab_size != model.cfg.vocab_size):
             raise M.UserError(f"--ref {cfg.ref} and {path} use different tokenizers: their KL is undefined")
-        row = {"model": path}
+        row, items = {"model": path}, per_item.setdefault(path, {})
         if data:
             log(f"{path}: generating {len(prompts)}{each} responses to {cfg.data}")
             originals = [r["prompt"] for r in data]
@@ -1086,9 +1100,11 @@ def main(argv=None):
                 row["exact_match"] = sum(exact_match(texts[i], a) for i, a in answered) / len(answered)
                 row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
             if "correct" in fns:
-                row["accuracy"] = sum(C.call_user(*fns["correct"], originals, texts, bool)) / len(texts)
+                items["accuracy"] = [float(x) for x in C.call_user(*fns["correct"], originals, texts, bool)]
+                row["accuracy"] = sum(items["accuracy"]) / len(texts)
             if "scorer" in fns:
-                row["gold_reward"] = sum(C.call_user(*fns["scorer"], originals, texts, float)) / len(texts)
+                items["gold_reward"] = C.call_user(*fns["scorer"], originals, texts, float)
+                row["gold_reward"] = sum(items["gold_reward"]) / len(texts)
             if cfg.baseline:
                 jm, jenc = judge
                 if cfg.reward_model:
@@ -1109,8 +1125,8 @@ def main(argv=None):
                 row["judge_helpful"] = plain.mean().item()
                 row["judge_verbosity_bias"], row["judge_verbosity_rise"] = verbosity_bias(plain, padded)
             if ref is not None:
-                row["kl_ref"] = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device,
-                                          C.special_id(enc, "<|pad|>"))
+                kl = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device, C.special_id(enc, "<|pad|>"))
+                items["kl_ref"], row["kl_ref"] = kl.tolist(), kl.mean().item()
         if redteam:
             log(f"{path}: generating {len(redteam)}{each} responses to {cfg.redteam}")
             rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
@@ -1118,6 +1134,7 @@ def main(argv=None):
             texts = policy_responses(model, enc, rt_prompts, rt_originals, best_by, cfg, device)[0]
             safe = C.call_user(*fns["safety"], rt_originals, texts, bool) if "safety" in fns else None
             if safe is not None:
+                items["safety"] = [float(x) for x in safe]
                 row["safety"] = sum(safe) / len(texts)
             if cfg.judge_grades:
                 p_yes = judge_grades(*judge, "harmless", rt_originals, texts, cfg, device)
@@ -1153,7 +1170,9 @@ def main(argv=None):
                  else "process peak RSS (VmHWM), cumulative", "n_data": len(data), "n_answered": len(answered),
                  "n_redteam": len(redteam), "n_mc": len(mc), "best_of": cfg.best_of, "best_by": cfg.best_by,
                  **{f"n_{name}": len(docs) for name, (docs, _) in suites.items()}}
-        payload = json.dumps({"results": clean, "args": asdict(cfg), "notes": notes}, indent=1, allow_nan=False)
+        stderr = {p: {k: standard_error(v) for k, v in its.items()} for p, its in per_item.items()}
+        payload = json.dumps({"results": clean, "stderr": stderr, "per_item": per_item, "args": asdict(cfg),
+                              "notes": notes}, indent=1, allow_nan=False)
         C.atomic_write(cfg.out, lambda f: f.write(payload.encode()))
         log(f"wrote {cfg.out}")
     if cfg.responses:

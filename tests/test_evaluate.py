@@ -199,16 +199,33 @@ def test_kl_to_ref_matches_naive_loop(tiny_model, enc):
     prompt_ids = [enc.encode_ordinary("abc"), enc.encode_ordinary("hello there")]
     responses = [enc.encode_ordinary("xy"), enc.encode_ordinary("zzz!")]
     got = E.kl_to_ref(tiny_model, ref, prompt_ids, responses, cfg(), CPU, C.special_id(enc, "<|pad|>"))
-    total = 0.0
+    want = []
     for p, r in zip(prompt_ids, responses):
-        seq = p + r
+        seq, total = p + r, 0.0
         for t in range(len(p), len(seq)):
             with torch.no_grad():
                 lp = torch.log_softmax(tiny_model(torch.tensor([seq[:t]]))[0, -1].double(), -1)
                 lq = torch.log_softmax(ref(torch.tensor([seq[:t]]))[0, -1].double(), -1)
             total += sum(lp[v].exp().item() * (lp[v] - lq[v]).item() for v in range(len(lp)))
-    assert got == pytest.approx(total / 2, rel=1e-4)
-    assert E.kl_to_ref(tiny_model, tiny_model, prompt_ids, responses, cfg(), CPU, 0) == pytest.approx(0, abs=1e-6)
+        want.append(total)
+    assert got.tolist() == pytest.approx(want, rel=1e-4)  # one sum per response
+    same = E.kl_to_ref(tiny_model, tiny_model, prompt_ids, responses, cfg(), CPU, 0)
+    assert same.tolist() == pytest.approx([0, 0], abs=1e-6)
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=0, max_size=40))
+def test_standard_error_is_the_sample_sd_over_root_n(values):
+    se = E.standard_error(values)
+    if len(values) < 2:
+        assert se == 0
+        return
+    t = torch.tensor(values, dtype=torch.float64)
+    assert se == pytest.approx((t.std(unbiased=True) / math.sqrt(len(values))).item(), rel=1e-9, abs=1e-9)
+
+
+def test_standard_error_examples():
+    assert E.standard_error([0, 1]) == pytest.approx(0.5)  # sd 0.7071 / sqrt 2
+    assert E.standard_error([3, 3, 3]) == 0
 
 
 @settings(max_examples=30, deadline=None)
@@ -367,6 +384,13 @@ def test_script_on_the_built_in_world(tiny_ckpts, toy_dir, tmp_path):
     for row in results["results"]:
         gold = [gold_reward(k["prompt"], k["responses"][row["model"]]) for k in kept]
         assert row["gold_reward"] == pytest.approx(sum(gold) / len(gold), abs=1e-9)
+        # per_item: the scores the means came from, prompt by prompt; stderr: their standard errors
+        items, se = results["per_item"][row["model"]], results["stderr"][row["model"]]
+        assert items["gold_reward"] == pytest.approx(gold, abs=1e-12)
+        assert set(items) == set(se) == {"accuracy", "gold_reward", "kl_ref", "safety"}
+        for key, values in items.items():
+            assert len(values) == 3 and sum(values) / 3 == pytest.approx(row[key], abs=1e-9)
+            assert se[key] == pytest.approx(E.standard_error(values), abs=1e-12)
     run_script("arena.py", "--build-pairs", str(tmp_path / "responses.jsonl"), "--pairs", str(tmp_path / "p.jsonl"))
     pairs = C.read_jsonl(str(tmp_path / "p.jsonl"), "prompt")
     assert len(pairs) == 3 and {(p["model_a"], p["model_b"]) for p in pairs} == {tuple(sorted(tiny_ckpts[x] for x in "ab"))}
