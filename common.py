@@ -193,6 +193,19 @@ def never_sampled(enc, vocab_size, stop_ids):
     return sorted(specials) + list(range(enc.n_vocab, vocab_size))
 
 
+def parse_init(spec):
+    """--init PRESET[:field=value,...] -> (preset, {field: int}) over model.Config's whole-number fields."""
+    preset, _, rest = spec.partition(":")
+    sizes = {f.name for f in fields(Config) if f.type is int or f.type == "int"}
+    out = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in sizes or not value.strip().isdigit():
+            raise UserError(f"--init {spec}: {item!r} is not field=number for one of {', '.join(sorted(sizes))}")
+        out[key] = int(value)
+    return preset, out
+
+
 def tokenizers_differ(a, b):
     """Why two tokenizers would not give the same ids (None if they do): size, any id's bytes, the split pattern
     (a probe text), the chat template."""

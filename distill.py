@@ -72,7 +72,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -310,19 +310,6 @@ def capture(model, layers):
     return store
 
 
-def parse_init(spec):
-    """--init PRESET[:field=value,...] -> (preset, {field: int}) over model.Config's whole-number fields."""
-    preset, _, rest = spec.partition(":")
-    sizes = {f.name for f in fields(M.Config) if f.type is int or f.type == "int"}
-    out = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key not in sizes or not value.strip().isdigit():
-            raise M.UserError(f"--init {spec}: {item!r} is not field=number for one of {', '.join(sorted(sizes))}")
-        out[key] = int(value)
-    return preset, out
-
-
 def load_models(cfg, device):
     """-> student (on device, LoRA applied, resumed), teacher (eval, frozen), tokenizer, lineage, start step, state."""
     teacher, enc, _ = C.load_model(cfg.teacher, device)
@@ -334,7 +321,7 @@ def load_models(cfg, device):
                           "student); --resume goes with the same flags as the run it continues")
     if cfg.init:
         torch.manual_seed(cfg.seed)
-        preset, sizes = parse_init(cfg.init)
+        preset, sizes = C.parse_init(cfg.init)
         max_len = max(cfg.seq_len, M.PRESETS.get(preset, {}).get("max_seq_len", 0))
         student, lineage = M.build_model(preset, enc, **{"max_seq_len": max_len, **sizes}), [f"init:{cfg.init}"]
     else:

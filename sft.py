@@ -61,7 +61,7 @@ import model as M
 @dataclass
 class Config:
     model: str = ""  # checkpoint to start from (ckpt.pt, .safetensors or HF directory); empty with --init
-    init: str = ""  # preset for a fresh model (tiny, tiny-gpt2, small, ...) instead of --model
+    init: str = ""  # preset for a fresh model instead of --model: tiny, small, ...; resized: tiny:d_model=64,d_ff=192
     tokenizer: str = "byte"  # tokenizer of a fresh --init model: byte, gpt2 or a .tiktoken path
     data: str = "data/toy/sft.jsonl"  # training data: chats JSONL, or .txt / {"text"} JSONL with --format text
     format: str = "chat"  # chat (assistant-only loss) or text (every token)
@@ -209,8 +209,9 @@ def load_start(cfg, device):
             raise M.UserError("--init trains a fresh model: use it with --format text (pre-training)")
         torch.manual_seed(cfg.seed)
         enc = C.get_tokenizer(cfg.tokenizer, chat_template(cfg))
-        max_seq_len = max(cfg.seq_len, M.PRESETS.get(cfg.init, {}).get("max_seq_len", 0))
-        model, lineage = M.build_model(cfg.init, enc, max_seq_len=max_seq_len), [f"init:{cfg.init}"]
+        preset, sizes = C.parse_init(cfg.init)
+        max_seq_len = max(cfg.seq_len, M.PRESETS.get(preset, {}).get("max_seq_len", 0))
+        model, lineage = M.build_model(preset, enc, **{"max_seq_len": max_seq_len, **sizes}), [f"init:{cfg.init}"]
     else:
         model, enc, ckpt = C.load_model(cfg.model)
         lineage = ckpt.get("lineage", [])

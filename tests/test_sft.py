@@ -171,6 +171,17 @@ def test_text_pretraining_smoke_and_log(tmp_path):
     assert ckpt["lineage"] == ["init:tiny", "pretrain"] and ckpt["step"] == 4
 
 
+def test_init_resized_preset(tmp_path):
+    """--init PRESET:field=value,... pre-trains a resized preset (a quarter-size student of make demo)."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc def ghi\n" * 50)
+    run_script("sft.py", "--format", "text", "--init", "tiny:d_model=64,d_ff=192", "--data", str(text), "--out",
+               str(tmp_path / "q.pt"), "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-frac", "0")
+    model, _, ckpt = C.load_model(str(tmp_path / "q.pt"))
+    assert (model.cfg.d_model, model.cfg.d_ff, model.cfg.n_layer) == (64, 192, 4)
+    assert ckpt["lineage"] == ["init:tiny:d_model=64,d_ff=192", "pretrain"]
+
+
 def test_ddp_two_processes_equal_one(tmp_path, tiny_ckpt):
     """torchrun --nproc_per_node=2 (gloo, CPU) with batch 4 per rank == one process with batch 8: the same first
     step to float precision, the same weights after two steps up to what reduction order can do through Adam."""
