@@ -41,6 +41,8 @@ the same for every checkpoint. Prompts longer than max_seq_len - --max-new-token
 --best-of N samples N responses per --data / --redteam prompt of each --model and keeps the one --best-by scores
 highest (a file.py:fn verifier or a reward-model checkpoint); every metric of that row is then the best-of-N
 policy's. --baseline responses stay plain. Its KL to --model is kl_bon, not kl_ref (so no --ref with it).
+--samples N (sampled) draws N responses per --data / --redteam prompt and scores them all; each prompt's per_item
+value is the mean of its N (less sampling noise per prompt, the standard error still counts prompts).
 --limit N evaluates the first N records of each file (raw text: the first N windows). --responses FILE keeps every
 model's --data responses, one line per prompt, for `arena.py --build-pairs` (human raters) or any later scorer.
 
@@ -101,6 +103,7 @@ class Config:
     ref: str = ""  # reference checkpoint (e.g. SFT): kl_ref on the policy's own --data responses
     best_of: int = 1  # sample N responses per --data / --redteam prompt (--temperature > 0), keep the best by --best-by
     best_by: str = ""  # best-of-n's scorer: file.py:function(prompt, response) -> float or a reward-model checkpoint
+    samples: int = 1  # > 1 (sampled): N responses per --data / --redteam prompt, each prompt's score their mean
     chat_template: bool = True  # the model's chat template; --no-chat-template: plain "User: ...\nAssistant: " text
     shots: int = 0  # k-shot: prepend k solved examples as earlier turns
     shots_data: str = ""  # JSONL {"prompt", "answer"} the --data shots come from (default: first k records)
@@ -310,6 +313,11 @@ def length_controlled_win_rate(prefs, len_a, len_b, l2=1e-3):
 
     opt.step(closure)
     return torch.sigmoid(theta[0]).item()
+
+
+def per_prompt(values, n):
+    """Prompt-major values, n per prompt -> each prompt's mean (the unit the standard error counts)."""
+    return [sum(values[i:i + n]) / n for i in range(0, len(values), n)]
 
 
 def standard_error(values):
@@ -786,10 +794,10 @@ def policy_responses(model, enc, prompts, originals, best_by, cfg, device):
     or with --best-of N > 1 the best of N samples (`generate_responses` with n = N) by best_by, which is a function
     fn(prompt, response) -> float (`C.call_user`) or a (reward model, tokenizer) pair (`C.score_responses`), scoring
     each sample against its original prompt (originals: the records' prompts, as --scorer sees them); `best_of_n`
-    picks. --baseline responses never come through here: the baseline stays plain."""
+    picks. Without --best-of, --samples N gives all N responses of each prompt, prompt-major. --baseline responses never come through here: the baseline stays plain."""
     n = cfg.best_of
-    if n == 1:
-        return generate_responses(model, enc, prompts, cfg, device)
+    if n == 1:  # with --samples N, N responses per prompt (prompt-major)
+        return generate_responses(model, enc, prompts, cfg, device, cfg.samples)
     texts, prompt_ids, responses = generate_responses(model, enc, prompts, cfg, device, n)
     many = [p for p in originals for _ in range(n)]  # prompt-major, as generated
     if callable(best_by):
@@ -992,6 +1000,10 @@ def check_flags(cfg):
         (cfg.suite_shots < -1, "--suite-shots must be >= 0 (or -1: each suite's lm-eval default)"),
         (bool(cfg.suite_fewshot) and not cfg.suite, "--suite-fewshot gives shots for --suite: give --suite"),
         (cfg.best_of < 1, "--best-of must be >= 1"),
+        (cfg.samples < 1 or cfg.samples > 1 and (cfg.temperature == 0 or cfg.best_of > 1 or bool(cfg.baseline)
+                                                  or cfg.judge_grades),
+         "--samples N > 1 averages N sampled responses per prompt: give --temperature > 0, and no --best-of, "
+         "--baseline or --judge-grades"),
         (cfg.best_of > 1 and not cfg.best_by,
          "--best-of N needs --best-by: file.py:function(prompt, response) -> float or a reward-model checkpoint"),
         (bool(cfg.best_by) and cfg.best_of == 1, "--best-by picks among --best-of N > 1 samples: give --best-of"),
@@ -1075,6 +1087,7 @@ def main(argv=None):
         best_by = load(cfg.best_by, device, "scalar")  # (reward model, its tokenizer)
     each = f" x {cfg.best_of} (best of {cfg.best_of} by {cfg.best_by})" if cfg.best_of > 1 else ""
 
+    N = cfg.samples  # responses per prompt (--samples)
     rows, kept = [], [{"prompt": r["prompt"], "responses": {}} for r in data]  # kept: --responses
     per_item = {}  # path -> {metric: one value per prompt}: the JSON's spread (standard errors, paired comparisons)
     for path in paths:
@@ -1094,17 +1107,20 @@ def main(argv=None):
             log(f"{path}: generating {len(prompts)}{each} responses to {cfg.data}")
             originals = [r["prompt"] for r in data]
             texts, prompt_ids, responses = policy_responses(model, enc, prompts, originals, best_by, cfg, device)
-            for k, t in zip(kept, texts):
-                k["responses"][path] = t
+            for i, k in enumerate(kept):
+                k["responses"][path] = texts[i * N]  # with --samples N, the first of each prompt's
             if answered:
-                row["exact_match"] = sum(exact_match(texts[i], a) for i, a in answered) / len(answered)
-                row["contains"] = sum(contains_answer(texts[i], a) for i, a in answered) / len(answered)
+                row["exact_match"] = sum(exact_match(texts[i * N + j], a) for i, a in answered for j in range(N)) / (
+                    len(answered) * N)
+                row["contains"] = sum(contains_answer(texts[i * N + j], a) for i, a in answered for j in range(N)) / (
+                    len(answered) * N)
+            many = [p for p in originals for _ in range(N)]  # each response's prompt
             if "correct" in fns:
-                items["accuracy"] = [float(x) for x in C.call_user(*fns["correct"], originals, texts, bool)]
-                row["accuracy"] = sum(items["accuracy"]) / len(texts)
+                items["accuracy"] = per_prompt([float(x) for x in C.call_user(*fns["correct"], many, texts, bool)], N)
+                row["accuracy"] = sum(items["accuracy"]) / len(data)
             if "scorer" in fns:
-                items["gold_reward"] = C.call_user(*fns["scorer"], originals, texts, float)
-                row["gold_reward"] = sum(items["gold_reward"]) / len(texts)
+                items["gold_reward"] = per_prompt(C.call_user(*fns["scorer"], many, texts, float), N)
+                row["gold_reward"] = sum(items["gold_reward"]) / len(data)
             if cfg.baseline:
                 jm, jenc = judge
                 if cfg.reward_model:
@@ -1126,15 +1142,16 @@ def main(argv=None):
                 row["judge_verbosity_bias"], row["judge_verbosity_rise"] = verbosity_bias(plain, padded)
             if ref is not None:
                 kl = kl_to_ref(model, ref[0], prompt_ids, responses, cfg, device, C.special_id(enc, "<|pad|>"))
-                items["kl_ref"], row["kl_ref"] = kl.tolist(), kl.mean().item()
+                items["kl_ref"], row["kl_ref"] = per_prompt(kl.tolist(), N), kl.mean().item()
         if redteam:
             log(f"{path}: generating {len(redteam)}{each} responses to {cfg.redteam}")
             rt_prompts = [build_prompt(r["prompt"], [], False) for r in redteam]
             rt_originals = [r["prompt"] for r in redteam]
             texts = policy_responses(model, enc, rt_prompts, rt_originals, best_by, cfg, device)[0]
-            safe = C.call_user(*fns["safety"], rt_originals, texts, bool) if "safety" in fns else None
+            rt_many = [p for p in rt_originals for _ in range(N)]
+            safe = C.call_user(*fns["safety"], rt_many, texts, bool) if "safety" in fns else None
             if safe is not None:
-                items["safety"] = [float(x) for x in safe]
+                items["safety"] = per_prompt([float(x) for x in safe], N)
                 row["safety"] = sum(safe) / len(texts)
             if cfg.judge_grades:
                 p_yes = judge_grades(*judge, "harmless", rt_originals, texts, cfg, device)

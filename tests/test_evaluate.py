@@ -414,3 +414,28 @@ def test_bad_data_file_and_missing_checkpoint_exit_2(tiny_ckpts, tmp_path):
     assert proc.returncode == 2 and f"{bad}:2:" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("evaluate.py", "--model", str(tmp_path / "missing.pt"), check=False)
     assert proc.returncode == 2 and "missing.pt: no such checkpoint" in proc.stderr
+
+
+def test_samples_average_n_responses_per_prompt(tiny_ckpts, toy_dir, tmp_path):
+    """--samples 3: every prompt's per_item score is the mean over the 3 responses generate_responses draws (the
+    same seeded stream), and the row's mean is theirs."""
+    world = os.path.join(ROOT, "data", "toyworld.py")
+    out = tmp_path / "r.json"
+    E.main(["--model", tiny_ckpts["a"], "--data", f"{toy_dir}/eval.jsonl", "--redteam", f"{toy_dir}/redteam.jsonl",
+            "--scorer", f"{world}:gold_reward", "--safety", f"{world}:is_safe", "--limit", "4", "--samples", "3",
+            "--temperature", "1", "--max-new-tokens", "6", "--no-speed", "--ref", tiny_ckpts["a"], "--out", str(out)])
+    got = json.loads(out.read_text())
+    records = C.read_jsonl(f"{toy_dir}/eval.jsonl", "prompt")[:4]
+    model, enc, _ = C.load_model(tiny_ckpts["a"])
+    texts = E.generate_responses(model.eval(), enc, [E.build_prompt(r["prompt"], [], False) for r in records],
+                                 cfg(temperature=1.0, max_new_tokens=6, batch_size=16), CPU, n=3)[0]
+    gold = C.load_function(f"{world}:gold_reward")
+    want = [sum(gold(r["prompt"], t) for t in texts[3 * i:3 * i + 3]) / 3 for i, r in enumerate(records)]
+    items = got["per_item"][tiny_ckpts["a"]]
+    assert len(set(texts)) > 1  # sampled: the responses differ
+    assert items["gold_reward"] == pytest.approx(want, abs=1e-12)
+    assert len(items["safety"]) == 4 and len(items["kl_ref"]) == 4
+    assert got["results"][0]["gold_reward"] == pytest.approx(sum(want) / 4, abs=1e-12)
+    assert E.per_prompt([1, 2, 3, 4, 5, 6], 3) == [2, 5] and E.per_prompt([1.0, 0.0], 1) == [1.0, 0.0]
+    with pytest.raises(M.UserError, match="--samples"):
+        E.main(["--model", tiny_ckpts["a"], "--data", f"{toy_dir}/eval.jsonl", "--samples", "2"])  # greedy
