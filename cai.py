@@ -147,6 +147,7 @@ class Config:
     constitution: str = "data/toy/constitution.md"  # principles with critique and revision requests
     red_team: str = "data/toy/redteam_train.jsonl"  # red-team prompts ({"prompt"} JSONL)
     helpful: str = "data/toy/helpful.jsonl"  # helpfulness prompts mixed in, answered by the model unrevised
+    limit: int = 0  # use the first N prompts of --red-team and the first N of --helpful (0 = all)
     eval_red_team: str = "data/toy/redteam.jsonl"  # held-out attacks for the report ("" = none)
     out_dir: str = "out/cai"  # every data set, checkpoint and the report
     stage: str = "all"  # redteam, sl, rl or all
@@ -406,8 +407,8 @@ def check_flags(cfg):
         raise C.UserError(f"--stage must be redteam, sl, rl or all, got {cfg.stage!r}")
     if cfg.rl not in ("dpo", "ppo"):
         raise C.UserError(f"--rl must be dpo or ppo, got {cfg.rl!r}")
-    if cfg.revisions < 0 or cfg.attacks < 0 or cfg.batch_size < 1 or cfg.eval_samples < 0:
-        raise C.UserError("--revisions, --attacks and --eval-samples must be >= 0, --batch-size >= 1")
+    if cfg.revisions < 0 or cfg.attacks < 0 or cfg.batch_size < 1 or cfg.eval_samples < 0 or cfg.limit < 0:
+        raise C.UserError("--revisions, --attacks, --eval-samples and --limit must be >= 0, --batch-size >= 1")
     if not 0.5 <= cfg.min_confidence <= 1:
         raise C.UserError(f"--min-confidence {cfg.min_confidence} must be in [0.5, 1]")
     if not cfg.clamp:
@@ -475,6 +476,8 @@ def main(argv=None):
         raise C.UserError(str(e)) from None
     shots = read_shots(cfg.few_shot, principles)
     red_team, helpful = read_prompts(cfg.red_team), read_prompts(cfg.helpful)
+    if cfg.limit:
+        red_team, helpful = red_team[:cfg.limit], helpful[:cfg.limit]
     held_out = read_prompts(cfg.eval_red_team)
     judge_fn = C.load_function(cfg.judge, "--judge") if cfg.judge else None
     for path in [cfg.model, cfg.red_team_model, cfg.feedback] + cfg.compare.split(","):

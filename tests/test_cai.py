@@ -320,7 +320,8 @@ def test_cai_runs_end_to_end_and_resumes(tmp_path, enc, toy_dir, rl):
             "--batch-size", "4", "--max-new-tokens", "6", "--sl-steps", "1", "--rl-steps", "1", "--eval-samples", "1",
             "--min-confidence", "0.5", "--rl", rl, "--device", "cpu", "--compare", model]
     if rl == "dpo":
-        args += ["--judge", "data/toyworld.py:is_safe", "--attacker-steps", "1"]  # ppo's: the feedback model judges
+        args += ["--judge", "data/toyworld.py:is_safe", "--attacker-steps", "1",  # ppo's: the feedback model judges
+                 "--limit", "3"]  # the first 3 of the 4 red-team prompts (and both helpful ones)
     run_script(*args)
     report = json.loads((out / "report.json").read_text())
     assert set(report["attack_success_held_out"]) == {"start", "sl", "rl", model}  # --compare model
@@ -335,7 +336,8 @@ def test_cai_runs_end_to_end_and_resumes(tmp_path, enc, toy_dir, rl):
     attacks = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
     assert [a["index"] for a in attacks] == [0, 1, 2] and all(isinstance(a["safe"], bool) for a in attacks)
     revisions = C.read_jsonl(str(out / "revisions.jsonl"), "chat")
-    assert len(revisions) == 4 + 2 + sum(not a["safe"] for a in attacks)  # successful attacks join the prompts
+    n_red = 3 if rl == "dpo" else 4  # --limit 3
+    assert len(revisions) == n_red + 2 + sum(not a["safe"] for a in attacks)  # successful attacks join the prompts
     prefs = C.read_jsonl(str(out / "prefs.jsonl"), "pref")
     assert all(0.5 <= p["confidence"] <= 1 for p in prefs)
     ckpt = C.load_checkpoint(str(out / "rl.pt"))

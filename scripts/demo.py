@@ -1,0 +1,444 @@
+"""
+make demo: every technique of the project on the built-in world, in one command, then one report.
+
+    python scripts/demo.py                  # out/demo: ~15 minutes on 2 CPU cores (make demo)
+    python scripts/demo.py --fast           # out/demo-fast: the same stages, a few steps each (make demo FAST=1)
+    python scripts/demo.py --list           # the stages, what each runs and why, nothing run
+    python scripts/demo.py --report-only    # rebuild out/demo/report.{md,json} (and figures) from what is there
+
+Each stage is one command a user could type (sft.py, dpo.py, evaluate.py, ...), with the files it reads and the
+files it makes. Stages form a graph through those files and run as soon as their inputs exist, two at a time on
+two cores (one torch thread each; a stage that runs alone gets every core). A stage is finished when its outputs
+exist and its stamp (out/stamps/NAME.json) holds the hash of its command, of its input files and of the code it
+runs: so a rerun skips finished stages, reruns a stage whose inputs or code changed (and so everything after it),
+and after an interrupted run (Ctrl-C, a kill) it starts the interrupted stages again and completes. Every stage
+writes its console output to out/logs/NAME.txt; the progress bar shows the running stages' own progress.
+
+Then scripts/report.py reads the stages' metrics files (evaluate.py's JSON, the training logs) and writes
+report.md, report.json and, when matplotlib is installed, the figures.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+@dataclass
+class Stage:
+    name: str
+    why: str  # one line: what it does and why it is in the chain
+    cmds: list  # argv lists run in order, from the repository root
+    outputs: list  # files it makes; the stage is finished when they exist and its stamp matches
+    inputs: list = field(default_factory=list)  # files it reads (found from the commands' arguments)
+    alone: bool = False  # on the critical path with nothing to gain beside it: runs alone, on every core
+
+
+# -----------------------------------------------------------------------------
+# The chain. n(full, fast): a step count or size for the full demo and for --fast.
+
+
+def chain(out, fast):
+    def n(full, quick):
+        return quick if fast else full
+
+    D, W = "data/toy", "data/toyworld.py"
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    GOLD = ["--scorer", f"{W}:gold_reward", "--correct", f"{W}:is_correct", "--safety", f"{W}:is_safe"]
+    EVAL = ["--data", f"{D}/eval.jsonl", "--redteam", f"{D}/redteam.jsonl", *GOLD, "--limit", str(n(0, 40))]
+    stages = []
+
+    def add(name, why, *cmds, outputs, alone=False):
+        stages.append(Stage(name, why, [list(map(str, c)) for c in cmds], [str(p) for p in outputs], alone=alone))
+
+    def legs(name, why, cmd, steps, out_name):
+        """Train to `steps` in three legs (1/3, 2/3, all), keeping each leg's checkpoint: the points of the gold
+        reward vs KL figure. Leg k resumes leg k-1's checkpoint, so three legs are one straight run."""
+        paths = [o(f"{out_name}.1.pt"), o(f"{out_name}.2.pt"), o(f"{out_name}.pt")]
+        for k in range(3):
+            resume = ["--resume", paths[k - 1]] if k else []
+            add(f"{name}.{k + 1}" if k < 2 else name, why if k == 0 else f"{why} (leg {k + 1} of 3)",
+                [*cmd, "--steps", steps, "--stop-at", steps * (k + 1) // 3, *resume, "--out", paths[k],
+                 "--log", o(f"logs/{out_name}.{k + 1}.jsonl")], outputs=[paths[k]])
+        return paths
+
+    add("world", "the built-in world: tasks with checkable answers, a style rule, a constitution, red-team attacks",
+        [PY, W, "--seed", 0, "--out", D], outputs=[f"{D}/{f}" for f in (
+            "pretrain.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl", "redteam.jsonl",
+            "redteam_train.jsonl", "helpful.jsonl", "constitution.md")])
+    add("base", "pre-train a tiny Llama-style model (0.8 M parameters, bytes) on the world's raw text",
+        [PY, "sft.py", "--format", "text", "--init", "tiny", "--data", f"{D}/pretrain.txt", "--out", o("base.pt"),
+         "--steps", n(600, 40), "--log", o("logs/base.jsonl")], outputs=[o("base.pt")], alone=True)
+    add("sft", "SFT on chats in ChatML, loss on the assistant's tokens only: the model learns to answer",
+        [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft.pt"), "--steps",
+         n(250, 15), "--lr", "5e-4", "--seq-len", 384, "--log", o("logs/sft.jsonl")], outputs=[o("sft.pt")],
+        alone=True)
+    add("sft_plain", "the no-template ablation: the same SFT on 'User: ... Assistant: ' text, no chat template",
+        [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft_plain.pt"), "--steps",
+         n(100, 10), "--lr", "5e-4", "--seq-len", 384, "--template", "plain", "--log", o("logs/sft_plain.jsonl")],
+        outputs=[o("sft_plain.pt")])
+    add("rm", "a Bradley-Terry reward model on the noisy preference labels, checked against the gold reward",
+        [PY, "reward.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--out", o("rm.pt"), "--steps",
+         n(150, 10), "--gold", f"{W}:gold_reward", "--log", o("logs/rm.jsonl")], outputs=[o("rm.pt")])
+    dpo = legs("dpo", "DPO from SFT on the same preference pairs: no reward model, no sampling",
+               [PY, "dpo.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--kl-prompts", 0],
+               n(120, 12), "dpo")
+    ppo = legs("ppo", "PPO from SFT against the learned reward model, KL-penalised to SFT",
+               [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data", f"{D}/prompts.jsonl",
+                "--eval-every", 0], n(75, 6), "ppo")
+    grpo = legs("grpo", "GRPO: PPO's objective with group-relative advantages (4 samples a prompt), no critic",
+                [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data",
+                 f"{D}/prompts.jsonl", "--advantage", "grpo", "--group-size", 4, "--batch-size", 8, "--eval-every", 0],
+                n(30, 6), "grpo")
+    cai = o("cai")
+    add("cai", "Constitutional AI: red-team the SFT model, SL-CAI on its critiqued revisions, RL-CAI on AI labels",
+        [PY, "cai.py", "--model", o("sft.pt"), "--red-team-model", o("base.pt"), "--attacker-steps", n(60, 4),
+         "--limit", n(100, 8), "--attacks", n(60, 8), "--revisions", n(2, 1), "--sl-steps", n(60, 4),
+         "--rl-steps", n(60, 4),
+         "--judge", f"{W}:is_safe", "--eval-red-team", "", "--out-dir", cai],
+        outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt"])
+
+    # compression of the SFT model
+    add("student", "Minitron: prune the SFT model's width to a quarter of its parameters (a smaller dense model)",
+        [PY, "prune.py", "--model", o("sft.pt"), "--method", "minitron", "--structure", "width", "--target", 0.25,
+         "--data", f"{D}/sft.jsonl", "--format", "chat", "--calib-samples", 32, "--out", o("student_pruned.pt")],
+        outputs=[o("student_pruned.pt")])
+    add("student_kd", "distill the SFT model into the quarter-size student (forward KL on the chats)",
+        [PY, "distill.py", "--teacher", o("sft.pt"), "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl",
+         "--steps", n(200, 10), "--lr", "5e-4", "--eval-every", 0, "--out", o("student_kd.pt"), "--log",
+         o("logs/student_kd.jsonl")], outputs=[o("student_kd.pt")])
+    add("student_sft", "the same student trained as long on the same chats by plain SFT: what distillation adds",
+        [PY, "sft.py", "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl", "--steps", n(200, 10),
+         "--lr", "5e-4", "--eval-every", 0, "--out", o("student_sft.pt"), "--log", o("logs/student_sft.jsonl")],
+        outputs=[o("student_sft.pt")])
+    sweep = []  # (name, method, knob, path): the perplexity-vs-bits and perplexity-vs-sparsity figures
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for target in n((0.25, 0.5, 0.75), (0.5,)):
+            path = o(f"prune/{method}{int(target * 100)}.pt")
+            calib = [] if method == "magnitude" else ["--data", f"{D}/sft.jsonl", "--format", "chat",
+                                                      "--calib-samples", 32]
+            add(f"{method}{int(target * 100)}", f"{method} pruning, {target:.0%} of every row's weights set to zero",
+                [PY, "prune.py", "--model", o("sft.pt"), "--method", method, "--target", target, *calib,
+                 "--eval-samples", 0, "--out", path], outputs=[path])
+            sweep.append(("prune", method, target, path))
+    add("sparsegpt50_healed", "heal the 50%-sparse SparseGPT model by distilling from SFT (the zeros stay zero)",
+        [PY, "distill.py", "--teacher", o("sft.pt"), "--model", o("prune/sparsegpt50.pt"), "--data",
+         f"{D}/sft.jsonl", "--steps", n(100, 6), "--lr", "2e-4", "--eval-every", 0, "--out",
+         o("sparsegpt50_healed.pt"), "--log", o("logs/sparsegpt50_healed.jsonl")],
+        outputs=[o("sparsegpt50_healed.pt")])
+    for method in ("rtn", "gptq", "awq"):
+        for bits in n((8, 4, 3), (4,)):
+            path = o(f"quant/{method}{bits}.pt")
+            calib = [] if method == "rtn" else ["--data", f"{D}/sft.jsonl", "--format", "chat",
+                                                "--calib-samples", 32]
+            add(f"{method}{bits}", f"{method.upper()} weights to {bits} bits, groups of 32",
+                [PY, "quantize.py", "--model", o("sft.pt"), "--method", method, "--bits", bits, "--group-size", 32,
+                 *calib, "--out", path], outputs=[path])
+            sweep.append(("quant", method, bits, path))
+    for bits in n((4, 3), (4,)):
+        path = o(f"quant/qat{bits}.pt")
+        add(f"qat{bits}", f"QAT: the GPTQ {bits}-bit model trained through its rounding (straight-through) on chats",
+            [PY, "qat.py", "--model", o(f"quant/gptq{bits}.pt"), "--data", f"{D}/sft.jsonl", "--bits", bits,
+             "--group-size", 32, "--steps", n(60, 4), "--lr", "1e-4", "--eval-every", 0, "--out", path, "--log",
+             o(f"logs/qat{bits}.jsonl")], outputs=[path])
+        sweep.append(("quant", "qat", bits, path))
+    add("gguf", "export SFT as a GGUF file (Q8_0): what llama.cpp runs; evaluated by our own GGUF reader",
+        [PY, "quantize.py", "--model", o("sft.pt"), "--method", "gguf", "--gguf-type", "q8_0", "--out",
+         o("sft.q8_0.gguf")], outputs=[o("sft.q8_0.gguf")])
+
+    # evaluation: one stage per checkpoint, so each runs as soon as its model exists
+    def evaluate(name, why, models, *flags):
+        path = o(f"evals/{name}.json")
+        add(f"eval_{name}", why, [PY, "evaluate.py", "--model", ",".join(models), *flags, "--out", path],
+            outputs=[path])
+
+    aligned = {"base": o("base.pt"), "sft": o("sft.pt"), "dpo": dpo[2], "ppo": ppo[2], "grpo": grpo[2],
+               "cai_sl": f"{cai}/sl.pt", "cai_rl": f"{cai}/rl.pt"}
+    for key, path in aligned.items():
+        ref = ["--ref", o("sft.pt")] if key != "base" else []
+        evaluate(f"{key}_t1", f"{key}: sampled at temperature 1 (the policy's own distribution), 2 samples a prompt",
+                 [path], *EVAL, "--temperature", 1, "--samples", n(2, 1), *ref, "--no-speed")
+        evaluate(f"{key}_greedy", f"{key}: greedy", [path], *EVAL, "--no-speed")
+    for key, leg in (("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
+        for k in (1, 2):
+            evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of 3: a point of the gold-vs-KL figure", [leg[k - 1]],
+                     *EVAL, "--temperature", 1, "--samples", n(2, 1), "--ref", o("sft.pt"), "--no-speed")
+    evaluate("plain", "the no-template ablation: base and plain-SFT prompted as 'User: ...\\nAssistant: '",
+             [o("base.pt"), o("sft_plain.pt")], "--no-chat-template", *EVAL, "--no-speed")
+    TEXT = ["--text", f"{D}/sft.jsonl", "--limit", n(200, 20)]
+    compressed = {"sft": o("sft.pt"), "gguf_q8_0": o("sft.q8_0.gguf"), "student_pruned": o("student_pruned.pt"),
+                  "student_kd": o("student_kd.pt"), "student_sft": o("student_sft.pt"),
+                  "sparsegpt50": o("prune/sparsegpt50.pt"), "sparsegpt50_healed": o("sparsegpt50_healed.pt"),
+                  "gptq4": o("quant/gptq4.pt"), "qat4": o("quant/qat4.pt")}
+    for key, path in compressed.items():
+        evaluate(f"{key}_compressed", f"{key}: perplexity on the chats, greedy accuracy, size, decode speed", [path],
+                 *EVAL, *TEXT, "--speed-batch", 4)
+    evaluate("sweep", "perplexity of every pruned and quantised model (the figures)", [p for *_, p in sweep],
+             *TEXT, "--no-speed")
+    return stages, {"aligned": aligned, "compressed": compressed, "sweep": sweep,
+                    "legs": {"dpo": dpo, "ppo": ppo, "grpo": grpo}, "cai": cai}
+
+
+# -----------------------------------------------------------------------------
+# Running stages: inputs, stamps, the scheduler
+
+
+def code_files(script):
+    """The repository's .py files a script runs: itself and what it imports from the repository, transitively."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path in seen or not os.path.isfile(os.path.join(ROOT, path)):
+            continue
+        seen.add(path)
+        text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+        for mod in re.findall(r"^\s*(?:import|from)\s+(\w+)", text, re.M):
+            todo.append(f"{mod}.py")
+    return sorted(seen)
+
+
+def find_inputs(stages):
+    """Each stage's inputs: every argument (or comma / colon separated part of one) that names another stage's
+    output or an existing file, plus the code it runs. Returns {stage name: [the stages it waits for]}."""
+    made_by = {p: s.name for s in stages for p in s.outputs}
+    needs = {}
+    for s in stages:
+        files, waits = set(), set()
+        for cmd in s.cmds:
+            for arg in cmd[1:]:
+                for part in re.split(r"[,]", arg):
+                    for cand in (part, part.rpartition(":")[0]):
+                        if cand in made_by and made_by[cand] != s.name:
+                            files.add(cand)
+                            waits.add(made_by[cand])
+                        elif cand and cand not in s.outputs and os.path.isfile(os.path.join(ROOT, cand)):
+                            files.add(cand)
+            if cmd[0] == PY:
+                files.update(code_files(cmd[1]))
+        s.inputs = sorted(files)
+        needs[s.name] = sorted(waits)
+    return needs
+
+
+def file_hash(path, cache):
+    if path not in cache:
+        h = hashlib.sha256()
+        with open(os.path.join(ROOT, path), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        cache[path] = h.hexdigest()
+    return cache[path]
+
+
+def stage_key(stage, cache):
+    """The hash a finished stage's stamp holds: its commands and the content of every input file."""
+    h = hashlib.sha256(json.dumps([[a if i else "python" for i, a in enumerate(c)] for c in stage.cmds]).encode())
+    for path in stage.inputs:
+        h.update(f"{path}\0{file_hash(path, cache)}\0".encode())
+    return h.hexdigest()
+
+
+def stamp_path(out, name):
+    return os.path.join(out, "stamps", f"{name}.json")
+
+
+def finished(stage, out, cache):
+    try:
+        stamp = json.load(open(stamp_path(out, stage.name)))
+    except (OSError, ValueError):
+        return False
+    return all(os.path.exists(os.path.join(ROOT, p)) for p in stage.outputs) and stamp.get("key") == stage_key(
+        stage, cache)
+
+
+def progress_of(log_path):
+    """The running stage's own progress, read from the last tqdm bar in its log: 'NN%' or ''."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - 400))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    found = re.findall(r"(\d+)%\|", tail)
+    return f"{found[-1]}%" if found else ""
+
+
+def critical_order(stages, needs):
+    """Stage name -> its longest chain of stages still to come (itself included): the scheduler starts the ready
+    stage with the longest first, so the chain that sets the total time never waits behind a short side stage."""
+    after = {s.name: [] for s in stages}
+    for s in stages:
+        for d in needs[s.name]:
+            after[d].append(s.name)
+    depth = {}
+    for s in reversed(stages):  # the list is a valid order: every stage after what it needs
+        depth[s.name] = 1 + max((depth[x] for x in after[s.name]), default=0)
+    return depth
+
+
+def run(stages, needs, out, jobs, cores):
+    """Start every stage whose inputs are made, `jobs` at a time; stop at the first failure (after the running
+    ones end). Returns the names that ran."""
+    from tqdm import tqdm
+    cache, ran, running = {}, [], {}
+    depth = critical_order(stages, needs)
+    done, todo, skipped = set(), list(stages), []
+    bar = tqdm(total=len(stages), desc="demo", unit="stage", dynamic_ncols=True)
+    failed = None
+    t_start = time.time()
+
+    def start(s, threads):
+        os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+        for p in s.outputs:
+            os.makedirs(os.path.dirname(os.path.join(ROOT, p)) or ".", exist_ok=True)
+        log_path = os.path.join(out, "logs", f"{s.name}.txt")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        script = " && ".join(" ".join(_quote(a) for a in c) for c in s.cmds)
+        log = open(log_path, "w")
+        log.write(f"$ {script}\n")
+        log.flush()
+        proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        running[s.name] = (s, proc, time.time(), log_path, log)
+        bar.write(f"[{time.time() - t_start:5.0f} s] {s.name}: {s.why}")
+
+    def stop_all(sig=signal.SIGTERM):
+        for _, proc, *_ in running.values():
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(signum, frame):  # a kill (SIGTERM) stops the stages as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        while todo or running:
+            while True:  # a stage is judged finished or not once what it reads is final
+                up_to_date = [s for s in todo if all(d in done for d in needs[s.name]) and finished(s, out, cache)]
+                if not up_to_date:
+                    break
+                for s in up_to_date:
+                    todo.remove(s)
+                    done.add(s.name)
+                    skipped.append(s.name)
+                    bar.update(1)
+            ready = sorted((s for s in todo if all(d in done for d in needs[s.name])), key=lambda s: -depth[s.name])
+            if skipped and len(skipped) == bar.n and not running:
+                bar.set_postfix_str(f"{len(skipped)} finished before, skipped")
+            while ready and len(running) < jobs and failed is None and not any(v[0].alone for v in running.values()):
+                if ready[0].alone and running:
+                    break  # it waits for the running stages to end, then runs alone
+                s = ready.pop(0)
+                todo.remove(s)
+                alone = s.alone or not running and not ready  # nothing runs beside it: every core
+                start(s, cores if alone else max(1, cores // jobs))
+                if s.alone:
+                    break
+            if not running:
+                if failed or not todo:
+                    break
+                raise RuntimeError(f"stages waiting on inputs nothing makes: {[s.name for s in todo]}")
+            time.sleep(0.5)
+            for name, (s, proc, t0, log_path, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                took = time.time() - t0
+                if proc.returncode != 0:
+                    failed = failed or (s, log_path, proc.returncode)
+                    continue
+                missing = [p for p in s.outputs if not os.path.exists(os.path.join(ROOT, p))]
+                if missing:
+                    failed = failed or (s, log_path, f"no {missing[0]}")
+                    continue
+                for p in s.outputs:
+                    cache.pop(p, None)
+                os.makedirs(os.path.join(out, "stamps"), exist_ok=True)
+                stamp = {"key": stage_key(s, cache), "seconds": round(took, 1), "outputs": s.outputs}
+                tmp = stamp_path(out, name) + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(stamp, f)
+                os.replace(tmp, stamp_path(out, name))
+                done.add(name)
+                ran.append(name)
+                bar.update(1)
+                bar.write(f"[{time.time() - t_start:5.0f} s]   {name} done in {took:.0f} s")
+            bar.set_postfix_str(" ".join(f"{n} {progress_of(v[3])}".strip() for n, v in running.items()))
+    except KeyboardInterrupt:
+        stop_all()
+        bar.close()
+        print("interrupted: the running stages were stopped; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    if skipped:
+        print(f"{len(skipped)} stages finished before (outputs and stamps up to date) were skipped")
+    if failed:
+        s, log_path, why = failed
+        tail = open(log_path, errors="replace").read().replace("\r", "\n").strip().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"stage {s.name} failed ({why}); its whole output: {log_path}", file=sys.stderr)
+        raise SystemExit(1)
+    return ran
+
+
+def _quote(a):
+    return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\"'\"'") + "'"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="", help="output directory (default out/demo, --fast: out/demo-fast)")
+    p.add_argument("--fast", action="store_true", help="a few steps per stage: the ~3-minute smoke run CI runs")
+    p.add_argument("--jobs", type=int, default=2, help="stages run at once (default 2: the two cores)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="torch threads shared by the stages")
+    p.add_argument("--list", action="store_true", help="print the stages and exit")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from the metrics files")
+    p.add_argument("--only", default="", help="run only these stages (comma-separated) and what they need")
+    args = p.parse_args(argv)
+    os.chdir(ROOT)  # every path below is relative to the repository root, as the stages' commands are
+    out = args.out or os.path.join("out", "demo-fast" if args.fast else "demo")
+    stages, plan = chain(out, args.fast)
+    needs = find_inputs(stages)
+    if args.only:
+        want, todo = set(), [x for x in args.only.split(",") if x]
+        names = {s.name for s in stages}
+        for x in todo:
+            if x not in names:
+                raise SystemExit(f"--only {x}: no such stage (see --list)")
+        while todo:
+            x = todo.pop()
+            if x not in want:
+                want.add(x)
+                todo.extend(needs[x])
+        stages = [s for s in stages if s.name in want]
+    if args.list:
+        for s in stages:
+            print(f"{s.name}: {s.why}\n    " + "\n    ".join(" ".join(_quote("python" if a == PY else a) for a in c) for c in s.cmds))
+        return
+    os.makedirs(os.path.join(ROOT, out), exist_ok=True)
+    t0 = time.time()
+    if not args.report_only:
+        run(stages, needs, out, max(1, args.jobs), max(1, args.cores))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import report
+    report.build(out, plan, args.fast)
+    print(f"demo: {time.time() - t0:.0f} s; the report is {os.path.join(out, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()
