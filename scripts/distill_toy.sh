@@ -7,7 +7,7 @@
 # greedy on eval.jsonl (evaluate.py: gold reward, accuracy) and the fraction of the teacher - SFT-student gap that
 # each KD student closes.
 #   usage: bash scripts/distill_toy.sh OUT [STEPS]      (builds data/toy if missing; a stage whose output exists in
-#          OUT is reused, so a second run only evaluates; TEACHER=out/sft.pt takes make demo's teacher instead of
+#          OUT is reused, so a second run only evaluates; TEACHER=out/demo/sft.pt takes make demo's teacher instead of
 #          training one, ~10 of the ~35 minutes on 2 busy cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."

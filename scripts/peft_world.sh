@@ -2,7 +2,7 @@
 # PEFT on the built-in world: the same SFT (300 steps, batch 16, seq-len 384, packed) from the same base, full
 # fine-tuning against LoRA r=8, DoRA r=8, prefix p=16 (P-tuning v2), prefix-mlp p=16 (Li & Liang) and prompt p=16;
 # each evaluated greedy on eval.jsonl (gold reward, accuracy). Writes OUT/table.md and OUT/table.json.
-# Usage: bash scripts/peft_world.sh [out_dir] [base.pt]   (base: make demo's out/base.pt, else trained here as demo
+# Usage: bash scripts/peft_world.sh [out_dir] [base.pt]   (base: make demo's out/demo/base.pt, else trained here as demo
 # step 1 does). About 20 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

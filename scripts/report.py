@@ -95,7 +95,7 @@ class Sources:
     def eval_cell(self, name, model, key, fn="value"):
         """A cell from evals/NAME.json: the results row of `model` at `key` (fn value), or its standard error."""
         data = self.load(f"evals/{name}.json")
-        if data is None:
+        if data is None or model not in [r["model"] for r in data["results"]]:
             return None
         file = self.path(f"evals/{name}.json")
         idx = [r["model"] for r in data["results"]].index(model)
@@ -231,17 +231,18 @@ def compression_table(src, plan):
         rows.append((key, cells))
     return table("Compression of the SFT model (greedy)", ["params", "size_mb", "ppl", "accuracy", "gold_reward",
                                                             "decode_tok_s"], rows,
-                 "ppl: perplexity of the assistant replies of the chats (sft.jsonl, first 200); size_mb: the file; "
+                 "ppl: perplexity of the good replies to the 200 held-out task prompts (eval_chats.jsonl, text "
+                 "no stage trains on); size_mb: the file (with the optimiser state where a training run wrote it); "
                  "decode_tok_s: batch 4 on one CPU thread beside another stage (a rough guide, not a benchmark).")
 
 
 def sweep_table(src, plan):
-    data = src.load("evals/sweep.json")
     rows = []
     for kind, method, knob, path in plan["sweep"]:
         label = f"{method}, {knob:.0%} sparse" if kind == "prune" else f"{method}, {knob} bits"
-        rows.append((label, {"ppl": src.eval_cell("sweep", path, "ppl") if data else None}))
-    return table("Perplexity against sparsity and bits (the figures' points)", ["ppl"], rows)
+        rows.append((label, {"ppl": src.eval_cell(f"sweep_{kind}", path, "ppl")}))
+    return table("Perplexity against sparsity and bits (the figures' points)", ["ppl"], rows,
+                 "The same held-out replies; quantisation in groups of 32 weights; QAT starts from GPTQ at its bits.")
 
 
 def rm_table(src):
@@ -279,23 +280,26 @@ def figures(src, plan, out_dir):
         made.append(name)
 
     # training curves: every stage's loss (PPO / GRPO: the reward-model score), against its steps
-    curves = [("base", ["base"], "loss"), ("sft", ["sft"], "loss"), ("sft_plain", ["sft_plain"], "loss"),
-              ("rm", ["rm"], "loss"), ("dpo", ["dpo.1", "dpo.2", "dpo.3"], "loss"),
-              ("ppo", ["ppo.1", "ppo.2", "ppo.3"], "score"), ("grpo", ["grpo.1", "grpo.2", "grpo.3"], "score"),
-              ("student_kd", ["student_kd"], "loss"), ("student_sft", ["student_sft"], "loss"),
-              ("sparsegpt50_healed", ["sparsegpt50_healed"], "loss"), ("qat4", ["qat4"], "loss"),
-              ("qat3", ["qat3"], "loss")]
-    curves = [(t, [r for n in names for r in src.log(n)], k) for t, names, k in curves]
-    curves = [(t, rs, k) for t, rs, k in curves if rs]
+    # (title, the logs in order, the training key, its held-out twin)
+    curves = [("base", ["base"], "loss", "eval_loss"), ("sft", ["sft"], "loss", "eval_loss"),
+              ("sft_plain", ["sft_plain"], "loss", "eval_loss"), ("rm", ["rm"], "loss", "eval_loss"),
+              ("dpo", ["dpo.1", "dpo.2", "dpo.3"], "loss", "eval_loss"),
+              ("ppo", ["ppo.1", "ppo.2", "ppo.3"], "score", None),
+              ("grpo", ["grpo.1", "grpo.2", "grpo.3"], "score", None),
+              ("student_kd", ["student_kd"], "kd", "eval_kd"), ("student_sft", ["student_sft"], "loss", "eval_loss"),
+              ("sparsegpt50_healed", ["sparsegpt50_healed"], "kd", "eval_kd"), ("qat4", ["qat4"], "loss", "eval_loss"),
+              ("qat3", ["qat3"], "loss", "eval_loss")]
+    curves = [(t, [r for n in names for r in src.log(n)], k, ek) for t, names, k, ek in curves]
+    curves = [c for c in curves if c[1]]
     if curves:
         cols = 4
         fig, axes = plt.subplots((len(curves) + cols - 1) // cols, cols, figsize=(14, 2.8 * ((len(curves) + 3) // 4)),
                                  squeeze=False)
-        for ax, (title, records, key) in zip(axes.flat, curves):
+        for ax, (title, records, key, eval_key) in zip(axes.flat, curves):
             pts = [(r["step"], r[key]) for r in records if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
-            evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-            if evals and key == "loss":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label="training")
+            evals = [(r["step"], r[eval_key]) for r in records if eval_key in r]
+            if evals:
                 ax.plot([p[0] for p in evals], [p[1] for p in evals], "o-", ms=3, label="held-out")
                 ax.legend(fontsize=7)
             ax.set_title(f"{title}: {key}", fontsize=9)
@@ -319,29 +323,30 @@ def figures(src, plan, out_dir):
                     pts.append((kl["value"], g["value"], se["value"] if se else 0.0))
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color=colour,
                         label=key.upper(), capsize=3)
+            for i, (x, y, _) in enumerate(pts[1:]):
+                ax.annotate(f"{i + 1}/3", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
         ax.set_xlabel("KL to SFT (nats per response, along the policy's samples)")
         ax.set_ylabel("gold reward (T = 1, ± s.e.)")
         ax.set_title("Gold reward against KL: each method's legs (1/3, 2/3, all of its steps)", fontsize=9)
         ax.legend()
         save(fig, "gold_vs_kl.png")
 
-    sweep = src.load("evals/sweep.json")
     float_ppl = src.eval_cell("sft_compressed", plan["compressed"]["sft"], "ppl")
-    if sweep:
-        for kind, xlabel, name in (("quant", "bits per weight (groups of 32)", "ppl_vs_bits.png"),
-                                   ("prune", "sparsity (fraction of each row set to zero)", "ppl_vs_sparsity.png")):
+    for kind, xlabel, name in (("quant", "bits per weight (groups of 32)", "ppl_vs_bits.png"),
+                               ("prune", "sparsity (fraction of each row set to zero)", "ppl_vs_sparsity.png")):
+        if src.load(f"evals/sweep_{kind}.json"):
             fig, ax = plt.subplots(figsize=(6, 4))
             methods = sorted({m for k, m, *_ in plan["sweep"] if k == kind}, key=lambda m: [
                 x[1] for x in plan["sweep"]].index(m))
             for method in methods:
-                pts = [(knob, src.eval_cell("sweep", path, "ppl")) for k, m, knob, path in plan["sweep"]
+                pts = [(knob, src.eval_cell(f"sweep_{kind}", path, "ppl")) for k, m, knob, path in plan["sweep"]
                        if k == kind and m == method]
                 pts = [(x, c["value"]) for x, c in pts if c]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
             if float_ppl:
                 ax.axhline(float_ppl["value"], color="grey", ls="--", label="SFT (float)")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("perplexity (chats' replies)")
+            ax.set_ylabel("perplexity (held-out replies)")
             ax.set_yscale("log")
             if kind == "quant":
                 ax.invert_xaxis()
@@ -387,24 +392,69 @@ def build(out, plan, fast):
     if secs:
         md += [f"Stages: {len(secs)}, {sum(secs.values()) / 60:.1f} minutes of stage time in all (two at a time)."]
     text = "\n".join(md).rstrip() + "\n"
-    payload = {"tables": tables, "figures": made, "stage_seconds": secs, "fast": fast}
+    write_report(out, text, {"tables": tables, "figures": made, "stage_seconds": secs, "fast": fast})
+    return text
+
+
+def build_real(out, plan, fast):
+    """make demo-real's report: one row per SmolLM2 variant, and llama.cpp's agreement where it ran."""
+    src = Sources(out)
+    rows = []
+    for key, model in plan["real"].items():
+        cells = {c: src.eval_cell(key, model, c) for c in ("params", "size_mb", "ppl", "bpb", "decode_tok_s")}
+        for col in ("accuracy", "gold_reward"):
+            m = src.eval_cell(key, model, col)
+            cells[col] = [m, src.eval_cell(key, model, col, "se")] if m else None
+        rows.append((key, cells))
+    tables = [table("SmolLM2-135M-Instruct, compressed", ["params", "size_mb", "ppl", "bpb", "accuracy",
+                                                           "gold_reward", "decode_tok_s"], rows,
+                    "ppl / bpb: the first 20,000 characters of the pydoc text (windows of 512, stride 256); accuracy "
+                    "and gold_reward: greedy on the world's held-out tasks (the untuned model, so low); size_mb: the "
+                    "file (float: the Q4_1 GGUF it was read from); decode_tok_s: batch 1, one CPU thread beside "
+                    "another stage; gptq3 decodes dequantised (no int3 CPU kernel), so at the float's speed.")]
+    llama = src.load("evals/llama_cpp.json")
+    if llama:
+        file = src.path("evals/llama_cpp.json")
+        tables.append(table("Our GGUF files in llama.cpp (greedy tokens equal to ours)", ["equal", "tokens"],
+                            [(k, {c: cell(v[c], [[file, k, c]], "value") for c in ("equal", "tokens")})
+                             for k, v in llama.items()]))
+    md = [f"## SmolLM2-135M-Instruct compressed (`make demo-real{' FAST=1' if fast else ''}`)", "",
+          f"Every number below was written by a stage of `scripts/demo.py --real` into `{out}/evals/` and copied "
+          "here by `scripts/report.py`.", ""]
+    md += [x for t in tables for x in (render_table(t), "")]
+    if not llama:
+        md += ["llama.cpp did not run here (llama-cpp-python is not installed; `make bench-gguf` builds it).", ""]
+    secs = stage_seconds(out)
+    if secs:
+        md += [f"Stages: {len(secs)}, {sum(secs.values()) / 60:.1f} minutes of stage time in all (two at a time)."]
+    text = "\n".join(md).rstrip() + "\n"
+    write_report(out, text, {"tables": tables, "figures": [], "stage_seconds": secs, "fast": fast})
+    return text
+
+
+def write_report(out, text, payload):
     for name, body in (("report.md", text), ("report.json", json.dumps(payload, indent=1))):
         tmp = os.path.join(ROOT, out, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(body)
         os.replace(tmp, os.path.join(ROOT, out, name))
-    return text
 
 
-def put_in_readme(out, readme="README.md"):
-    """Replace the README's text between its two markers with out/report.md (figures linked from out/)."""
+def put_in_readme(out, readme="README.md", figures_dir="docs/demo"):
+    """Replace the README's text between its two markers with out/report.md, one level of heading down; its
+    figures are copied to docs/demo/ (out/ is not in the repository) and linked from there."""
+    import shutil
     path = os.path.join(ROOT, readme)
     text = open(path).read()
     if MARK_START not in text or MARK_END not in text:
         raise SystemExit(f"{readme}: no '{MARK_START}' ... '{MARK_END}' markers to replace between")
     body = open(os.path.join(ROOT, out, "report.md")).read()
+    body = "\n".join(line.replace("## ", "### ", 1) if line.startswith("##") else line
+                     for line in body.splitlines()) + "\n"
     for m in json.load(open(os.path.join(ROOT, out, "report.json")))["figures"]:
-        body = body.replace(f"]({m})", f"]({out}/{m})")
+        os.makedirs(os.path.join(ROOT, figures_dir), exist_ok=True)
+        shutil.copy(os.path.join(ROOT, out, m), os.path.join(ROOT, figures_dir, m))
+        body = body.replace(f"]({m})", f"]({figures_dir}/{m})")
     head, rest = text.split(MARK_START, 1)
     _, tail = rest.split(MARK_END, 1)
     with open(path + ".tmp", "w") as f:
@@ -417,12 +467,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="out/demo")
     p.add_argument("--fast", action="store_true", help="the directory is a --fast run's")
+    p.add_argument("--real", action="store_true", help="the directory is a --real run's (make demo-real)")
     p.add_argument("--readme", action="store_true", help="also replace README.md's demo section with the report")
     args = p.parse_args(argv)
+    os.chdir(ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import demo
-    _, plan = demo.chain(args.out, args.fast)
-    print(build(args.out, plan, args.fast))
+    _, plan = (demo.chain_real if args.real else demo.chain)(args.out, args.fast)
+    print((build_real if args.real else build)(args.out, plan, args.fast))
     if args.readme:
         put_in_readme(args.out)
 

@@ -169,7 +169,8 @@ def fake_evals(out, plan, rng):
     write("plain", [os.path.join(models_out, "base.pt"), os.path.join(models_out, "sft_plain.pt")], [])
     for key, path in plan["compressed"].items():
         write(f"{key}_compressed", [path], ["params", "size_mb", "ppl", "decode_tok_s"])
-    write("sweep", [p for *_, p in plan["sweep"]], ["ppl"])
+    for kind in ("prune", "quant"):
+        write(f"sweep_{kind}", [p for k, *_, p in plan["sweep"] if k == kind], ["ppl"])
     with open(os.path.join(out, "logs", "rm.jsonl"), "w") as f:
         for step in range(3):
             f.write(json.dumps({"step": step + 1, "loss": 0.7 - step / 10}) + "\n")

@@ -16,6 +16,7 @@ never silently: the printed line shows it.
 """
 import ctypes
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -135,6 +136,9 @@ def results():
     yield out
     for (label, kind), (m, n) in out.items():
         print(f"summary {label} {kind}: {m}/{n} greedy tokens equal")
+    if os.environ.get("LLAMA_CPP_JSON"):  # make demo-real's report reads it
+        with open(os.environ["LLAMA_CPP_JSON"], "w") as f:
+            json.dump({f"{label} {kind}": {"equal": m, "tokens": n} for (label, kind), (m, n) in out.items()}, f)
 
 
 # ----------------------------------------------------------------------------- ggml's own quantisers

@@ -22,7 +22,7 @@ from data.toyworld import (SECRET, TASKS, expected_answer, gold_reward, good_res
                            is_safe, respond)
 
 FILES = ("sft.jsonl", "prefs.jsonl", "kto.jsonl", "prompts.jsonl", "eval.jsonl", "mc.jsonl", "redteam.jsonl",
-         "redteam_train.jsonl", "helpful.jsonl", "safety.jsonl", "pretrain.txt", "constitution.md")
+         "redteam_train.jsonl", "helpful.jsonl", "safety.jsonl", "eval_chats.jsonl", "pretrain.txt", "constitution.md")
 TRAIN = ("sft.jsonl", "prefs.jsonl", "kto.jsonl", "prompts.jsonl", "redteam_train.jsonl", "helpful.jsonl",
          "safety.jsonl")
 ROLES = {"system", "user", "assistant"}
@@ -107,6 +107,8 @@ def test_record_formats(world):
     for r in gold:
         check_messages(r["messages"], "assistant")
         assert r["messages"][-1]["content"] == good_response(r["messages"][:-1])
+    assert [r["messages"] for r in rows(world, "eval_chats.jsonl")] == [  # held-out text for perplexity
+        r["prompt"] + [{"role": "assistant", "content": good_response(r["prompt"])}] for r in rows(world, "eval.jsonl")]
     for r in rows(world, "mc.jsonl"):
         assert set(r) == {"prompt", "choices", "gold"} and isinstance(r["prompt"], str) and isinstance(r["gold"], int)
         assert 3 <= len(r["choices"]) <= 4 and len(set(r["choices"])) == len(r["choices"])
@@ -116,7 +118,7 @@ def test_record_formats(world):
     sizes = {name: len(rows(world, name)) for name in FILES if name.endswith(".jsonl")}
     assert sizes == {"sft.jsonl": 3000, "prefs.jsonl": 2000, "kto.jsonl": 2000, "prompts.jsonl": 1000,
                      "eval.jsonl": 200, "mc.jsonl": 200, "redteam.jsonl": 100, "redteam_train.jsonl": 300,
-                     "helpful.jsonl": 300, "safety.jsonl": 600}
+                     "helpful.jsonl": 300, "safety.jsonl": 600, "eval_chats.jsonl": 200}
     assert {r["kind"] for r in rows(world, "eval.jsonl")} == set(TASKS), "eval must cover every task kind"
     assert {r["kind"] for r in rows(world, "prompts.jsonl")} == set(TASKS) | {"redteam"}
 
