@@ -71,42 +71,44 @@ def chain(out, fast):
     def add(name, why, *cmds, outputs, alone=False):
         stages.append(Stage(name, why, [list(map(str, c)) for c in cmds], [str(p) for p in outputs], alone=alone))
 
-    def legs(name, why, cmd, steps, out_name):
-        """Train to `steps` in three legs (1/3, 2/3, all), keeping each leg's checkpoint: the points of the gold
-        reward vs KL figure. Leg k resumes leg k-1's checkpoint, so three legs are one straight run."""
-        paths = [o(f"{out_name}.1.pt"), o(f"{out_name}.2.pt"), o(f"{out_name}.pt")]
-        for k in range(3):
+    n_legs = n(3, 1)
+
+    def legs(name, why, cmd, steps):
+        """Train to `steps` in three legs (1/3, 2/3, all; --fast: one), keeping each leg's checkpoint: the points
+        of the gold reward vs KL figure. Leg k resumes leg k-1's checkpoint, so the legs are one straight run."""
+        paths = [o(f"{name}.{k + 1}.pt") for k in range(n_legs - 1)] + [o(f"{name}.pt")]
+        for k, path in enumerate(paths):
             resume = ["--resume", paths[k - 1]] if k else []
-            add(f"{name}.{k + 1}" if k < 2 else name, why if k == 0 else f"{why} (leg {k + 1} of 3)",
-                [*cmd, "--steps", steps, "--stop-at", steps * (k + 1) // 3, *resume, "--out", paths[k],
-                 "--log", o(f"logs/{out_name}.{k + 1}.jsonl")], outputs=[paths[k]])
+            add(f"{name}.{k + 1}" if path != paths[-1] else name, f"{why} (leg {k + 1} of {n_legs})" if k else why,
+                [*cmd, "--steps", steps, "--stop-at", steps * (k + 1) // n_legs, *resume, "--out", path,
+                 "--log", o(f"logs/{name}.{k + 1}.jsonl")], outputs=[path])
         return paths
 
     stages.append(world_stage())
     add("base", "pre-train a tiny Llama-style model (0.8 M parameters, bytes) on the world's raw text",
         [PY, "sft.py", "--format", "text", "--init", "tiny", "--data", f"{D}/pretrain.txt", "--out", o("base.pt"),
-         "--steps", n(500, 40), "--log", o("logs/base.jsonl")], outputs=[o("base.pt")], alone=True)
+         "--steps", n(500, 30), "--log", o("logs/base.jsonl")], outputs=[o("base.pt")], alone=True)
     add("sft", "SFT on chats in ChatML, loss on the assistant's tokens only: the model learns to answer",
         [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft.pt"), "--steps",
          n(200, 15), "--lr", "5e-4", "--seq-len", 384, "--log", o("logs/sft.jsonl")], outputs=[o("sft.pt")],
         alone=True)
     add("sft_plain", "the no-template ablation: the same SFT on 'User: ... Assistant: ' text, no chat template",
         [PY, "sft.py", "--model", o("base.pt"), "--data", f"{D}/sft.jsonl", "--out", o("sft_plain.pt"), "--steps",
-         n(60, 10), "--lr", "5e-4", "--seq-len", 384, "--template", "plain", "--log", o("logs/sft_plain.jsonl")],
+         n(60, 5), "--lr", "5e-4", "--seq-len", 384, "--template", "plain", "--log", o("logs/sft_plain.jsonl")],
         outputs=[o("sft_plain.pt")])
     add("rm", "a Bradley-Terry reward model on the noisy preference labels, checked against the gold reward",
         [PY, "reward.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--out", o("rm.pt"), "--steps",
          n(100, 10), "--gold", f"{W}:gold_reward", "--log", o("logs/rm.jsonl")], outputs=[o("rm.pt")])
     dpo = legs("dpo", "DPO from SFT on the same preference pairs: no reward model, no sampling",
                [PY, "dpo.py", "--model", o("sft.pt"), "--data", f"{D}/prefs.jsonl", "--kl-prompts", 0],
-               n(90, 12), "dpo")
+               n(90, 12))
     ppo = legs("ppo", "PPO from SFT against the learned reward model, KL-penalised to SFT",
                [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data", f"{D}/prompts.jsonl",
-                "--eval-every", 0], n(60, 6), "ppo")
+                "--eval-every", 0], n(60, 6))
     grpo = legs("grpo", "GRPO: PPO's objective with group-relative advantages (4 samples a prompt), no critic",
                 [PY, "ppo.py", "--model", o("sft.pt"), "--reward-model", o("rm.pt"), "--data",
                  f"{D}/prompts.jsonl", "--advantage", "grpo", "--group-size", 4, "--batch-size", 8, "--eval-every", 0],
-                n(30, 6), "grpo")
+                n(30, 6))
     cai = o("cai")
     add("cai", "Constitutional AI: red-team the SFT model, SL-CAI on its critiqued revisions, RL-CAI on AI labels",
         [PY, "cai.py", "--model", o("sft.pt"), "--red-team-model", o("base.pt"), "--attacker-steps", n(60, 4),
@@ -169,7 +171,7 @@ def chain(out, fast):
         add(f"eval_{name}", why, [PY, "evaluate.py", "--model", ",".join(models), *flags, "--out", path],
             outputs=[path])
 
-    aligned = {"base": o("base.pt"), "sft": o("sft.pt"), "dpo": dpo[2], "ppo": ppo[2], "grpo": grpo[2],
+    aligned = {"base": o("base.pt"), "sft": o("sft.pt"), "dpo": dpo[-1], "ppo": ppo[-1], "grpo": grpo[-1],
                "cai_sl": f"{cai}/sl.pt", "cai_rl": f"{cai}/rl.pt"}
     for key, path in aligned.items():
         ref = ["--ref", o("sft.pt")] if key != "base" else []
@@ -177,8 +179,8 @@ def chain(out, fast):
                  [path], *EVAL, "--temperature", 1, "--samples", n(2, 1), *ref, "--no-speed")
         evaluate(f"{key}_greedy", f"{key}: greedy", [path], *EVAL, "--no-speed")
     for key, leg in (("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
-        for k in (1, 2):
-            evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of 3: a point of the gold-vs-KL figure", [leg[k - 1]],
+        for k in range(1, len(leg)):
+            evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of {len(leg)}: a point of the gold-vs-KL figure", [leg[k - 1]],
                      *EVAL, "--temperature", 1, "--ref", o("sft.pt"), "--no-speed")
     evaluate("plain", "the no-template ablation: base and plain-SFT prompted as 'User: ...\\nAssistant: '",
              [o("base.pt"), o("sft_plain.pt")], "--no-chat-template", *EVAL, "--no-speed")

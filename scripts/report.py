@@ -316,7 +316,7 @@ def figures(src, plan, out_dir):
         for key, colour in (("dpo", "C0"), ("ppo", "C1"), ("grpo", "C2")):
             pts = [(0.0, sft["value"], 0.0)]
             for k, path in enumerate(plan["legs"][key]):
-                name = f"{key}.{k + 1}_t1" if k < 2 else f"{key}_t1"
+                name = f"{key}.{k + 1}_t1" if k < len(plan["legs"][key]) - 1 else f"{key}_t1"
                 g, kl = src.eval_cell(name, path, "gold_reward"), src.eval_cell(name, path, "kl_ref")
                 se = src.eval_cell(name, path, "gold_reward", "se")
                 if g and kl:
@@ -324,10 +324,10 @@ def figures(src, plan, out_dir):
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color=colour,
                         label=key.upper(), capsize=3)
             for i, (x, y, _) in enumerate(pts[1:]):
-                ax.annotate(f"{i + 1}/3", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+                ax.annotate(f"{i + 1}/{len(pts) - 1}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
         ax.set_xlabel("KL to SFT (nats per response, along the policy's samples)")
         ax.set_ylabel("gold reward (T = 1, ± s.e.)")
-        ax.set_title("Gold reward against KL: each method's legs (1/3, 2/3, all of its steps)", fontsize=9)
+        ax.set_title("Gold reward against KL to SFT, after each leg of training", fontsize=9)
         ax.legend()
         save(fig, "gold_vs_kl.png")
 

@@ -164,7 +164,7 @@ def fake_evals(out, plan, rng):
         write(f"{key}_t1", [path], [])
         write(f"{key}_greedy", [path], [])
     for key, leg in plan["legs"].items():
-        for k in (1, 2):
+        for k in range(1, len(leg)):
             write(f"{key}.{k}_t1", [leg[k - 1]], [])
     write("plain", [os.path.join(models_out, "base.pt"), os.path.join(models_out, "sft_plain.pt")], [])
     for key, path in plan["compressed"].items():
