@@ -118,9 +118,10 @@ def chain(out, fast):
         outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt"])
 
     # compression of the SFT model
+    CALIB = ["--data", f"{D}/sft.jsonl", "--format", "chat", "--calib-samples", 32]  # 32 windows of the chats
     add("student", "Minitron: prune the SFT model's width to a quarter of its parameters (a smaller dense model)",
         [PY, "prune.py", "--model", o("sft.pt"), "--method", "minitron", "--structure", "width", "--target", 0.25,
-         "--data", f"{D}/sft.jsonl", "--format", "chat", "--calib-samples", 32, "--out", o("student_pruned.pt")],
+         *CALIB, "--out", o("student_pruned.pt")],
         outputs=[o("student_pruned.pt")])
     add("student_kd", "distill the SFT model into the quarter-size student (forward KL on the chats)",
         [PY, "distill.py", "--teacher", o("sft.pt"), "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl",
@@ -130,12 +131,11 @@ def chain(out, fast):
         [PY, "sft.py", "--model", o("student_pruned.pt"), "--data", f"{D}/sft.jsonl", "--steps", n(120, 10),
          "--lr", "5e-4", "--eval-every", 0, "--out", o("student_sft.pt"), "--log", o("logs/student_sft.jsonl")],
         outputs=[o("student_sft.pt")])
-    sweep = []  # (name, method, knob, path): the perplexity-vs-bits and perplexity-vs-sparsity figures
+    sweep = []  # (kind, method, knob, path): the perplexity-vs-bits and perplexity-vs-sparsity figures
     for method in ("magnitude", "wanda", "sparsegpt"):
         for target in n((0.25, 0.5, 0.75), (0.5,)):
             path = o(f"prune/{method}{int(target * 100)}.pt")
-            calib = [] if method == "magnitude" else ["--data", f"{D}/sft.jsonl", "--format", "chat",
-                                                      "--calib-samples", 32]
+            calib = [] if method == "magnitude" else CALIB
             add(f"{method}{int(target * 100)}", f"{method} pruning, {target:.0%} of every row's weights set to zero",
                 [PY, "prune.py", "--model", o("sft.pt"), "--method", method, "--target", target, *calib,
                  "--eval-samples", 0, "--out", path], outputs=[path])
@@ -148,8 +148,7 @@ def chain(out, fast):
     for method in ("rtn", "gptq", "awq"):
         for bits in n((8, 4, 3), (4,)):
             path = o(f"quant/{method}{bits}.pt")
-            calib = [] if method == "rtn" else ["--data", f"{D}/sft.jsonl", "--format", "chat",
-                                                "--calib-samples", 32]
+            calib = [] if method == "rtn" else CALIB
             add(f"{method}{bits}", f"{method.upper()} weights to {bits} bits, groups of 32",
                 [PY, "quantize.py", "--model", o("sft.pt"), "--method", method, "--bits", bits, "--group-size", 32,
                  *calib, "--out", path], outputs=[path])
@@ -180,8 +179,8 @@ def chain(out, fast):
         evaluate(f"{key}_greedy", f"{key}: greedy", [path], *EVAL, "--no-speed")
     for key, leg in (("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
         for k in range(1, len(leg)):
-            evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of {len(leg)}: a point of the gold-vs-KL figure", [leg[k - 1]],
-                     *EVAL, "--temperature", 1, "--ref", o("sft.pt"), "--no-speed")
+            evaluate(f"{key}.{k}_t1", f"{key} after leg {k} of {len(leg)}: a point of the gold-vs-KL figure",
+                     [leg[k - 1]], *EVAL, "--temperature", 1, "--ref", o("sft.pt"), "--no-speed")
     evaluate("plain", "the no-template ablation: base and plain-SFT prompted as 'User: ...\\nAssistant: '",
              [o("base.pt"), o("sft_plain.pt")], "--no-chat-template", *EVAL, "--no-speed")
     TEXT = ["--text", f"{D}/eval_chats.jsonl"]  # held-out prompts with the good replies

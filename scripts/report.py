@@ -324,7 +324,8 @@ def figures(src, plan, out_dir):
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color=colour,
                         label=key.upper(), capsize=3)
             for i, (x, y, _) in enumerate(pts[1:]):
-                ax.annotate(f"{i + 1}/{len(pts) - 1}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+                ax.annotate(f"{i + 1}/{len(pts) - 1}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            color=colour)
         ax.set_xlabel("KL to SFT (nats per response, along the policy's samples)")
         ax.set_ylabel("gold reward (T = 1, ± s.e.)")
         ax.set_title("Gold reward against KL to SFT, after each leg of training", fontsize=9)
