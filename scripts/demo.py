@@ -111,9 +111,9 @@ def chain(out, fast):
                 n(30, 6))
     cai = o("cai")
     add("cai", "Constitutional AI: red-team the SFT model, SL-CAI on its critiqued revisions, RL-CAI on AI labels",
-        [PY, "cai.py", "--model", o("sft.pt"), "--red-team-model", o("base.pt"), "--attacker-steps", n(60, 4),
-         "--limit", n(50, 8), "--attacks", n(30, 8), "--revisions", n(2, 1), "--sl-steps", n(60, 4),
-         "--rl-steps", n(60, 4),
+        [PY, "cai.py", "--model", o("sft.pt"), "--red-team-model", o("base.pt"), "--attacker-steps", n(30, 4),
+         "--limit", n(50, 8), "--attacks", n(30, 8), "--revisions", n(2, 1), "--sl-steps", n(20, 4),
+         "--rl-steps", n(30, 4),
          "--judge", f"{W}:is_safe", "--eval-red-team", "", "--out-dir", cai],
         outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt"])
 
@@ -146,14 +146,14 @@ def chain(out, fast):
          o("sparsegpt50_healed.pt"), "--log", o("logs/sparsegpt50_healed.jsonl")],
         outputs=[o("sparsegpt50_healed.pt")])
     for method in ("rtn", "gptq", "awq"):
-        for bits in n((8, 4, 3), (4,)):
+        for bits in n((4, 3, 2), (4,)):
             path = o(f"quant/{method}{bits}.pt")
             calib = [] if method == "rtn" else CALIB
             add(f"{method}{bits}", f"{method.upper()} weights to {bits} bits, groups of 32",
                 [PY, "quantize.py", "--model", o("sft.pt"), "--method", method, "--bits", bits, "--group-size", 32,
                  *calib, "--out", path], outputs=[path])
             sweep.append(("quant", method, bits, path))
-    for bits in n((4, 3), (4,)):
+    for bits in n((4, 2), (4,)):
         path = o(f"quant/qat{bits}.pt")
         add(f"qat{bits}", f"QAT: the GPTQ {bits}-bit model trained through its rounding (straight-through) on chats",
             [PY, "qat.py", "--model", o(f"quant/gptq{bits}.pt"), "--data", f"{D}/sft.jsonl", "--bits", bits,

@@ -288,7 +288,7 @@ def figures(src, plan, out_dir):
               ("grpo", ["grpo.1", "grpo.2", "grpo.3"], "score", None),
               ("student_kd", ["student_kd"], "kd", "eval_kd"), ("student_sft", ["student_sft"], "loss", "eval_loss"),
               ("sparsegpt50_healed", ["sparsegpt50_healed"], "kd", "eval_kd"), ("qat4", ["qat4"], "loss", "eval_loss"),
-              ("qat3", ["qat3"], "loss", "eval_loss")]
+              ("qat2", ["qat2"], "loss", "eval_loss")]
     curves = [(t, [r for n in names for r in src.log(n)], k, ek) for t, names, k, ek in curves]
     curves = [c for c in curves if c[1]]
     if curves:
