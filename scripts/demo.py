@@ -295,15 +295,21 @@ def code_files(script):
     return sorted(seen)
 
 
+WRITES = ("--out", "--log", "--out-dir", "--responses")  # the argument after one of these is written, not read
+
+
 def find_inputs(stages):
     """Each stage's inputs: every argument (or comma / colon separated part of one) that names another stage's
-    output or an existing file, plus the code it runs. Returns {stage name: [the stages it waits for]}."""
+    output or an existing file, plus the code it runs; not what it writes (its outputs, the argument after an
+    option in WRITES: a log left by an earlier run is not an input). Returns {stage name: [the stages it waits for]}."""
     made_by = {p: s.name for s in stages for p in s.outputs}
     needs = {}
     for s in stages:
         files, waits = set(), set()
         for cmd in s.cmds:
-            for arg in cmd[1:]:
+            for i, arg in enumerate(cmd[1:], 1):
+                if cmd[i - 1] in WRITES:
+                    continue
                 for part in re.split(r"[,]", arg):
                     for cand in (part, part.rpartition(":")[0]):
                         if cand in made_by and made_by[cand] != s.name:

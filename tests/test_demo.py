@@ -59,6 +59,23 @@ def test_finished_stages_are_skipped_and_changed_inputs_rerun(tmp_path):
     assert runs(tmp_path) == ["a", "b", "b", "a", "b", "b"]
 
 
+def test_a_log_the_stage_writes_is_not_its_input(tmp_path):
+    """A file after --log (or --out) is written by the stage: left by an earlier run, it must not change the
+    stage's key, or a rerun would redo a finished stage."""
+    stages = two_stages(tmp_path)
+    log = str(tmp_path / "a.log.jsonl")
+    stages[0].cmds[0] += ["--log", log]
+    code = stages[0].cmds[0][2]
+    stages[0].cmds[0][2] = code + f"\nopen({log!r}, 'a').write('{{}}\\n')"
+    out = str(tmp_path / "out")
+    assert demo.run(stages, demo.find_inputs(stages), out, 2, 1) == ["a", "b"]
+    assert log not in stages[0].inputs
+    again = two_stages(tmp_path)  # a new process: the inputs are found again, now with the log on disk
+    again[0].cmds[0] = list(stages[0].cmds[0])
+    needs = demo.find_inputs(again)
+    assert log not in again[0].inputs and demo.run(again, needs, out, 2, 1) == []
+
+
 def test_code_files_follow_imports():
     files = demo.code_files("dpo.py")
     assert {"dpo.py", "common.py", "model.py"} <= set(files) and "ppo.py" not in files
