@@ -22,7 +22,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MARK_START, MARK_END = "<!-- demo report: start -->", "<!-- demo report: end -->"
 Z95 = 1.959963984540054
 
 
@@ -207,6 +206,21 @@ def alignment_tables(src, plan):
     return out
 
 
+def legs_table(src, plan):
+    """The points of the gold-vs-KL figure: each method after each leg of its training, sampled at T = 1."""
+    rows = []
+    for key, paths in plan["legs"].items():
+        for k, path in enumerate(paths):
+            name = f"{key}.{k + 1}_t1" if k < len(paths) - 1 else f"{key}_t1"
+            g = src.eval_cell(name, path, "gold_reward")
+            rows.append((f"{key}, leg {k + 1} of {len(paths)}", {
+                "kl_ref": src.eval_cell(name, path, "kl_ref"),
+                "gold_reward": [g, src.eval_cell(name, path, "gold_reward", "se")] if g else None}))
+    return table("Gold reward against KL to SFT after each leg of training (temperature 1; the figure's points)",
+                 ["kl_ref", "gold_reward"], rows, "The earlier legs are sampled once a prompt, the last twice (its row "
+                 "of the first table): their standard errors are larger.")
+
+
 def ablation_table(src, out):
     base, plain = os.path.join(out, "base.pt"), os.path.join(out, "sft_plain.pt")
     rows = []
@@ -348,9 +362,10 @@ def figures(src, plan, out_dir):
                 ax.axhline(float_ppl["value"], color="grey", ls="--", label="SFT (float)")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity (held-out replies)")
-            ax.set_yscale("log")
             if kind == "quant":
                 ax.invert_xaxis()
+            else:
+                ax.set_yscale("log")
             ax.legend()
             save(fig, name)
     return made
@@ -374,7 +389,7 @@ def stage_seconds(out):
 def build(out, plan, fast):
     """Write out/report.md and out/report.json (and figures) from the metrics files; returns the markdown."""
     src = Sources(out)
-    tables = alignment_tables(src, plan) + [ablation_table(src, out)]
+    tables = alignment_tables(src, plan) + [legs_table(src, plan), ablation_table(src, out)]
     rm = rm_table(src)
     if rm:
         tables.append(rm)
@@ -441,25 +456,25 @@ def write_report(out, text, payload):
         os.replace(tmp, os.path.join(ROOT, out, name))
 
 
-def put_in_readme(out, readme="README.md", figures_dir="docs/demo"):
-    """Replace the README's text between its two markers with out/report.md, one level of heading down; its
-    figures are copied to docs/demo/ (out/ is not in the repository) and linked from there."""
+def put_in_readme(out, readme="README.md", figures_dir="docs/demo", name="demo"):
+    """Replace the README's text between its two markers with out/report.md less its title; its figures are
+    copied to docs/demo/ (out/ is not in the repository) and linked from there."""
     import shutil
     path = os.path.join(ROOT, readme)
     text = open(path).read()
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{readme}: no '{MARK_START}' ... '{MARK_END}' markers to replace between")
+    start, end = f"<!-- {name} report: start -->", f"<!-- {name} report: end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: no '{start}' ... '{end}' markers to replace between")
     body = open(os.path.join(ROOT, out, "report.md")).read()
-    body = "\n".join(line.replace("## ", "### ", 1) if line.startswith("##") else line
-                     for line in body.splitlines()) + "\n"
+    body = "\n".join(body.splitlines()[1:]) + "\n"  # the README's section has its own title
     for m in json.load(open(os.path.join(ROOT, out, "report.json")))["figures"]:
         os.makedirs(os.path.join(ROOT, figures_dir), exist_ok=True)
         shutil.copy(os.path.join(ROOT, out, m), os.path.join(ROOT, figures_dir, m))
         body = body.replace(f"]({m})", f"]({figures_dir}/{m})")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(path + ".tmp", "w") as f:
-        f.write(head + MARK_START + "\n" + body + MARK_END + tail)
+        f.write(head + start + "\n" + body + end + tail)
     os.replace(path + ".tmp", path)
 
 
@@ -477,7 +492,7 @@ def main(argv=None):
     _, plan = (demo.chain_real if args.real else demo.chain)(args.out, args.fast)
     print((build_real if args.real else build)(args.out, plan, args.fast))
     if args.readme:
-        put_in_readme(args.out)
+        put_in_readme(args.out, name="demo-real" if args.real else "demo")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,25 @@ def test_report_numbers_equal_the_metrics_files(tmp_path):
         math.sqrt(sum((x - sum(items) / 12) ** 2 for x in items) / 11 / 12), rel=1e-12)
 
 
+def test_the_readme_section_is_the_report(tmp_path):
+    """report.py --readme: the text between the markers becomes report.md (less its title), the rest is kept,
+    figures are copied beside the README and linked there."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("## Title\n\n| a | b |\n\n![fig.png](fig.png)\n")
+    (out / "report.json").write_text(json.dumps({"figures": ["fig.png"]}))
+    (out / "fig.png").write_bytes(b"png")
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- demo report: start -->\nold\n<!-- demo report: end -->\nafter\n")
+    report.put_in_readme(str(out), readme=str(readme), figures_dir=str(tmp_path / "docs"))
+    text = readme.read_text()
+    assert text == ("before\n<!-- demo report: start -->\n\n| a | b |\n\n"
+                    f"![fig.png]({tmp_path / 'docs'}/fig.png)\n<!-- demo report: end -->\nafter\n")
+    assert (tmp_path / "docs" / "fig.png").read_bytes() == b"png"
+    with pytest.raises(SystemExit, match="markers"):
+        report.put_in_readme(str(out), readme=str(readme), name="demo-real")
+
+
 @pytest.mark.skipif(not os.environ.get("DEMO_OUT"), reason="set by make demo after a run: DEMO_OUT=out/demo")
 def test_the_demo_report_equals_its_metrics_files():
     """After `make demo` (or FAST=1): the real report, every cell against the real metrics files."""
