@@ -11,10 +11,11 @@ make demo: every technique of the project on the built-in world, in one command,
 Each stage is one command a user could type (sft.py, dpo.py, evaluate.py, ...), with the files it reads and the
 files it makes. Stages form a graph through those files and run as soon as their inputs exist, two at a time on
 two cores (one torch thread each; a stage that runs alone gets every core). A stage is finished when its outputs
-exist and its stamp (out/stamps/NAME.json) holds the hash of its command, of its input files and of the code it
-runs: so a rerun skips finished stages, reruns a stage whose inputs or code changed (and so everything after it),
-and after an interrupted run (Ctrl-C, a kill) it starts the interrupted stages again and completes. Every stage
-writes its console output to out/logs/NAME.txt; the progress bar shows the running stages' own progress.
+(its checkpoint and its metrics: the evaluation JSON, the --log of a training run) exist and its stamp
+(out/stamps/NAME.json) holds the hash of its command, of its input files and of the code it runs: so a rerun
+skips finished stages, reruns a stage whose inputs or code changed (and so everything after it), and after an
+interrupted run (Ctrl-C, a kill) it starts the interrupted stages again and completes. Every stage writes its
+console output to out/logs/NAME.txt; the progress bar shows the running stages' own progress.
 
 Then scripts/report.py reads the stages' metrics files (evaluate.py's JSON, the training logs) and writes
 report.md, report.json and, when matplotlib is installed, the figures.
@@ -69,7 +70,9 @@ def chain(out, fast):
     stages = []
 
     def add(name, why, *cmds, outputs, alone=False):
-        stages.append(Stage(name, why, [list(map(str, c)) for c in cmds], [str(p) for p in outputs], alone=alone))
+        cmds = [list(map(str, c)) for c in cmds]
+        logs = [c[i + 1] for c in cmds for i, a in enumerate(c[:-1]) if a == "--log"]  # its metrics: outputs too
+        stages.append(Stage(name, why, cmds, [str(p) for p in outputs] + logs, alone=alone))
 
     n_legs = n(3, 1)
 
@@ -115,7 +118,7 @@ def chain(out, fast):
          "--limit", n(50, 8), "--attacks", n(30, 8), "--revisions", n(2, 1), "--sl-steps", n(20, 4),
          "--rl-steps", n(30, 4),
          "--judge", f"{W}:is_safe", "--eval-red-team", "", "--out-dir", cai],
-        outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt"])
+        outputs=[f"{cai}/sl.pt", f"{cai}/rl.pt", f"{cai}/report.json"])
 
     # compression of the SFT model
     CALIB = ["--data", f"{D}/sft.jsonl", "--format", "chat", "--calib-samples", 32]  # 32 windows of the chats
@@ -396,6 +399,10 @@ def run(stages, needs, out, jobs, cores):
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
         for p in s.outputs:
             os.makedirs(os.path.dirname(os.path.join(ROOT, p)) or ".", exist_ok=True)
+        for c in s.cmds:  # a metrics log is appended to: an interrupted or outdated run's lines go first
+            for i, a in enumerate(c[:-1]):
+                if a == "--log" and os.path.exists(c[i + 1]):
+                    os.remove(c[i + 1])
         log_path = os.path.join(out, "logs", f"{s.name}.txt")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
         script = " && ".join(" ".join(_quote(a) for a in c) for c in s.cmds)

@@ -74,6 +74,9 @@ def test_a_log_the_stage_writes_is_not_its_input(tmp_path):
     again[0].cmds[0] = list(stages[0].cmds[0])
     needs = demo.find_inputs(again)
     assert log not in again[0].inputs and demo.run(again, needs, out, 2, 1) == []
+    (tmp_path / "in.txt").write_text("two")  # a rerun starts its log afresh: one run's lines, not two runs'
+    assert demo.run(again, needs, out, 2, 1) == ["a", "b"]
+    assert open(log).read() == "{}\n"
 
 
 def test_code_files_follow_imports():
