@@ -60,6 +60,9 @@ def world_stage():
 
 
 def chain(out, fast):
+    """make demo's stages in one valid order, and the plan the report reads: world -> base -> SFT (and the
+    no-template ablation) -> RM -> DPO, PPO, GRPO (three legs each), CAI; the SFT model distilled into a Minitron
+    quarter, pruned, quantised, trained through its quantisation, exported to GGUF; every checkpoint evaluated."""
     def n(full, quick):
         return quick if fast else full
 
@@ -192,7 +195,7 @@ def chain(out, fast):
                   "sparsegpt50": o("prune/sparsegpt50.pt"), "sparsegpt50_healed": o("sparsegpt50_healed.pt"),
                   "gptq4": o("quant/gptq4.pt"), "qat4": o("quant/qat4.pt")}
     for key, path in compressed.items():
-        evaluate(f"{key}_compressed", f"{key}: perplexity on the chats, greedy accuracy, size, decode speed", [path],
+        evaluate(f"{key}_compressed", f"{key}: held-out perplexity, greedy accuracy, size, decode speed", [path],
                  *EVAL, *TEXT, "--speed-batch", 4)
     for kind in ("prune", "quant"):
         what = "pruned" if kind == "prune" else "quantised"
