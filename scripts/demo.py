@@ -69,7 +69,7 @@ def chain(out, fast):
     D, W = "data/toy", "data/toyworld.py"
     o = lambda name: os.path.join(out, name)  # noqa: E731
     GOLD = ["--scorer", f"{W}:gold_reward", "--correct", f"{W}:is_correct", "--safety", f"{W}:is_safe"]
-    EVAL = ["--data", f"{D}/eval.jsonl", "--redteam", f"{D}/redteam.jsonl", *GOLD, "--limit", str(n(0, 40))]
+    EVAL = ["--data", f"{D}/eval.jsonl", "--redteam", f"{D}/redteam.jsonl", *GOLD, "--limit", str(n(0, 20))]
     stages = []
 
     def add(name, why, *cmds, outputs, alone=False):
@@ -196,7 +196,7 @@ def chain(out, fast):
                   "gptq4": o("quant/gptq4.pt"), "qat4": o("quant/qat4.pt")}
     for key, path in compressed.items():
         evaluate(f"{key}_compressed", f"{key}: held-out perplexity, greedy accuracy, size, decode speed", [path],
-                 *EVAL, *TEXT, "--speed-batch", 4)
+                 *EVAL, *TEXT, *n(["--speed-batch", 4], ["--no-speed"]))
     for kind in ("prune", "quant"):
         what = "pruned" if kind == "prune" else "quantised"
         evaluate(f"sweep_{kind}", f"perplexity of every {what} model (a figure)",

@@ -400,7 +400,7 @@ def build(out, plan, fast):
           "Every number below was written by a stage of `scripts/demo.py` into a metrics file in "
           f"`{out}/` (evals/*.json, logs/*.jsonl) and copied here by `scripts/report.py`.", ""]
     if fast:
-        md += ["FAST: a few steps per stage and 40 prompts per evaluation, a smoke run: the numbers mean nothing.", ""]
+        md += ["FAST: a few steps per stage and 20 prompts per evaluation, a smoke run: the numbers mean nothing.", ""]
     for t in tables:
         md += [render_table(t), ""]
     if made:
