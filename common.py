@@ -206,6 +206,11 @@ def parse_init(spec):
     return preset, out
 
 
+def is_dcp(path):
+    """Is path a sharded checkpoint (a torch.distributed.checkpoint directory, parallel.py's --fsdp output)?"""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
 def tokenizers_differ(a, b):
     """Why two tokenizers would not give the same ids (None if they do): size, any id's bytes, the split pattern
     (a probe text), the chat template."""
@@ -1213,7 +1218,7 @@ def resume_and_peft(model, cfg, train_also=()):
         raise UserError("--rslora scales LoRA / DoRA adapters: give --lora-rank or --peft lora / dora")
     state, step = None, 0
     if resume:
-        if os.path.isdir(resume) and os.path.isfile(os.path.join(resume, ".metadata")):  # sharded (parallel.py):
+        if is_dcp(resume):  # a sharded checkpoint (parallel.py):
             import parallel  # its tensors load after sharding, in wrap_for_training
             ckpt = parallel.read_meta(resume)
         else:

@@ -171,10 +171,6 @@ def dcp_path(out):
     return (out[:-3] if out.endswith(".pt") else out) + ".dcp"
 
 
-def is_dcp(path):
-    return os.path.isfile(os.path.join(path, ".metadata"))
-
-
 def save_fsdp(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=None):
     """common.save_training under --fsdp, on every rank: the sharded checkpoint {out}.dcp/, then the one-file
     --out gathered on rank 0 (weights and optimiser state in full, so any script or a plain run reads it)."""
@@ -338,7 +334,7 @@ def main():
         raise M.UserError(usage)
     src, out = sys.argv[2:]
     if command == "dcp-to-ckpt":
-        if not is_dcp(src):
+        if not C.is_dcp(src):
             raise M.UserError(f"{src}: not a DCP directory (no .metadata)")
         dcp_to_checkpoint(src, out)
     else:
