@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +45,18 @@ class Stage:
     outputs: list  # files it makes; the stage is finished when they exist and its stamp matches
     inputs: list = field(default_factory=list)  # files it reads (found from the commands' arguments)
     alone: bool = False  # on the critical path with nothing to gain beside it: runs alone, on every core
+
+
+def log_paths(cmds):
+    """The metrics logs a stage's commands append to (the argument after --log)."""
+    return [c[i + 1] for c in cmds for i, a in enumerate(c[:-1]) if a == "--log"]
+
+
+def make_stage(name, why, *cmds, outputs, alone=False):
+    """A Stage from argv lists of anything str() takes; a training run's --log is one of its outputs (its
+    metrics: the stage is finished only when they exist too)."""
+    cmds = [list(map(str, c)) for c in cmds]
+    return Stage(name, why, cmds, [str(p) for p in outputs] + log_paths(cmds), alone=alone)
 
 
 # -----------------------------------------------------------------------------
@@ -72,10 +84,8 @@ def chain(out, fast):
     EVAL = ["--data", f"{D}/eval.jsonl", "--redteam", f"{D}/redteam.jsonl", *GOLD, "--limit", str(n(0, 20))]
     stages = []
 
-    def add(name, why, *cmds, outputs, alone=False):
-        cmds = [list(map(str, c)) for c in cmds]
-        logs = [c[i + 1] for c in cmds for i, a in enumerate(c[:-1]) if a == "--log"]  # its metrics: outputs too
-        stages.append(Stage(name, why, cmds, [str(p) for p in outputs] + logs, alone=alone))
+    def add(*args, **kw):
+        stages.append(make_stage(*args, **kw))
 
     n_legs = n(3, 1)
 
@@ -227,8 +237,8 @@ def chain_real(out, fast):
     o = lambda name: os.path.join(out, name)  # noqa: E731
     stages = [world_stage()]
 
-    def add(name, why, *cmds, outputs):
-        stages.append(Stage(name, why, [list(map(str, c)) for c in cmds], [str(p) for p in outputs]))
+    def add(*args, **kw):
+        stages.append(make_stage(*args, **kw))
 
     text = ("from pydoc_data.topics import topics; import sys; t = '\\n\\n'.join(topics[k] for k in sorted(topics)); "
             "open(sys.argv[1], 'w').write(t[:20000]); open(sys.argv[2], 'w').write(t[20000:420000])")
@@ -317,7 +327,7 @@ def find_inputs(stages):
             for i, arg in enumerate(cmd[1:], 1):
                 if cmd[i - 1] in WRITES:
                     continue
-                for part in re.split(r"[,]", arg):
+                for part in arg.split(","):
                     for cand in (part, part.rpartition(":")[0]):
                         if cand in made_by and made_by[cand] != s.name:
                             files.add(cand)
@@ -393,7 +403,7 @@ def run(stages, needs, out, jobs, cores):
     from tqdm import tqdm
     cache, ran, running = {}, [], {}
     depth = critical_order(stages, needs)
-    done, todo, skipped = set(), list(stages), []
+    done, todo, skipped, judged = set(), list(stages), [], set()
     bar = tqdm(total=len(stages), desc="demo", unit="stage", dynamic_ncols=True)
     failed = None
     t_start = time.time()
@@ -402,13 +412,12 @@ def run(stages, needs, out, jobs, cores):
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
         for p in s.outputs:
             os.makedirs(os.path.dirname(os.path.join(ROOT, p)) or ".", exist_ok=True)
-        for c in s.cmds:  # a metrics log is appended to: an interrupted or outdated run's lines go first
-            for i, a in enumerate(c[:-1]):
-                if a == "--log" and os.path.exists(c[i + 1]):
-                    os.remove(c[i + 1])
+        for path in log_paths(s.cmds):  # appended to: an interrupted or outdated run's lines go first
+            if os.path.exists(path):
+                os.remove(path)
         log_path = os.path.join(out, "logs", f"{s.name}.txt")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        script = " && ".join(" ".join(_quote(a) for a in c) for c in s.cmds)
+        script = " && ".join(shlex.join(c) for c in s.cmds)
         log = open(log_path, "w")
         log.write(f"$ {script}\n")
         log.flush()
@@ -430,16 +439,18 @@ def run(stages, needs, out, jobs, cores):
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         while todo or running:
-            while True:  # a stage is judged finished or not once what it reads is final
-                up_to_date = [s for s in todo if all(d in done for d in needs[s.name]) and finished(s, out, cache)]
-                if not up_to_date:
+            while True:  # a stage is judged finished or not once, when what it reads is final
+                fresh = [s for s in todo if s.name not in judged and all(d in done for d in needs[s.name])]
+                if not fresh:
                     break
-                for s in up_to_date:
-                    todo.remove(s)
-                    done.add(s.name)
-                    skipped.append(s.name)
-                    bar.update(1)
-            ready = sorted((s for s in todo if all(d in done for d in needs[s.name])), key=lambda s: -depth[s.name])
+                for s in fresh:
+                    judged.add(s.name)
+                    if finished(s, out, cache):
+                        todo.remove(s)
+                        done.add(s.name)
+                        skipped.append(s.name)
+                        bar.update(1)
+            ready = sorted((s for s in todo if s.name in judged), key=lambda s: -depth[s.name])
             if skipped and len(skipped) == bar.n and not running:
                 bar.set_postfix_str(f"{len(skipped)} finished before, skipped")
             while ready and len(running) < jobs and failed is None and not any(v[0].alone for v in running.values()):
@@ -501,10 +512,6 @@ def run(stages, needs, out, jobs, cores):
     return ran
 
 
-def _quote(a):
-    return a if re.fullmatch(r"[\w@%+=:,./-]+", a) else "'" + a.replace("'", "'\"'\"'") + "'"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="", help="output directory (default out/demo, --fast: out/demo-fast)")
@@ -534,7 +541,7 @@ def main(argv=None):
         stages = [s for s in stages if s.name in want]
     if args.list:
         for s in stages:
-            shown = [" ".join(_quote("python" if a == PY else a) for a in c) for c in s.cmds]
+            shown = [shlex.join("python" if a == PY else a for a in c) for c in s.cmds]
             print(f"{s.name}: {s.why}\n    " + "\n    ".join(shown))
         return
     os.makedirs(os.path.join(ROOT, out), exist_ok=True)
