@@ -22,6 +22,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from evaluate import standard_error  # noqa: E402  (the one evaluate.py's JSON "stderr" holds)
+
 Z95 = 1.959963984540054
 
 
@@ -29,25 +32,12 @@ Z95 = 1.959963984540054
 # Numbers: pure functions
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
-
-
-def standard_error(xs):
-    """Sample standard deviation (n - 1) over sqrt(n); 0 for fewer than two values."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
-
-
 def paired_difference(a, b):
     """Prompt-by-prompt difference a - b over the same prompts -> (mean, lo, hi): the 95% normal interval."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired difference needs two lists of one length, got {len(a)} and {len(b)}")
     d = [x - y for x, y in zip(a, b)]
-    m, se = mean(d), standard_error(d)
+    m, se = sum(d) / len(d), standard_error(d)
     return m, m - Z95 * se, m + Z95 * se
 
 
@@ -80,16 +70,19 @@ class Sources:
 
     def __init__(self, out):
         self.out = out
+        self.loaded = {}  # name -> parsed JSON (None: absent or unreadable); each file is read once
 
     def path(self, name):
         return os.path.join(self.out, name)
 
     def load(self, name):
-        try:
-            with open(os.path.join(ROOT, self.path(name))) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        if name not in self.loaded:
+            try:
+                with open(os.path.join(ROOT, self.path(name))) as f:
+                    self.loaded[name] = json.load(f)
+            except (OSError, ValueError):
+                self.loaded[name] = None
+        return self.loaded[name]
 
     def eval_cell(self, name, model, key, fn="value"):
         """A cell from evals/NAME.json: the results row of `model` at `key` (fn value), or its standard error."""
