@@ -43,6 +43,7 @@ as a Hugging Face directory in the compressed-tensors format (formats.export_hf(
 """
 
 import contextlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -468,17 +469,33 @@ class QuantLinear(nn.Module):
         return self.qweight if self.scheme in FP8_SCHEMES else unpack_bits(self.qweight, self.bits, self.in_features)
 
     def dequantize(self):
-        """The float weight (out, in), fp32."""
+        """The float weight (out, in), fp32 (on CUDA by kernels.cu where the layout fits it)."""
+        if self._cuda_kernels() is not None:
+            return self._cuda_kernels().dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         if self.scheme in FP8_SCHEMES:
             return dequantize_fp8(self.qweight, self.scales)
         if self.scheme == "nf4":
             return dequantize_nf4(self.codes(), self.absmax_q, self.absmax_scale, self.absmax_mean, self.group_size)
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size)
 
+    def _cuda_kernels(self):
+        """kernels.py where this layer's weights are on CUDA in a layout kernels.cu takes and it is built, else None.
+        Imported only here: quantize.py copied without kernels.py runs everywhere but at kernels.cu's speed."""
+        if not (self.qweight.is_cuda and self.scheme == "int") or importlib.util.find_spec("kernels") is None:
+            return None
+        import kernels
+        fits = kernels.layout_refusal(self.bits, self.group_size, self.in_features) is None
+        return kernels if fits and kernels.load() is not None else None
+
     def _fast(self, x):
-        """y from torch's weight-only CPU kernels, or None where they do not apply."""
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad
-                or self.scheme != "int" or x.numel() > FAST_ROWS * self.in_features):
+        """y from kernels.cu on CUDA, torch's weight-only CPU kernels on the CPU, or None where neither applies."""
+        if torch.is_grad_enabled() and x.requires_grad or self.scheme != "int":
+            return None
+        if x.is_cuda:
+            K = self._cuda_kernels()
+            return None if K is None else K.int_matmul(x, self.qweight, self.scales, self.zeros, self.bits,
+                                                       self.group_size).view(-1, self.out_features)
+        if x.dtype != torch.float32 or x.numel() > FAST_ROWS * self.in_features:
             return None
         per_channel = self.group_size == self.in_features
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernels' fast paths take bf16 activations
@@ -519,10 +536,9 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._kernel = None  # a move or cast: the kernel's copy is rebuilt from the buffers
-        if self.scheme not in FP8_SCHEMES:
-            return super()._apply(fn, recurse)
-        # e4m3 is a float dtype: model.to(torch.bfloat16) would cast the codes and their fp32 scales; they only move
-        held = {n: self._buffers.pop(n) for n in ("qweight", "scales")}
+        # The packed layout moves between devices but keeps its dtypes: model.to(torch.bfloat16) would otherwise
+        # round the fp16 / fp32 scales to bf16 (and cast e4m3 codes, a float dtype); the bias is cast as usual
+        held = {n: self._buffers.pop(n) for n in list(self._buffers)}
         super()._apply(fn, recurse)
         for n, b in held.items():
             self.register_buffer(n, b.to(fn(b.new_empty(0)).device))
