@@ -1374,6 +1374,16 @@ def save_training(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=
     return f"{cfg.out} (step {step})"
 
 
+def full_state(cfg, model, optimizer):
+    """A trained model's state dict and its optimiser's, in full (the optimiser's in torch's own format): what
+    a one-file checkpoint holds. Under --fsdp gathered from the shards to rank 0 (parallel.gather; every rank
+    calls it, the others get None, None)."""
+    if getattr(cfg, "fsdp", False):
+        import parallel
+        return parallel.gather(model, optimizer)
+    return model.state_dict(), optimizer.state_dict()
+
+
 def step_range(cfg, start_step, rank, desc):
     """The optimiser steps this run takes, as a tqdm bar on rank 0, and the step it ends at: from start_step (0, or
     where --resume left off) to --steps, or to --stop-at (the schedule still spans --steps)."""

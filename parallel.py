@@ -4,9 +4,10 @@ parallel.py: training and inference beyond one device's memory, beside DDP (comm
   FSDP2     fully sharded data parallel (Zhao et al. 2023, "PyTorch FSDP"; torch's per-parameter `fully_shard`):
             each of N ranks keeps 1/N of every parameter, of its gradient and of its AdamW moments; a block's full
             weights exist only while it runs (all-gather before, reduce-scatter of its gradients after). `--fsdp`
-            in sft.py, dpo.py, reward.py and distill.py goes through common.wrap_for_training: fully_shard on every
-            transformer block, then on the root (embeddings, final norm, head). On GPU the weights compute in bf16
-            and gradients reduce in fp32 (MixedPrecisionPolicy). The arithmetic is DDP's: gradients averaged over
+            in sft.py, dpo.py, reward.py, distill.py, ppo.py (policy and critic) and qat.py goes through
+            common.wrap_for_training: fully_shard on every transformer block, then on the root (embeddings, final
+            norm, head). On GPU the weights compute in bf16 and gradients reduce in fp32 (MixedPrecisionPolicy; qat.py's
+            fake-quantised model keeps fp32 weights). The arithmetic is DDP's: gradients averaged over
             ranks, so a script's `loss * world` convention holds unchanged. Measuring it on CPU: glibc keeps freed
             all-gather buffers in its heap (its mmap threshold grows to 32 MiB), hiding the saving from peak RSS;
             MALLOC_MMAP_THRESHOLD_=131072 returns them (gpt2 preset, 2 ranks: 3043 -> 1878 MiB per rank).
@@ -25,8 +26,9 @@ parallel.py: training and inference beyond one device's memory, beside DDP (comm
             joins them; embeddings, norms and head replicated. Same `model.generate`; `evaluate.py --tp` uses it.
 
 Departures: under --fsdp, eval mode holds the gathered weights (`shard`): evaluation and sampling loops differ in
-length across ranks (each rank scores its share, generate stops early), which per-forward all-gathers cannot
-follow. --fsdp trains a dense model in full (no LoRA / prefix adapters, no pruned or quantised model).
+length across ranks (each rank scores its share, generate stops early, ppo.py's rollouts end at different lengths),
+which per-forward all-gathers cannot follow. --fsdp trains a dense model in full (no LoRA / prefix adapters, no
+pruned or packed quantised model; qat.py's fake-quantised model trains its float weights).
 
     torchrun --nproc_per_node=2 sft.py --fsdp --model out/base.pt --data data/toy/sft.jsonl --out out/sft.pt
     torchrun --nproc_per_node=4 sft.py --fsdp --resume out/sft.dcp --model out/base.pt ...   # any N, 1 included
@@ -68,7 +70,8 @@ def check_fsdp(model, cfg):
     if C.peft_kind(cfg):
         raise M.UserError("--fsdp trains every weight: leave out --lora-rank / --peft (an adapter is small enough "
                           "for DDP: torchrun without --fsdp)")
-    if getattr(model, "quant", None) is not None or C.weight_masks(model):
+    packed = any(hasattr(m, "qweight") for m in model.modules())  # quantize.QuantLinear (qat.py's layers hold floats)
+    if packed or C.weight_masks(model):
         raise M.UserError("--fsdp trains a dense model: a quantised or pruned one trains with DDP (no --fsdp)")
 
 
@@ -81,13 +84,17 @@ def shard(model, device, dtype="auto"):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy()
-    if device.type == "cuda" and dtype in ("auto", "bf16"):
+    fake_quant = getattr(model, "quant", None) is not None  # qat.py: w / s rounded in bf16 would leave its grid
+    if device.type == "cuda" and dtype in ("auto", "bf16") and not fake_quant:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # the root's weights are the first backward needs
     model.no_sync = functools.partial(_no_sync, model)
     model.train = functools.partial(_train, model)
+    if not model.training:  # the shards are training's state: a model sharded in eval mode gathers them now
+        torch.nn.Module.train(model, True)
+        model.train(False)
     return model
 
 
@@ -155,6 +162,8 @@ def load_full_optimizer(model, optimizer, osd):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, by_name(osd, optimizer_names(model)),
                              options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, osd["param_groups"]):  # as saved: torch's loader makes betas a list
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def plain_copy(cfg, sd):
@@ -171,21 +180,36 @@ def dcp_path(out):
     return (out[:-3] if out.endswith(".pt") else out) + ".dcp"
 
 
+def gather(model, optimizer):
+    """(state dict, optimiser state dict) in full, the optimiser's in torch's own format (by position): what a
+    one-file checkpoint holds. A sharded model's are gathered to rank 0's CPU memory, a collective (every rank
+    calls it; the others get None, None); an unsharded model's are its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    if not fsdp_modules(model):
+        return model.state_dict(), optimizer.state_dict()
+    sd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return (sd, by_index(osd)) if dist.get_rank() == 0 else (None, None)
+
+
+def dcp_meta(cfg, raw, enc, step, metrics, lineage, train_state):
+    """What a DCP directory's meta.pt holds beside the param groups: our checkpoint dict without "model" (the
+    shards hold it), with "quant" for a quantised model (qat.py's fake-quantised one)."""
+    meta = {"config": asdict(raw.cfg), "tokenizer": enc.name, "chat_template": enc.chat_template, "step": int(step),
+            "args": asdict(cfg), "metrics": dict(metrics or {}), "lineage": list(lineage),
+            "format": C.DTYPE_NAMES.get(next(raw.parameters()).dtype, "fp32"), "train_state": train_state}
+    if getattr(raw, "quant", None) is not None:
+        meta["quant"] = dict(raw.quant)
+    return meta
+
+
 def save_fsdp(cfg, raw, enc, optimizer, step, metrics, lineage, rank, extra=None):
     """common.save_training under --fsdp, on every rank: the sharded checkpoint {out}.dcp/, then the one-file
     --out gathered on rank 0 (weights and optimiser state in full, so any script or a plain run reads it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     train_state = {"rng": C.rng_state(), "data_position": step, **(extra or {})}
-    head = {"config": asdict(raw.cfg), "tokenizer": enc.name, "chat_template": enc.chat_template, "step": int(step),
-            "args": asdict(cfg), "metrics": dict(metrics or {}), "lineage": list(lineage),
-            "format": C.DTYPE_NAMES.get(next(raw.parameters()).dtype, "fp32")}
-    save_dcp(dcp_path(cfg.out), raw, optimizer, {**head, "train_state": train_state})
-    if fsdp_modules(raw):
-        sd, osd = get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd, osd = None, None
+    save_dcp(dcp_path(cfg.out), raw, optimizer, dcp_meta(cfg, raw, enc, step, metrics, lineage, train_state))
+    sd, osd = gather(raw, optimizer)
     if rank == 0:
-        net, osd = (plain_copy(raw.cfg, sd), by_index(osd)) if sd is not None else (raw, optimizer.state_dict())
+        net = plain_copy(raw.cfg, sd) if fsdp_modules(raw) else raw
         C.save_checkpoint(cfg.out, net, enc, step, asdict(cfg), metrics, lineage, {"optimizer": osd, **train_state})
     return f"{cfg.out} (step {step})"
 
@@ -240,6 +264,9 @@ def dcp_to_checkpoint(path, out):
     """A DCP directory -> our one-file checkpoint at `out` (one process; the tensors in full)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     meta = read_meta(path)
+    if "quant" in meta:
+        raise M.UserError(f"{path}: qat.py's fake-quantised weights: continue them with qat.py --resume {path}; the "
+                          "one-file checkpoint written beside it holds the converted model")
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out))) as tmp:
         dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
         full = torch.load(os.path.join(tmp, "full.pt"), weights_only=True)
@@ -255,9 +282,9 @@ def checkpoint_to_dcp(path, out):
     import torch.distributed.checkpoint as dcp
     ckpt = C.load_checkpoint(path)
     state = dict(ckpt.get("train_state") or {})
-    if "optimizer" not in state or "lora" in state:
+    if "optimizer" not in state or "lora" in state or "qat" in state:
         raise M.UserError(f"{path}: no full-training state to convert (a checkpoint of a training run without "
-                          "--lora-rank / --peft)")
+                          "--lora-rank / --peft; qat.py's resumes from itself)")
     cfg = C.config_from_dict(ckpt["config"], path)
     sd = ckpt["model"]
     if C.shares_head(cfg):

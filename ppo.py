@@ -34,6 +34,10 @@ Departures: no entropy bonus (RLHF sets it to 0); the critic is trained in full,
 top-k / top-p in rollouts (a truncated nucleus makes a sampled token's reference log-prob -inf); a response ends
 at <|im_end|> (TRL, templating ChatML itself, also scores the "\\n" after it). Under DDP each rank samples and
 normalises its own rollout (groups never straddle ranks); loss denominators and metrics are summed over ranks.
+--fsdp (parallel.py) shards the policy and the critic, their gradients and AdamW state, and trains as DDP does.
+The policy samples in eval mode, which holds its gathered weights, so generate's forwards need no collective and
+ranks may stop at <|im_end|> after different numbers of tokens; the frozen reference and reward model stay whole
+on every rank (no gradients or optimiser state to shard).
 
     python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --out out/ppo_gold.pt \\
         --eval-data data/toy/eval.jsonl,data/toy/redteam.jsonl --log out/ppo_gold.jsonl              # CPU, verifier
@@ -42,6 +46,7 @@ normalises its own rollout (groups never straddle ranks); loss denominators and 
     python ppo.py --model out/sft.pt --reward data/toyworld.py:gold_reward --advantage grpo --group-size 4 \\
         --batch-size 8 --out out/grpo.pt                                                              # critic-free
     torchrun --nproc_per_node=2 ppo.py --model out/sft.pt --reward-model out/rm.pt                    # DDP
+    torchrun --nproc_per_node=2 ppo.py --fsdp --model out/sft.pt --reward-model out/rm.pt   # FSDP2, out/ppo.dcp/
 """
 
 import contextlib
@@ -107,7 +112,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the training forward passes
     offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
-    fsdp: bool = False  # FSDP2: not in ppo.py (policy, critic and their sampling would each need it); use DDP
+    fsdp: bool = False  # FSDP2 under torchrun: shard policy and critic, their gradients and AdamW state (parallel.py)
     compile_decode: bool = False  # torch.compile the rollouts' one-token decode step (model.generate(compile=True))
     lora_rank: int = 0  # LoRA rank for the policy (0 = full fine-tuning); the reference is then the base
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
@@ -387,8 +392,6 @@ def check_flags(cfg):
         if value not in options:
             raise M.UserError(f"--{flag} {value!r}: choose {', '.join(options)}")
 
-    if cfg.fsdp:
-        raise M.UserError("--fsdp is not supported by ppo.py (sampling, policy and critic): run torchrun without it")
     choose("advantage", cfg.advantage, ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"))
     if bool(cfg.reward) == bool(cfg.reward_model):
         raise M.UserError("give exactly one of --reward-model (a reward.py checkpoint) or --reward file.py:fn")
@@ -430,7 +433,9 @@ def no_dropout(model):
 
 
 def load_models(cfg, device):
-    """policy, reference (None with LoRA), critic (None but for ppo), reward model (None with a verifier), enc."""
+    """policy, reference (None with LoRA), critic (None but for ppo), reward model (None with a verifier), enc.
+    The reference and the reward model are frozen: under --fsdp each rank holds them whole, as under DDP. With LoRA
+    the reference is the policy with its adapters off; --fsdp refuses LoRA (parallel.check_fsdp)."""
     policy, enc, ckpt = C.load_model(cfg.model, device)
     ref = None if C.peft_kind(cfg) else no_dropout(copy.deepcopy(policy)).eval().requires_grad_(False)
     critic, rm = None, None
@@ -552,10 +557,13 @@ def main(argv=None):
                                                              key="critic_optimizer", eps=1e-5)
         opts.append((raw_critic, critic_opt))
 
-    def run_eval():
-        if not eval_sets or rank != 0:
+    def run_eval():  # on rank 0 alone: under --fsdp every rank gathers the weights first (eval mode, parallel.shard)
+        if not eval_sets:
             return {}
-        return evaluate(raw_policy, eval_sets, rm, fn, gold, cfg, enc, device)
+        raw_policy.eval()
+        result = evaluate(raw_policy, eval_sets, rm, fn, gold, cfg, enc, device) if rank == 0 else {}
+        raw_policy.train()
+        return result
 
     if rank == 0:
         n_train = raw_policy.num_params(trainable=True)
@@ -634,8 +642,8 @@ def main(argv=None):
         metrics = {**metrics, **record}
         if last_step or stop or cfg.save_every and (step + 1) % cfg.save_every == 0:
             extra = {"kl_coef": kl_coef}
-            if raw_critic is not None:
-                extra.update(critic=raw_critic.state_dict(), critic_optimizer=critic_opt.state_dict())
+            if raw_critic is not None:  # in full, as DDP saves it (under --fsdp gathered to rank 0 from every rank)
+                extra["critic"], extra["critic_optimizer"] = C.full_state(cfg, raw_critic, critic_opt)
             last_saved = C.save_training(cfg, raw_policy, enc, policy_opt, step + 1, metrics,
                                          lineage + [cfg.advantage], rank, extra)
         if stop:

@@ -8,6 +8,7 @@ quantize.py's packed format, which every script loads.
     python qat.py --model sft.pt --bits 3 --group-size 128 --out qat3.pt                       # from RTN, data targets
     python qat.py --model gptq.pt --teacher sft.pt --act-bits 8 --out w4a8.pt                  # W4A8
     python qat.py --model gptq.pt --teacher sft.pt --lora-rank 16 --out qat-lora.pt            # LoRA-only QAT
+    torchrun --nproc_per_node=2 qat.py --fsdp --model gptq.pt --teacher sft.pt --out qat.pt    # FSDP2, qat.dcp/
 
 Fake quantisation (`fake_quant_weight`): in the forward pass the weight w of a linear is replaced by
   w_q = (clamp(round(w / s) + z, 0, 2^b - 1) - z) * s,
@@ -43,6 +44,10 @@ The output (--out, every save): the converted model, each fake-quantised linear 
 round(w_q / s) + z packed, in quantize.py's checkpoint format (its `quant` entry: the format, bits, group size,
 act_bits); its outputs are the fake-quant model's (tests/test_qat.py). The train_state beside it holds the latent
 float weights and scales ("qat", the fake-quant model's state dict) and the optimiser: --resume continues from them.
+--fsdp (parallel.py) shards the fake-quant model per block as sft.py's: the latent weights, learned scales and
+their AdamW state (the fixed scales and the zeros are buffers, whole on every rank; the teacher too), gathered in
+fp32 on GPU (bf16 would move w / s off the grid). Every save also writes the shards to {out}.dcp/, and --resume
+takes that directory (any number of ranks); --out is gathered to rank 0 and written as above.
 Departures: qat.py imports sft.py (its data plumbing) and distill.py (its loss) beside quantize.py, where DESIGN.md
 names quantize.py only. From torchao: no separate convert step (its `convert` is what every save does); activations of the head
 and attention (q @ k) stay float, as in quantize.py's W8A8.
@@ -254,7 +259,7 @@ class Config:
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     offload_activations: bool = False  # keep the tensors saved for backward in CPU memory (parallel.py)
-    fsdp: bool = False  # FSDP2: not in qat.py (its fake-quantised layers are not sharded); use DDP
+    fsdp: bool = False  # FSDP2 under torchrun: shard weights, scales, gradients and AdamW state (parallel.py)
     lora_rank: int = 0  # LoRA-only QAT: adapters of this rank, merged into each weight before the rounding
     lora_alpha: float = 0.0  # LoRA alpha (0 = 2 * rank)
     resume: str = ""  # checkpoint written by this script to continue from (latent weights, scales, optimiser, RNG)
@@ -266,8 +271,7 @@ class Config:
 
 def check_flags(cfg):
     """Refuse impossible settings before anything is loaded."""
-    checks = [(not cfg.fsdp, "--fsdp is not supported by qat.py (fake-quantised layers): run torchrun without it"),
-              (bool(cfg.model), "--model is required: the checkpoint to train (quantised by quantize.py, or float)"),
+    checks = [(bool(cfg.model), "--model is required: the checkpoint to train (quantised by quantize.py, or float)"),
               (cfg.format in ("chat", "text") and cfg.template in ("auto", "plain"),
                "--format must be chat or text, --template auto or plain"),
               (cfg.bits in (2, 3, 4, 8), f"--bits {cfg.bits}: choose 8, 4, 3 or 2"),
@@ -305,12 +309,19 @@ def load_start(cfg, device):
             cfg.lora_alpha).float()
     step, state = 0, None
     if cfg.resume:
-        resumed = C.load_checkpoint(cfg.resume)
+        if C.is_dcp(cfg.resume):  # --fsdp's shards: the tensors load after sharding, in wrap_for_training
+            import parallel
+            resumed = parallel.read_meta(cfg.resume)
+        else:
+            resumed = C.load_checkpoint(cfg.resume)
         state, step = resumed.get("train_state"), resumed.get("step")
-        if not isinstance(state, dict) or "qat" not in state or not isinstance(step, int):
+        sharded = isinstance(state, dict) and "dcp" in state  # its meta.pt names the quantised model; the shards hold it
+        ours = "quant" in resumed if sharded else isinstance(state, dict) and "qat" in state
+        if not ours or not isinstance(step, int):
             raise M.UserError(f"{cfg.resume}: no QAT train_state to resume from (not written by qat.py?)")
         try:
-            model.load_state_dict(state["qat"])
+            if not sharded:
+                model.load_state_dict(state["qat"])
         except (RuntimeError, KeyError, TypeError) as e:
             raise M.UserError(f"{cfg.resume}: does not fit the model being trained, resume with the flags of the run "
                               f"that wrote it ({' '.join(str(e).split())[:120]})")
@@ -325,12 +336,29 @@ def load_start(cfg, device):
     return model.to(device), teacher, enc, ckpt.get("lineage", []), step, state
 
 
+def unsharded(raw, sd, learn_scales):
+    """A plain prepare()d model holding the full state dict `sd` (gathered from --fsdp's shards), for convert():
+    raw's structure built again on the meta device, then sd's tensors assigned (no copy)."""
+    q = raw.quant
+    with torch.device("meta"):
+        net = prepare(M.Transformer(raw.cfg), q["bits"], q["group_size"], q["symmetric"], q["act_bits"], learn_scales)
+    tied = {"lm_head.weight": sd["embed.weight"]} if C.shares_head(raw.cfg) else {}
+    net.load_state_dict({**tied, **sd}, assign=True)
+    return net
+
+
 def save(cfg, raw, enc, optimizer, step, metrics, lineage, rank):
-    """--out: the converted model (quantize.py's format) and the train state (latent weights, optimiser, RNG)."""
+    """--out: the converted model (quantize.py's format) and the train state (latent weights, optimiser, RNG).
+    Under --fsdp every rank first writes its shards to {out}.dcp/, then the full tensors are gathered to rank 0."""
+    state = {"rng": C.rng_state(), "data_position": step}
+    if cfg.fsdp:
+        import parallel as P
+        P.save_dcp(P.dcp_path(cfg.out), raw, optimizer, P.dcp_meta(cfg, raw, enc, step, metrics, lineage, state))
+    sd, osd = C.full_state(cfg, raw, optimizer)
     if rank == 0:
-        state = {"qat": raw.state_dict(), "optimizer": optimizer.state_dict(), "rng": C.rng_state(),
-                 "data_position": step}
-        C.save_checkpoint(cfg.out, convert(raw).cpu(), enc, step, vars(cfg), metrics, lineage, state)
+        net = unsharded(raw, sd, cfg.learn_scales) if cfg.fsdp else raw
+        C.save_checkpoint(cfg.out, convert(net).cpu(), enc, step, vars(cfg), metrics, lineage,
+                          {"qat": sd, "optimizer": osd, **state})
     return f"{cfg.out} (step {step})"
 
 
@@ -410,8 +438,10 @@ def main(argv=None):
         last, stop = step + 1 == end, C.interrupted(device)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             record.update(evaluate(model, teacher, eval_rows, cfg, device))
+            raw.eval()  # the full weights (under --fsdp gathered on every rank: parallel.shard)
             with torch.no_grad():
                 clipped = [clipped_fraction(f.merged_weight(), *f.grid(), f.bits, f.group_size) for f in fakes]
+            raw.train()
             record["clipped"] = torch.stack(clipped).mean().item()
         if rank == 0:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.1e}")

@@ -1,6 +1,7 @@
 """Helper for tests/test_fsdp.py: FSDP2, DDP, a sharded checkpoint and tensor-parallel decoding on 2 ranks (gloo).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py scripts OUT_DIR TOY_DIR
 
 Every rank builds the same tiny model (seed 0) and the same batch with uneven loss masks and takes its own rows;
 the one-process references come from the same functions called in the test's own process. Rank 0 writes:
@@ -9,6 +10,12 @@ the one-process references come from the same functions called in the test's own
   OUT_DIR/ckpt.pt, ckpt.dcp the FSDP run saved by parallel.save_fsdp: one gathered file and the sharded directory
   OUT_DIR/tp.pt             {preset: {"logits": ..., "tokens": greedy tokens of PROMPTS}} of the model split TP=2
   OUT_DIR/eval-tp.json, eval-tp.jsonl   evaluate.py --tp's results and responses on eval_args(OUT_DIR)'s files
+`scripts` runs ppo.py and qat.py through their main() on these ranks, from the files the test wrote to OUT_DIR
+(policy.pt, rm.pt, base.pt, chats.jsonl) and the world's prompts in TOY_DIR; every run writes NAME.pt (and
+NAME.dcp with --fsdp), ppo.py's runs NAME.jsonl too:
+  ppo-fsdp, ppo-ddp     ppo_args' PPO_STEPS steps under --fsdp and under DDP
+  ppo-half, ppo-resumed --fsdp stopped after 1 step, then resumed from ppo-half.dcp to PPO_STEPS
+  qat-fsdp, qat-half    qat_args' QAT_STEPS steps under --fsdp, and the same stopped after 2
 """
 import os
 import sys
@@ -19,9 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import model as M  # noqa: E402
 import parallel as P  # noqa: E402
+import ppo  # noqa: E402
+import qat  # noqa: E402
 import sft  # noqa: E402
 
 STEPS, LR = 3, 1e-3
+PPO_STEPS, PPO_UPDATES = 3, 3 * 2 * 2  # rollouts; optimiser steps: x --ppo-epochs 2 x --minibatches 2 (defaults)
+QAT_STEPS = 4
 PROBE = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))  # (B, T)
 PROMPTS = [[72, 101, 108, 108, 111], [87, 104, 97, 116, 32, 105, 115, 32, 50]]  # two lengths: left padding
 
@@ -98,10 +109,40 @@ def eval_args(out_dir, write=False):
             "--device", "cpu"]
 
 
+def ppo_args(out_dir, toy_dir, name, *extra):
+    """PPO with a critic (initialised from the reward model), sampled at temperature 1 from per-rank seeds, and the
+    held-out prompts sampled greedily on rank 0 alone before and after training."""
+    path = os.path.join(out_dir, name)
+    return ["--model", os.path.join(out_dir, "policy.pt"), "--reward-model", os.path.join(out_dir, "rm.pt"),
+            "--data", os.path.join(toy_dir, "prompts.jsonl"), "--eval-data", os.path.join(toy_dir, "eval.jsonl"),
+            "--eval-limit", "4", "--eval-every", "0", "--steps", str(PPO_STEPS), "--batch-size", "2",
+            "--max-new-tokens", "8", "--lr", str(LR), "--warmup", "1", "--debug-logprobs-every", "1",
+            "--device", "cpu", "--out", path + ".pt", "--log", path + ".jsonl", *extra]
+
+
+def qat_args(out_dir, name, *extra, batch_size=2):
+    """QAT of the float base on RTN's int4 grid, the scales learned (LSQ), the data's tokens as targets."""
+    return ["--model", os.path.join(out_dir, "base.pt"), "--data", os.path.join(out_dir, "chats.jsonl"),
+            "--out", os.path.join(out_dir, name + ".pt"), "--steps", str(QAT_STEPS), "--batch-size", str(batch_size),
+            "--seq-len", "64", "--group-size", "32", "--learn-scales", "--eval-frac", "0", "--eval-every", "0",
+            "--lr", str(LR), "--warmup", "1", "--device", "cpu", *extra]
+
+
+def scripts(out_dir, toy_dir):
+    ppo.main(ppo_args(out_dir, toy_dir, "ppo-fsdp", "--fsdp"))
+    ppo.main(ppo_args(out_dir, toy_dir, "ppo-ddp"))
+    ppo.main(ppo_args(out_dir, toy_dir, "ppo-half", "--fsdp", "--stop-at", "1"))
+    ppo.main(ppo_args(out_dir, toy_dir, "ppo-resumed", "--fsdp", "--resume", os.path.join(out_dir, "ppo-half.dcp")))
+    qat.main(qat_args(out_dir, "qat-fsdp", "--fsdp"))
+    qat.main(qat_args(out_dir, "qat-half", "--fsdp", "--stop-at", "2"))
+
+
 def main():
     from torch.distributed.device_mesh import init_device_mesh
     import evaluate
     rank, world, device = C.setup_ddp("cpu")
+    if sys.argv[1] == "scripts":
+        return scripts(*sys.argv[2:])
     out_dir = sys.argv[1]
     results = {kind: train(kind, rank, world, os.path.join(out_dir, "ckpt.pt") if kind == "fsdp" else "")
                for kind in ("fsdp", "ddp")}

@@ -8,7 +8,10 @@ sums the whole batch (FSDP: a reduce-scatter, DDP: an all-reduce), so gradients 
 scale; after that, Adam divides each gradient by its own running size, which can turn the rounding of a gradient
 that is nearly zero into a visible step (conftest.assert_same_training bounds it). Checkpoints move tensors, never
 compute with them: equal bit for bit. Tensor parallelism sums o's and down's halves on two ranks, then adds:
-logits agree to fp32 rounding, greedy tokens exactly."""
+logits agree to fp32 rounding, greedy tokens exactly. ppo.py and qat.py run whole on 2 ranks (the worker's
+`scripts`): ppo.py --fsdp against DDP on 2 ranks (each rank samples from its own seed, so one process would draw
+other responses), qat.py --fsdp against one process (the same rows, the same global token count); a run resumed
+from its own shards against the straight run."""
 import json
 import os
 import sys
@@ -23,6 +26,7 @@ from test_sft import write_chats
 import common as C
 import model as M
 import parallel as P
+import qat
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import fsdp_worker as W  # noqa: E402
@@ -159,5 +163,92 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, enc, toy_dir):
     assert_refused("sft.py", "--model", base, "--data", f"{toy_dir}/sft.jsonl", "--fsdp", "--lora-rank", "4",
                    "--seq-len", "64", "--out", str(tmp_path / "x.pt"), message="--fsdp trains every weight")
     import ppo
-    with pytest.raises(M.UserError, match="--fsdp is not supported by ppo.py"):
-        ppo.main(["--model", base, "--reward", "data/toyworld.py:gold_reward", "--fsdp"])
+    with pytest.raises(M.UserError, match="--fsdp trains every weight"):  # its reference would be the LoRA-off policy
+        ppo.main(["--model", base, "--reward", "data/toyworld.py:gold_reward", "--data", f"{toy_dir}/prompts.jsonl",
+                  "--fsdp", "--lora-rank", "4", "--out", str(tmp_path / "p.pt")])
+    with pytest.raises(M.UserError, match="--fsdp trains every weight"):
+        qat.main(["--model", base, "--data", write_chats(tmp_path / "chats.jsonl", n=4), "--seq-len", "64",
+                  "--group-size", "32", "--fsdp", "--lora-rank", "4", "--out", str(tmp_path / "q.pt")])
+
+
+@pytest.fixture(scope="module")
+def scripts_on_two_ranks(tmp_path_factory, toy_dir, enc):
+    """The worker's ppo.py and qat.py runs on 2 ranks, from a tiny policy, reward model and float base."""
+    out = tmp_path_factory.mktemp("fsdp-scripts")
+    save_tiny(out / "policy.pt", enc)
+    save_tiny(out / "rm.pt", enc, score_std=1.0, head="scalar")
+    save_tiny(out / "base.pt", enc)
+    write_chats(out / "chats.jsonl", n=24)
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/fsdp_worker.py", "scripts",
+               str(out), toy_dir, env=ENV, timeout=300)
+    return out
+
+
+def assert_same_schema(a, b, where="checkpoint"):
+    """The same nested entries, tensors of the same dtype and shape, other values of the same type: one format."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_same_schema(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_schema(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+    else:
+        assert type(a) is type(b), where
+
+
+def test_ppo_fsdp_trains_as_ddp(scripts_on_two_ranks):
+    """ppo.py --fsdp (policy and critic sharded) against DDP, both on 2 ranks. Rank 0 alone samples the held-out
+    prompts while rank 1 waits (eval mode holds the gathered weights: no collective per forward). The first rollout
+    comes from the same weights: its scores and KL equal bit for bit. The updates then sum the ranks' gradients and
+    the clipping norm in another order, so after PPO_UPDATES AdamW steps policy and critic agree within Adam's bound
+    (conftest.assert_same_training); the one-file checkpoints have one format, the critic's state in full."""
+    out = scripts_on_two_ranks
+    fsdp, ddp = (C.load_checkpoint(str(out / f"ppo-{kind}.pt")) for kind in ("fsdp", "ddp"))
+    assert_same_schema(fsdp, ddp)
+    logs = [[json.loads(line) for line in open(out / f"ppo-{kind}.jsonl")] for kind in ("fsdp", "ddp")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [0, 1, 2, 3]
+    assert logs[0][0] == logs[1][0] and "eval_proxy" in logs[0][-1]  # greedy on the start weights
+    assert all(logs[0][1][k] == logs[1][1][k] for k in ("score", "kl", "entropy", "response_len"))
+    assert_same_training(fsdp["model"], ddp["model"], W.LR, W.PPO_UPDATES, bulk=1e-3, frac=1e-3)
+    assert_same_training(fsdp["train_state"]["critic"], ddp["train_state"]["critic"], W.LR, W.PPO_UPDATES,
+                         bulk=1e-3, frac=1e-3)
+
+
+def test_ppo_fsdp_resumes_from_its_shards(scripts_on_two_ranks):
+    """--fsdp stopped after 1 of 3 steps, resumed from {out}.dcp (the policy's shards; beta, the critic and its
+    AdamW state in full in meta.pt's train state): the same tensors restored, the same computation, so the same
+    weights as 3 steps straight, bit for bit."""
+    out = scripts_on_two_ranks
+    straight, resumed = (C.load_checkpoint(str(out / f"ppo-{kind}.pt")) for kind in ("fsdp", "resumed"))
+    assert straight["step"] == resumed["step"] == W.PPO_STEPS
+    for part in ("model", "critic"):
+        a, b = (straight, resumed) if part == "model" else (straight["train_state"], resumed["train_state"])
+        assert set(a[part]) == set(b[part]) and all(torch.equal(t, b[part][k]) for k, t in a[part].items()), part
+    for key in ("optimizer", "critic_optimizer"):
+        assert_same_optimizer(straight["train_state"][key], resumed["train_state"][key])
+
+
+def test_qat_fsdp_trains_as_one_process_and_resumes_from_its_shards(scripts_on_two_ranks):
+    """qat.py --fsdp on 2 ranks (latent weights and learned scales sharded) against one process on the same rows:
+    the latent weights within Adam's bound after QAT_STEPS steps, and so are those of the run resumed in one
+    process from the 2 ranks' shards after 2 steps. The gathered file is quantize.py's format, the very convert()
+    of its own latent weights, with the train state one process writes."""
+    out = scripts_on_two_ranks
+    qat.main(W.qat_args(str(out), "qat-one", batch_size=4))
+    qat.main(W.qat_args(str(out), "qat-resumed", "--resume", str(out / "qat-half.dcp"), batch_size=4))
+    fsdp, one, resumed = (C.load_checkpoint(str(out / f"qat-{kind}.pt")) for kind in ("fsdp", "one", "resumed"))
+    assert_same_schema(fsdp, one)
+    assert fsdp["quant"] == one["quant"] and fsdp["format"] == "int4-g32" and resumed["step"] == W.QAT_STEPS
+    for run in (fsdp, resumed):
+        assert_same_training(run["train_state"]["qat"], one["train_state"]["qat"], W.LR, W.QAT_STEPS, bulk=1e-3,
+                             frac=1e-3)
+    fake = qat.prepare(C.load_model(str(out / "base.pt"))[0], 4, 32, learn_scales=True)
+    fake.load_state_dict(fsdp["train_state"]["qat"])
+    want, got = qat.convert(fake).state_dict(), C.load_model(str(out / "qat-fsdp.pt"))[0].state_dict()
+    assert set(want) == set(got) and all(torch.equal(t, got[k]) for k, t in want.items())
+    with pytest.raises(M.UserError, match="qat.py --resume"):  # its shards are the latent model, not ours
+        P.dcp_to_checkpoint(str(out / "qat-half.dcp"), str(out / "x.pt"))
