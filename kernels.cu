@@ -238,9 +238,16 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ qweight, const __h
   }
 }
 
+}  // namespace
+
+// Everything above also compiles with g++ (tests/kernels_on_host.cpp runs these kernels on CPU threads, the test
+// suite's check of them on a machine without a GPU); what follows launches them, which only nvcc can compile.
+#ifndef KERNELS_ON_HOST
+
 // ---------------------------------------------------------------------------------------------------------------
-// Launchers: plain CUDA, no PyTorch (what `nvcc -c` compiles in CI without a CUDA build of PyTorch). They return
-// the launch's error code.
+// Launchers: plain CUDA, no PyTorch. They return the launch's error code.
+
+namespace {
 
 template <typename T, int BITS, int MT>
 cudaError_t launch_gemv_rows(const void* x, const uint8_t* qweight, const __half* scales, const uint8_t* zeros,
@@ -378,3 +385,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "W (N, K) from the packed layout, fp16 / bf16 / fp32 (writes w)");
 }
 #endif
+#endif  // KERNELS_ON_HOST

@@ -1,12 +1,16 @@
 """kernels.cu and kernels.py: the PyTorch twins against quantize.py's reading of the packed layout, the input checks,
-and, on a CUDA machine, every kernel against its twin, QuantLinear on CUDA against the CPU reference, and a whole
-quantised model's greedy tokens through the kernels against the reference path.
+kernels.cu's kernels run on CPU threads (tests/kernels_on_host.cpp, built with g++) against their twins, and, on a
+CUDA machine, every kernel against its twin, QuantLinear on CUDA against the CPU reference, and a whole quantised
+model's greedy tokens through the kernels against the reference path.
 
     python -m pytest -q tests/test_kernels.py   # the CUDA tests skip, with the reason, where kernels.cu can't run
     python kernels.py --compile-only            # nvcc -c kernels.cu (what .ci/run does where nvcc is installed)
 """
+import ctypes
 import importlib.util
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -155,6 +159,71 @@ def test_resources_reads_ptxas_report():
               "ptxas info    : Used 255 registers, used 1 barriers, 32768 bytes smem\n")
     assert kernels.resources(report) == {"gemv<bf16, int4, 16 rows>": {"registers": 255, "spill_bytes": 20,
                                                                         "smem_bytes": 32768}}
+
+
+# -----------------------------------------------------------------------------
+# kernels.cu's own source on CPU threads (tests/kernels_on_host.cpp): its indexing, masking, swizzle, barriers and
+# warp reduction, checked where there is no GPU
+
+
+def cuda_include():
+    """The CUDA headers' folder (cuda_fp16.h and friends: they compile under g++ too), or None."""
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", os.path.dirname(os.path.dirname(
+            os.path.realpath(shutil.which("nvcc") or "/nonexistent")))):
+        if root and os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def on_host(tmp_path_factory):
+    """kernels_on_host.cpp built with g++ and loaded: host_gemv / host_dequantize on torch CPU tensors."""
+    include = cuda_include()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h) to build kernels.cu for the host")
+    lib = str(tmp_path_factory.mktemp("host") / "kernels_on_host.so")
+    subprocess.run(["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", f"-I{include}",
+                    os.path.join(os.path.dirname(__file__), "kernels_on_host.cpp"), "-o", lib], check=True)
+    so = ctypes.CDLL(lib)
+    code = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+    def gemv(x, qweight, scales, zeros, bits, group):
+        y = torch.full((x.shape[0], qweight.shape[0]), float("nan"), dtype=x.dtype)  # every element must be written
+        so.host_gemv(code[x.dtype], bits, *(ctypes.c_void_p(t.data_ptr()) for t in (x, qweight, scales, zeros, y)),
+                     x.shape[0], qweight.shape[0], x.shape[1], group)
+        return y
+
+    def dequantize(qweight, scales, zeros, bits, group, dtype):
+        w = torch.full((qweight.shape[0], qweight.shape[1] * 8 // bits), float("nan"), dtype=dtype)
+        so.host_dequantize(code[dtype], bits, *(ctypes.c_void_p(t.data_ptr()) for t in (qweight, scales, zeros, w)),
+                           *w.shape, group)
+        return w
+    return gemv, dequantize
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=layouts(max_k_groups=10), rows=st.integers(1, 16), dtype=st.sampled_from([torch.float16,
+                                                                                         torch.bfloat16]))
+def test_the_gemv_on_host_threads_equals_its_twin(on_host, layout, rows, dtype):
+    """Every block's 128 threads run the kernel's code, one std::thread each: tiles past K, features past N, rows
+    past M and the 8 / 16 / 1-row builds all meet the twin within the bound of tolerance()."""
+    bits, group, K, N, seed = layout
+    qweight, scales, zeros, _ = packed(seed, N, K, bits, group)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = on_host[0](x, qweight, scales, zeros, bits, group)
+    ref = kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
+    assert not y.isnan().any()
+    assert bool(((y.float() - ref.float()).abs() <= tolerance(ref, x, kernels.dequantize_ref(
+        qweight, scales, zeros, bits, group), dtype)).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(layout=layouts(max_k_groups=6), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+def test_the_dequantize_on_host_threads_equals_its_twin_bit_for_bit(on_host, layout, dtype):
+    bits, group, K, N, seed = layout
+    qweight, scales, zeros, _ = packed(seed, N, K, bits, group)
+    w = on_host[1](qweight, scales, zeros, bits, group, dtype)
+    assert torch.equal(w, kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype))
 
 
 # -----------------------------------------------------------------------------
