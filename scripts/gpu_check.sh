@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
-# Everything the open issues need from a GPU, in one call of the device tool (at most ~8.5 minutes: each step's limit below):
+# Everything the open issues need from a GPU, in one call of the device tool (at most ~9 minutes: each step has its
+# own time limit, so a step that hangs leaves the others their time):
 #
-#   run(command="bash scripts/gpu_check.sh", timeout_s=560)     # then give_back; the figures come back in $OUT
+#   run(command="bash scripts/gpu_check.sh", timeout_s=590)       # then give_back
 #
-#   1. kernels.cu (issue 13): built by kernels.py, its tests (every kernel against its twin, QuantLinear on CUDA
-#      against the CPU reference, greedy tokens through the kernels), then its benchmark -> $OUT/kernels.json
-#   2. FP8 (issue 24): _scaled_mm against its reference, then FP8 vs bf16 matmul and decode -> $OUT/fp8.json
-# Then, if device time is left, the suite's CUDA paths (issue 18) in a second call:
-#   run(command="python3 -m pytest -q tests/test_model.py tests/test_quantize.py tests/test_sft.py -k 'cuda or compile'")
-# Each step has its own time limit, so one that hangs leaves the rest their time; every log lands in $OUT.
+# What comes back in $OUT (the device tool returns at most 8 files): log.txt (every step's output, in order) and the
+# benchmarks' JSON: kernels.json, fp8.json, gpu_train.json.
+#   issue 13  kernels.cu built by kernels.py; tests/test_kernels.py (every kernel against its twin, QuantLinear on
+#             CUDA against the CPU reference, greedy tokens through the kernels); tests/test_bench_kernels.py
+#   issue 24  tests/test_fp8.py's CUDA tests; scripts/fp8_gpu.py (FP8 vs bf16 matmul and decode)
+#   issue 18  tests/test_cuda_paths.py (flex vs dense packed attention, CUDA-graph decode, fused AdamW, sft.py in
+#             bf16 with --compile); tests/test_bench_gpu_train.py (SFT MFU on the gpt2 preset, flex vs dense speed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" out/bench
+LOG="$OUT/log.txt"
 PY=python3
-step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to the screen and $OUT/NAME.txt
-  local name=$1 limit=$2
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output appended to the log
+  local name=$1 limit=$2 start=$SECONDS
   shift 2
-  echo "=== $name (at most ${limit}s)"
-  timeout "$limit" "$@" 2>&1 | tail -n 400 > "$OUT/$name.txt"
-  echo "=== $name: exit ${PIPESTATUS[0]}"
-  tail -n 25 "$OUT/$name.txt"
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - start))s" | tee -a "$LOG"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > "$OUT/gpu.txt"; cat "$OUT/gpu.txt"
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
 step build 150 $PY kernels.py
-step test_kernels 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
-step bench_kernels 120 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_kernels.py
-cp out/bench/kernels.json "$OUT/" 2>/dev/null
-step test_fp8 45 $PY -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "scaled_mm or cuda"
-step fp8 90 sh -c "$PY scripts/fp8_gpu.py > $OUT/fp8.json"
-echo "=== done"
+step test_kernels 75 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step bench_kernels 90 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_kernels.py
+step test_fp8 40 $PY -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "scaled_mm or cuda"
+step fp8 70 sh -c "$PY scripts/fp8_gpu.py > $OUT/fp8.json"
+step test_cuda_paths 70 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py
+step bench_gpu_train 80 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_gpu_train.py
+cp out/bench/kernels.json out/bench/gpu_train.json "$OUT/" 2>/dev/null
+grep -E "^=== |passed|failed|error" "$LOG" | tail -n 40
