@@ -18,8 +18,9 @@ In reading order:
   2. GPTQ (`gptq_quantize`): round one input column at a time and push its error onto the columns not yet rounded.
   3. AWQ (`awq_search`) and SmoothQuant (`smoothquant_scales`): per-input-channel scales, folded into the op before
      the linear (`fold_scales`) so the float model computes exactly what it did.
-  4. `QuantLinear`: the packed weights in a module; torch's int8 / int4 CPU kernels (fp8: _scaled_mm on CUDA) where
-     they apply, else dequantise-then-matmul (the reference every fast path is tested against).
+  4. `QuantLinear`: the packed weights in a module; on CUDA kernels.cu's int4 / int8 matmul (kernels.py), on the
+     CPU torch's int8 / int4 kernels (fp8: _scaled_mm on CUDA) where they apply, else dequantise-then-matmul (the
+     reference every fast path is tested against).
   5. Calibration as the papers do it: block by block, each block fed the outputs of the quantised blocks before it.
   6. Checkpoints: `load_quantized` (common.load_model calls it for these formats) and `main`.
 
@@ -420,10 +421,12 @@ class QuantLinear(nn.Module):
     """A linear layer holding the packed layout of the module docstring (buffers, saved in the state dict).
 
     scheme "int": (code - zero) * scale; "nf4": NF4[code] * absmax. act_bits 8: inputs rounded to int8 per token
-    first (W8A8). forward uses torch's int8 / int4 weight-only CPU kernels when the layer fits them (symmetric int8
-    per channel; int4 with in % group_size == 0 and out % 16 == 0), with no grad, fp32 inputs and at most FAST_ROWS
-    rows, the inputs rounded to bf16 for them (as gpt-fast runs them); else it dequantises and multiplies in the
-    inputs' dtype, which is also what every kernel is tested against. "fp8" / "fp8-tensor": code * scale, the inputs
+    first (W8A8). On CUDA, without grad, int4 / int8 layers whose group size kernels.cu takes (a multiple of 32 /
+    16 dividing the inputs) run its kernels (kernels.int_matmul). On the CPU forward uses torch's int8 / int4
+    weight-only CPU kernels when the layer fits them (symmetric int8 per channel; int4 with in % group_size == 0
+    and out % 16 == 0), with no grad, fp32 inputs and at most FAST_ROWS rows, the inputs rounded to bf16 for them
+    (as gpt-fast runs them); else it dequantises and multiplies in the inputs' dtype, which is also what every
+    kernel is tested against. "fp8" / "fp8-tensor": code * scale, the inputs
     rounded to e4m3 (per token / per tensor); on CUDA without grad, fp8_matmul (torch._scaled_mm where it runs)."""
 
     def __init__(self, in_features, out_features, bits, group_size, scheme="int", bias=None, act_bits=0):
