@@ -8,7 +8,7 @@
 # benchmarks' JSON: kernels.json, fp8.json, gpu_train.json.
 #   issue 13  kernels.cu built by kernels.py; tests/test_kernels.py (every kernel against its twin, QuantLinear on
 #             CUDA against the CPU reference, greedy tokens through the kernels); tests/test_bench_kernels.py
-#   issue 24  tests/test_fp8.py's CUDA tests; scripts/fp8_gpu.py (FP8 vs bf16 matmul and decode)
+#   issue 24  tests/test_fp8.py's CUDA tests; tests/test_bench_fp8.py (FP8 vs bf16 matmul and decode)
 #   issue 18  tests/test_cuda_paths.py (flex vs dense packed attention, CUDA-graph decode, fused AdamW, sft.py in
 #             bf16 with --compile); tests/test_bench_gpu_train.py (SFT MFU on the gpt2 preset, flex vs dense speed)
 set -uo pipefail
@@ -31,8 +31,8 @@ step build 150 $PY kernels.py
 step test_kernels 75 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step bench_kernels 90 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_kernels.py
 step test_fp8 40 $PY -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "scaled_mm or cuda"
-step fp8 70 sh -c "$PY scripts/fp8_gpu.py > $OUT/fp8.json"
+step bench_fp8 70 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_fp8.py
 step test_cuda_paths 70 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py
 step bench_gpu_train 80 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_gpu_train.py
-cp out/bench/kernels.json out/bench/gpu_train.json "$OUT/" 2>/dev/null
+cp out/bench/kernels.json out/bench/fp8.json out/bench/gpu_train.json "$OUT/" 2>/dev/null
 grep -E "^=== |passed|failed|error" "$LOG" | tail -n 40

@@ -164,3 +164,38 @@ def assert_same_first_step(log_a, log_b, keys=("loss", "grad_norm"), rel=1e-5):
     ra, rb = first_record(log_a), first_record(log_b)
     for key in keys:
         assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (key, ra[key], rb[key])
+
+
+# -----------------------------------------------------------------------------
+# GPU benchmarks' shared timing (tests/test_bench_kernels.py, tests/test_bench_fp8.py)
+
+DECODE_SHAPE = dict(n_layer=16, d_model=2048, n_head=16, n_kv_head=8, d_ff=8192, max_seq_len=1024)  # ~0.8 B
+
+
+def cuda_ms(fn, reps=100):
+    """Median of CUDA-event timings of fn() after 10 warm-up calls (device time between the events: for calls of a
+    few microseconds, capture them in a CUDA graph first, as test_bench_kernels.graph_ms does)."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def decode_tok_s(model, batch, new_tokens=128):
+    """Greedy decode speed on CUDA: `batch` 16-token prompts, `new_tokens` each, after an 8-token warm-up."""
+    import time
+    prompts = [[1 + i % 200] * 16 for i in range(batch)]
+    with torch.no_grad():
+        M.generate(model, prompts, 8, temperature=0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        _, _, mask = M.generate(model, prompts, new_tokens, temperature=0, stop_ids=())
+        torch.cuda.synchronize()
+    return mask.sum().item() / (time.perf_counter() - t)

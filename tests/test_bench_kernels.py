@@ -19,8 +19,6 @@ Timings are measured, never asserted.
 """
 import json
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -30,25 +28,10 @@ import common as C
 import kernels
 import model as M
 import quantize as Q
-from conftest import ROOT
+from conftest import DECODE_SHAPE, ROOT, cuda_ms, decode_tok_s
 
 pytestmark = pytest.mark.slow
 SHAPES = {"square": (4096, 4096), "up": (11008, 4096), "down": (4096, 11008)}  # (N outputs, K inputs)
-
-
-def cuda_ms(fn, reps=100):
-    """Median of CUDA-event timings of fn() after 10 warm-up calls."""
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graph_ms(fn, calls=32):
@@ -130,25 +113,17 @@ def crossover():
 
 
 def decode(enc):
-    shape = dict(n_layer=16, d_model=2048, n_head=16, n_kv_head=8, d_ff=8192, max_seq_len=1024)  # ~0.8 B parameters
     torch.manual_seed(0)
-    base = M.build_model("tiny", enc, **shape).eval()
+    base = M.build_model("tiny", enc, **DECODE_SHAPE).eval()
     out = {}
     for name, bits, group in (("bf16", 0, 0), ("int4_g128", 4, 128), ("int8", 8, 0)):
-        model = M.build_model("tiny", enc, **shape).eval()
+        model = M.build_model("tiny", enc, **DECODE_SHAPE).eval()
         model.load_state_dict(base.state_dict())
         if bits:
             Q.quantize_model(model, "rtn", bits, group)
         model.to("cuda", torch.bfloat16)
         for batch in (1, 16):
-            prompts = [[1 + i % 200] * 16 for i in range(batch)]
-            with torch.no_grad():
-                M.generate(model, prompts, 8, temperature=0)  # warm-up
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                _, _, mask = M.generate(model, prompts, 128, temperature=0, stop_ids=())
-                torch.cuda.synchronize()
-            out[f"{name}_batch{batch}_tok_s"] = mask.sum().item() / (time.perf_counter() - t)
+            out[f"{name}_batch{batch}_tok_s"] = decode_tok_s(model, batch)
         out[f"{name}_weight_mb"] = Q.model_bytes(model) / 2 ** 20
         del model
         torch.cuda.empty_cache()
