@@ -325,7 +325,8 @@ int dtype_code(const torch::Tensor& t) {
 
 void check_tensor(const torch::Tensor& t, const char* name, int device, at::ScalarType dtype, int64_t rows,
                   int64_t cols) {
-  TORCH_CHECK(t.is_cuda() && t.get_device() == device, "kernels.cu: ", name, " must be on cuda:", device);
+  TORCH_CHECK(t.is_cuda(), "kernels.cu: ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.get_device() == device, "kernels.cu: ", name, " is on ", t.device(), ", not cuda:", device);
   TORCH_CHECK(t.scalar_type() == dtype, "kernels.cu: ", name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "kernels.cu: ", name, " must be (", rows,
               ", ", cols, "), got ", t.sizes());

@@ -5,7 +5,7 @@ kernels to, computed in fp32 from the packed bytes by a second, independent read
 
     y = kernels.int_matmul(x, qweight, scales, zeros, bits=4, group_size=128)  # quantize.py's packed layout, CUDA
     python kernels.py                   # build kernels.cu and load it, or say why it cannot be
-    python kernels.py --compile-only    # nvcc -c kernels.cu with PyTorch's flags: no GPU needed (CI runs this)
+    python kernels.py --compile-only    # nvcc -c kernels.cu with PyTorch's flags, link, load: no GPU needed (CI)
 
 The extension is built on first use by torch.utils.cpp_extension.load (about a minute, one line on stderr while it
 compiles; cached under ~/.cache/post-training/, rebuilt when kernels.cu changes). Where it cannot be built or run
@@ -18,8 +18,10 @@ gemv, 1 to 16 rows; every tensor contiguous, 16-byte aligned, on one CUDA device
 """
 
 import argparse
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -217,6 +219,44 @@ def nvcc_command(obj, arch="90"):
              "-DTORCH_API_INCLUDE_EXTENSION_H"] + cpp_extension.COMMON_NVCC_FLAGS + [f"-I{p}" for p in includes])
 
 
+def link_and_load(obj):
+    """The compiled object linked against the installed torch and the CUDA runtime, imported, and its host functions
+    called with CPU tensors, which each must refuse in one line: the PyTorch bindings build, link and load, with no
+    GPU and with the CPU build of torch (they use no part of PyTorch's CUDA libraries). -> the refusals."""
+    from torch.utils import cpp_extension
+    lib = os.path.join(os.path.dirname(obj), NAME + "_check.so")
+    nvcc = os.path.realpath(shutil.which("nvcc") or "nvcc")  # (a wrapper script resolves to itself: then CUDA_HOME)
+    cuda_home = os.environ.get("CUDA_HOME") or os.path.dirname(os.path.dirname(nvcc))
+    cuda_lib = next((p for p in (os.path.join(cuda_home, "lib64"), "/usr/local/cuda/lib64")
+                     if os.path.exists(os.path.join(p, "libcudart.so"))), os.path.join(cuda_home, "lib64"))
+    torch_lib = cpp_extension.library_paths()[0]
+    subprocess.run(["g++", "-shared", obj, "-o", lib, f"-L{torch_lib}", "-lc10", "-ltorch", "-ltorch_cpu",
+                    "-ltorch_python", f"-L{cuda_lib}", "-lcudart", f"-Wl,-rpath,{torch_lib}", f"-Wl,-rpath,{cuda_lib}"],
+                   check=True)
+    spec = importlib.util.spec_from_file_location(NAME, lib)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    x, y = torch.zeros(2, 128, dtype=torch.bfloat16), torch.zeros(2, 8, dtype=torch.bfloat16)
+    q, z = torch.zeros(8, 64, dtype=torch.uint8), torch.zeros(8, 4, dtype=torch.uint8)
+    s = torch.ones(8, 4, dtype=torch.float16)
+    calls = [("a CPU tensor", lambda: ext.gemv(x, q, s, z, y, 4, 32, 0), "x must be a CUDA tensor"),
+             ("17 rows", lambda: ext.gemv(torch.zeros(17, 128, dtype=torch.bfloat16), q, s, z, y, 4, 32, 0),
+              "gemv takes 1 to 16 rows"),
+             ("fp32 activations", lambda: ext.gemv(x.float(), q, s, z, y, 4, 32, 0), "fp16 or bf16 activations"),
+             ("dequantize to the CPU", lambda: ext.dequantize(q, s, z, torch.zeros(8, 128), 4, 32, 0),
+              "w must be a CUDA tensor")]
+    refusals = []
+    for what, call, expect in calls:
+        try:
+            call()
+            raise RuntimeError(f"kernels.cu's host functions took {what}")
+        except RuntimeError as e:
+            if expect not in str(e):
+                raise
+            refusals.append(str(e).splitlines()[0])
+    return refusals
+
+
 def resources(ptxas_report):
     """ptxas -v's report -> {kernel: {"registers", "spill_bytes", "smem_bytes"}}."""
     out, name = {}, None
@@ -253,6 +293,9 @@ def main(argv=None):
             print(f"{name:32s} {r['registers']:4d} registers {r['spill_bytes']:3d} B spilled "
                   f"{r['smem_bytes']:6d} B shared")
         print(f"kernels.cu compiles for sm_{args.arch}: {len(table)} kernels")
+        for refusal in link_and_load(obj):
+            print(f"  refused, as it must be: {refusal}")
+        print("its PyTorch bindings link against this torch, load, and check their inputs")
         return
     ext = load()
     print(f"kernels.cu loaded from {build_directory()}" if ext else f"kernels.cu not available: {why_not()}")
