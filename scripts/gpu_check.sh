@@ -27,12 +27,12 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output a
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
-step build 150 $PY kernels.py
+step build 140 $PY kernels.py
 step test_kernels 75 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step bench_kernels 90 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_kernels.py
 step test_fp8 40 $PY -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "scaled_mm or cuda"
 step bench_fp8 70 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_fp8.py
 step test_cuda_paths 70 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py
-step bench_gpu_train 80 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_gpu_train.py
+step bench_gpu_train 95 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_gpu_train.py
 cp out/bench/kernels.json out/bench/fp8.json out/bench/gpu_train.json "$OUT/" 2>/dev/null
 grep -E "^=== |passed|failed|error" "$LOG" | tail -n 40

@@ -9,6 +9,7 @@
     measured in the same run, and over the datasheet's 989 TFLOP/s (H100 / H200 SXM, dense).
   - packed attention: the same packed batch's forward + backward through compiled flex_attention with the document
     BlockMask against SDPA with a dense (B, 1, T, T) boolean mask.
+  - FSDP2 on one GPU (a one-rank NCCL group, parallel.shard) against the plain step: step time and peak memory.
 Timings are medians over steps after a warm-up, measured, never asserted.
 """
 import json
@@ -113,6 +114,36 @@ def attention_paths(device, B=16, T=1024, steps=10):
     return out
 
 
+def fsdp_one_gpu(device, B=8, T=1024, steps=10):
+    """The gpt2 preset's training step plain (fp32 weights, bf16 autocast) against FSDP2 on a one-rank NCCL group
+    (parallel.shard: bf16 weights, fp32 reductions, as `torchrun --nproc_per_node=1 sft.py --fsdp` runs): step time
+    and peak GPU memory."""
+    import torch.distributed as dist
+
+    import parallel
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    enc = C.get_tokenizer("gpt2")
+    out = {}
+    try:
+        for name in ("plain", "fsdp2"):
+            torch.manual_seed(0)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            model = M.build_model("gpt2", enc, max_seq_len=T).to(device).train()
+            if name == "fsdp2":
+                model = parallel.shard(model, device)
+            opt = C.make_optimizer(model, 3e-4, weight_decay=0.1)
+            ids, doc = (t.to(device) for t in packed_rows(model.cfg.vocab_size, B, T))
+            out[name] = {"step_ms": step_times(model, opt, ids, doc, steps, device) * 1e3,
+                         "peak_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+            del model, opt
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_gpu_train():
     device = torch.device("cuda")
@@ -123,6 +154,7 @@ def test_bench_gpu_train():
         r["mfu_vs_measured"], r["mfu_vs_datasheet"] = r["model_flops_s"] / rate, r["model_flops_s"] / DATASHEET_BF16
         result["sft_compiled" if compile else "sft_eager"] = r
     result["packed_attention"] = attention_paths(device)
+    result["fsdp_one_gpu"] = fsdp_one_gpu(device)
     os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
     with open(os.path.join(ROOT, "out", "bench", "gpu_train.json"), "w") as f:
         json.dump(result, f, indent=1)
