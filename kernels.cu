@@ -1,6 +1,6 @@
 // kernels.cu: weight-only int8 / int4 matmul on CUDA, y = x W^T, for quantize.py's QuantLinear layers.
 //
-// kernels.py builds this file on first use (torch.utils.cpp_extension.load), checks what goes in, and holds the
+// cuda_kernels.py builds this file on first use (torch.utils.cpp_extension.load), checks what goes in, and holds the
 // PyTorch twin of every kernel here (gemv_ref, dequantize_ref): what runs without CUDA, and what the tests hold
 // these kernels to.
 //
@@ -8,7 +8,7 @@
 //               fp32 accumulation, fp16 / bf16 in and out.
 //   dequantize  W (N, K) in fp16, bf16 or fp32. More than 16 rows (prefill, training) multiply the dequantised W
 //               with cuBLAS: there the product is compute-bound and tensor cores win; one pass over W costs
-//               what reading it costs (kernels.py's int_matmul makes that choice).
+//               what reading it costs (cuda_kernels.py's int_matmul makes that choice).
 //
 // The weights stay in quantize.py's packed layout (its docstring), unchanged. A linear of N outputs and K inputs,
 // b bits, groups of g inputs:
@@ -34,7 +34,7 @@
 // and the next tile's loads are issued before this tile's arithmetic, so they are in flight while it runs. The
 // warp's 32 partial sums meet in a shuffle reduction.
 //
-// Requirements (kernels.py checks them with clear messages; the host functions below check again): K a multiple
+// Requirements (cuda_kernels.py checks them with clear messages; the host functions below check again): K a multiple
 // of the group size, the group size a multiple of the codes in one 16-byte load (32 for int4, 16 for int8, so each
 // load lies within one group), every tensor contiguous, on the current device, 16-byte aligned.
 
@@ -309,8 +309,8 @@ extern "C" int pt_dequantize(int dtype, int bits, const uint8_t* qweight, const 
 
 // ---------------------------------------------------------------------------------------------------------------
 // The PyTorch host functions (compiled when torch.utils.cpp_extension builds this file, which defines
-// TORCH_EXTENSION_NAME). They check what memory safety needs and launch on the stream kernels.py passes (the
-// caller's current stream); kernels.py checks the same things first, with messages that name the layer.
+// TORCH_EXTENSION_NAME). They check what memory safety needs and launch on the stream cuda_kernels.py passes (the
+// caller's current stream); cuda_kernels.py checks the same things first, with messages that name the layer.
 #ifdef TORCH_EXTENSION_NAME
 #include <torch/extension.h>
 

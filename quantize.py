@@ -18,7 +18,7 @@ In reading order:
   2. GPTQ (`gptq_quantize`): round one input column at a time and push its error onto the columns not yet rounded.
   3. AWQ (`awq_search`) and SmoothQuant (`smoothquant_scales`): per-input-channel scales, folded into the op before
      the linear (`fold_scales`) so the float model computes exactly what it did.
-  4. `QuantLinear`: the packed weights in a module; on CUDA kernels.cu's int4 / int8 matmul (kernels.py), on the
+  4. `QuantLinear`: the packed weights in a module; on CUDA kernels.cu's int4 / int8 matmul (cuda_kernels.py), on the
      CPU torch's int8 / int4 kernels (fp8: _scaled_mm on CUDA) where they apply, else dequantise-then-matmul (the
      reference every fast path is tested against).
   5. Calibration as the papers do it: block by block, each block fed the outputs of the quantised blocks before it.
@@ -422,7 +422,7 @@ class QuantLinear(nn.Module):
 
     scheme "int": (code - zero) * scale; "nf4": NF4[code] * absmax. act_bits 8: inputs rounded to int8 per token
     first (W8A8). On CUDA, without grad, int4 / int8 layers whose group size kernels.cu takes (a multiple of 32 /
-    16 dividing the inputs) run its kernels (kernels.int_matmul). On the CPU forward uses torch's int8 / int4
+    16 dividing the inputs) run its kernels (cuda_kernels.int_matmul). On the CPU forward uses torch's int8 / int4
     weight-only CPU kernels when the layer fits them (symmetric int8 per channel; int4 with in % group_size == 0
     and out % 16 == 0), with no grad, fp32 inputs and at most FAST_ROWS rows, the inputs rounded to bf16 for them
     (as gpt-fast runs them); else it dequantises and multiplies in the inputs' dtype, which is also what every
@@ -482,13 +482,13 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size)
 
     def _cuda_kernels(self):
-        """kernels.py where this layer's weights are on CUDA in a layout kernels.cu takes and it is built, else None.
-        Imported only here: quantize.py copied without kernels.py runs everywhere but at kernels.cu's speed."""
-        if not (self.qweight.is_cuda and self.scheme == "int") or importlib.util.find_spec("kernels") is None:
+        """cuda_kernels.py where this layer's weights are on CUDA in a layout kernels.cu takes and it is built, else
+        None. Imported only here: quantize.py copied without cuda_kernels.py runs everywhere, without kernels.cu."""
+        if not (self.qweight.is_cuda and self.scheme == "int") or importlib.util.find_spec("cuda_kernels") is None:
             return None
-        import kernels
-        fits = kernels.layout_refusal(self.bits, self.group_size, self.in_features) is None
-        return kernels if fits and kernels.load() is not None else None
+        import cuda_kernels
+        fits = cuda_kernels.layout_refusal(self.bits, self.group_size, self.in_features) is None
+        return cuda_kernels if fits and cuda_kernels.load() is not None else None
 
     def _fast(self, x):
         """y from kernels.cu on CUDA, torch's weight-only CPU kernels on the CPU, or None where neither applies."""

@@ -6,7 +6,7 @@
 #
 # What comes back in $OUT (the device tool returns at most 8 files): log.txt (every step's output, in order) and the
 # benchmarks' JSON: kernels.json, fp8.json, gpu_train.json.
-#   issue 13  kernels.cu built by kernels.py; tests/test_kernels.py (every kernel against its twin, QuantLinear on
+#   issue 13  kernels.cu built by cuda_kernels.py; tests/test_kernels.py (every kernel against its twin, QuantLinear on
 #             CUDA against the CPU reference, greedy tokens through the kernels); tests/test_bench_kernels.py
 #   issue 24  tests/test_fp8.py's CUDA tests; tests/test_bench_fp8.py (FP8 vs bf16 matmul and decode)
 #   issue 18  tests/test_cuda_paths.py (flex vs dense packed attention, CUDA-graph decode, fused AdamW, sft.py in
@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output a
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
-step build 140 $PY kernels.py
+step build 140 $PY cuda_kernels.py
 step test_kernels 75 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step bench_kernels 90 $PY -m pytest -q -s -m slow -p no:cacheprovider tests/test_bench_kernels.py
 step test_fp8 40 $PY -m pytest -q -p no:cacheprovider tests/test_fp8.py -k "scaled_mm or cuda"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
-import kernels
+import cuda_kernels
 import model as M
 import quantize as Q
 from conftest import DECODE_SHAPE, ROOT, cuda_ms, decode_tok_s
@@ -88,7 +88,7 @@ def matmuls(ceiling):
                    "bf16_gbs": (N * K * 2 + 2 * m * (K + N)) / t_bf16 / 1e6}
             for bits, group in ((4, 128), (8, K)):
                 nxt = ints[bits]
-                t = graph_ms(lambda: kernels.int_matmul(x, *nxt(), bits, group))
+                t = graph_ms(lambda: cuda_kernels.int_matmul(x, *nxt(), bits, group))
                 nbytes = N * K * bits // 8 + 3 * N * (K // group) + 2 * m * (K + N)
                 row.update({f"int{bits}_ms": t, f"int{bits}_gbs": nbytes / t / 1e6,
                             f"int{bits}_hbm_fraction": nbytes / t / 1e6 / ceiling,
@@ -105,9 +105,9 @@ def crossover():
     for m in (16, 32, 64, 128, 512):
         x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
         out.append({"rows": m, "bf16_ms": graph_ms(lambda: F.linear(x, W)),
-                    "dequantize_cublas_ms": graph_ms(lambda: F.linear(x, kernels.dequantize(*q, 4, 128,
+                    "dequantize_cublas_ms": graph_ms(lambda: F.linear(x, cuda_kernels.dequantize(*q, 4, 128,
                                                                                           torch.bfloat16))),
-                    "gemv_16_row_slices_ms": graph_ms(lambda: [kernels.int_matmul(x[i:i + 16], *q, 4, 128)
+                    "gemv_16_row_slices_ms": graph_ms(lambda: [cuda_kernels.int_matmul(x[i:i + 16], *q, 4, 128)
                                                                for i in range(0, m, 16)])})
     return out
 
@@ -135,8 +135,8 @@ def decode(enc):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_kernels(enc):
-    if kernels.load() is None:
-        pytest.skip(f"kernels.cu cannot run here: {kernels.why_not()}")
+    if cuda_kernels.load() is None:
+        pytest.skip(f"kernels.cu cannot run here: {cuda_kernels.why_not()}")
     ceiling = copy_gbs()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": ceiling,
               "matmul": matmuls(ceiling), "crossover": crossover(), "decode": decode(enc)}

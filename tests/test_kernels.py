@@ -1,10 +1,10 @@
-"""kernels.cu and kernels.py: the PyTorch twins against quantize.py's reading of the packed layout, the input checks,
-kernels.cu's kernels run on CPU threads (tests/kernels_on_host.cpp, built with g++) against their twins, and, on a
-CUDA machine, every kernel against its twin, QuantLinear on CUDA against the CPU reference, and a whole quantised
-model's greedy tokens through the kernels against the reference path.
+"""kernels.cu and cuda_kernels.py: the PyTorch twins against quantize.py's reading of the packed layout, the input
+checks, kernels.cu's kernels run on CPU threads (tests/kernels_on_host.cpp, built with g++) against their twins, and,
+on a CUDA machine, every kernel against its twin, QuantLinear on CUDA against the CPU reference, and a whole
+quantised model's greedy tokens through the kernels against the reference path.
 
     python -m pytest -q tests/test_kernels.py   # the CUDA tests skip, with the reason, where kernels.cu can't run
-    python kernels.py --compile-only            # nvcc -c kernels.cu (what .ci/run does where nvcc is installed)
+    python cuda_kernels.py --compile-only            # nvcc -c kernels.cu (what .ci/run does where nvcc is installed)
 """
 import ctypes
 import importlib.util
@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import common as C
-import kernels
+import cuda_kernels
 import model as M
 import quantize as Q
 
-CUDA = torch.cuda.is_available() and kernels.load() is not None
-needs_kernels = pytest.mark.skipif(not CUDA, reason=f"kernels.cu cannot run here: {kernels.why_not()}")
+CUDA = torch.cuda.is_available() and cuda_kernels.load() is not None
+needs_kernels = pytest.mark.skipif(not CUDA, reason=f"kernels.cu cannot run here: {cuda_kernels.why_not()}")
 GROUPS = {4: [32, 64, 128], 8: [16, 32, 128, 0]}  # 0: one group per row (the usual int8)
 
 
@@ -42,7 +42,7 @@ def layouts(draw, max_k_groups=12):
     bits = draw(st.sampled_from([4, 8]))
     group = draw(st.sampled_from(GROUPS[bits]))
     k_groups = draw(st.integers(1, max_k_groups))
-    K = group * k_groups if group else kernels.CODES[bits] * draw(st.integers(1, 200))
+    K = group * k_groups if group else cuda_kernels.CODES[bits] * draw(st.integers(1, 200))
     return bits, group or K, K, draw(st.integers(1, 70)), draw(st.integers(0, 2 ** 16))
 
 
@@ -53,22 +53,22 @@ def layouts(draw, max_k_groups=12):
 @settings(max_examples=60, deadline=None)
 @given(layout=layouts())
 def test_dequantize_ref_is_quantizes_reading_of_the_layout(layout):
-    """Two independent readings of the packed bytes (kernels.unpack_ref by nibbles, quantize.unpack_bits by words)
+    """Two independent readings of the packed bytes (cuda_kernels.unpack_ref by nibbles, quantize.unpack_bits by words)
     give the same weights, bit for bit, and each dtype is that fp32 weight rounded once."""
     bits, group, K, N, seed = layout
     qweight, scales, zeros, codes = packed(seed, N, K, bits, group)
-    assert torch.equal(kernels.unpack_ref(qweight, bits), codes)
+    assert torch.equal(cuda_kernels.unpack_ref(qweight, bits), codes)
     W = Q.dequantize(Q.unpack_bits(qweight, bits, K), scales, zeros, group)
-    assert torch.equal(kernels.dequantize_ref(qweight, scales, zeros, bits, group), W)
+    assert torch.equal(cuda_kernels.dequantize_ref(qweight, scales, zeros, bits, group), W)
     for dtype in (torch.float16, torch.bfloat16):
-        assert torch.equal(kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype), W.to(dtype))
+        assert torch.equal(cuda_kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype), W.to(dtype))
 
 
 def test_gemv_ref_is_the_sum_written_out():
     bits, group, K, N = 4, 32, 64, 3
     qweight, scales, zeros, codes = packed(0, N, K, bits, group)
     x = torch.randn(2, K).bfloat16()
-    y = kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
+    y = cuda_kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
     for m in range(2):
         for n in range(N):
             want = sum(float(x[m, k]) * (int(codes[n, k]) - int(zeros[n, k // group])) * float(scales[n, k // group])
@@ -92,21 +92,21 @@ def test_every_valid_input_passes_the_checks_but_the_device(layout, rows, dtype)
     bits, group, K, N, seed = layout
     x, qweight, scales, zeros, _, _ = _valid(bits, group, K, N, rows, dtype)
     with pytest.raises(ValueError, match=r"^kernels: every tensor must be on one CUDA device, got \['cpu'\]$"):
-        kernels.check(x, qweight, scales, zeros, bits, group)
+        cuda_kernels.check(x, qweight, scales, zeros, bits, group)
     with pytest.raises(ValueError, match="one CUDA device"):
-        kernels.check(None, qweight, scales, zeros, bits, group)
-    assert kernels.layout_refusal(bits, group, K) is None
+        cuda_kernels.check(None, qweight, scales, zeros, bits, group)
+    assert cuda_kernels.layout_refusal(bits, group, K) is None
 
 
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from([4, 8]), group=st.integers(1, 300), K=st.integers(1, 3000))
 def test_odd_sizes_are_refused_with_a_clear_error(bits, group, K):
     """A group that is not a whole number of 16-byte loads, or that does not divide K, is refused by name."""
-    fits = group % kernels.CODES[bits] == 0 and K % group == 0
-    why = kernels.layout_refusal(bits, group, K)
+    fits = group % cuda_kernels.CODES[bits] == 0 and K % group == 0
+    why = cuda_kernels.layout_refusal(bits, group, K)
     assert (why is None) == fits
     if not fits:
-        assert f"multiple of {kernels.CODES[bits]}" in why and f"{group} with {K} inputs" in why
+        assert f"multiple of {cuda_kernels.CODES[bits]}" in why and f"{group} with {K} inputs" in why
 
 
 @pytest.mark.parametrize("change, message", [
@@ -125,15 +125,15 @@ def test_each_rule_has_its_message(change, message):
     x, qweight, scales, zeros, bits, group = _valid()
     a = change(dict(x=x, qweight=qweight, scales=scales, zeros=zeros, bits=bits, group=group))
     with pytest.raises(ValueError, match=message):
-        kernels.check(a["x"], a["qweight"], a["scales"], a["zeros"], a["bits"], a["group"])
+        cuda_kernels.check(a["x"], a["qweight"], a["scales"], a["zeros"], a["bits"], a["group"])
 
 
 def test_without_a_gpu_the_kernels_say_why_only_when_asked():
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine")
-    assert kernels.load() is None and kernels.why_not() == "RuntimeError: no CUDA device"
+    assert cuda_kernels.load() is None and cuda_kernels.why_not() == "RuntimeError: no CUDA device"
     with pytest.raises(RuntimeError, match="kernels.cu is not available: RuntimeError: no CUDA device"):
-        kernels._extension()
+        cuda_kernels._extension()
 
 
 def test_the_packed_layout_keeps_its_dtypes_when_the_model_is_cast(tmp_path, enc):
@@ -157,7 +157,7 @@ def test_resources_reads_ptxas_report():
               "ptxas info    : Function properties for x\n"
               "    24 bytes stack frame, 20 bytes spill stores, 20 bytes spill loads\n"
               "ptxas info    : Used 255 registers, used 1 barriers, 32768 bytes smem\n")
-    assert kernels.resources(report) == {"gemv<bf16, int4, 16 rows>": {"registers": 255, "spill_bytes": 20,
+    assert cuda_kernels.resources(report) == {"gemv<bf16, int4, 16 rows>": {"registers": 255, "spill_bytes": 20,
                                                                         "smem_bytes": 32768}}
 
 
@@ -211,9 +211,9 @@ def test_the_gemv_on_host_threads_equals_its_twin(on_host, layout, rows, dtype):
     qweight, scales, zeros, _ = packed(seed, N, K, bits, group)
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
     y = on_host[0](x, qweight, scales, zeros, bits, group)
-    ref = kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
+    ref = cuda_kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
     assert not y.isnan().any()
-    assert bool(((y.float() - ref.float()).abs() <= tolerance(ref, x, kernels.dequantize_ref(
+    assert bool(((y.float() - ref.float()).abs() <= tolerance(ref, x, cuda_kernels.dequantize_ref(
         qweight, scales, zeros, bits, group), dtype)).all())
 
 
@@ -223,7 +223,7 @@ def test_the_dequantize_on_host_threads_equals_its_twin_bit_for_bit(on_host, lay
     bits, group, K, N, seed = layout
     qweight, scales, zeros, _ = packed(seed, N, K, bits, group)
     w = on_host[1](qweight, scales, zeros, bits, group, dtype)
-    assert torch.equal(w, kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype))
+    assert torch.equal(w, cuda_kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -247,12 +247,12 @@ def test_gemv_equals_its_twin(layout, rows, dtype):
     qweight, scales, zeros, _ = packed(seed, N, K, bits, group, "cuda")
     x = torch.randn(rows, K, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(dtype)
     y = torch.full((rows, N), float("nan"), dtype=dtype, device="cuda")  # every element must be written
-    kernels._extension().gemv(x, qweight, scales, zeros, y, bits, group, torch.cuda.current_stream().cuda_stream)
-    ref = kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
-    W = kernels.dequantize_ref(qweight, scales, zeros, bits, group)
+    cuda_kernels._extension().gemv(x, qweight, scales, zeros, y, bits, group, torch.cuda.current_stream().cuda_stream)
+    ref = cuda_kernels.gemv_ref(x, qweight, scales, zeros, bits, group)
+    W = cuda_kernels.dequantize_ref(qweight, scales, zeros, bits, group)
     assert not y.isnan().any()
     assert bool(((y.float() - ref.float()).abs() <= tolerance(ref, x, W, dtype)).all())
-    assert torch.equal(kernels.gemv(x, qweight, scales, zeros, bits, group), y)  # the checked call: the same
+    assert torch.equal(cuda_kernels.gemv(x, qweight, scales, zeros, bits, group), y)  # the checked call: the same
 
 
 @needs_kernels
@@ -262,8 +262,9 @@ def test_dequantize_equals_its_twin_bit_for_bit(layout, dtype):
     bits, group, K, N, seed = layout
     qweight, scales, zeros, _ = packed(seed, N, K, bits, group, "cuda")
     w = torch.full((N, K), float("nan"), dtype=dtype, device="cuda")
-    kernels._extension().dequantize(qweight, scales, zeros, w, bits, group, torch.cuda.current_stream().cuda_stream)
-    assert torch.equal(w, kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype))
+    stream = torch.cuda.current_stream().cuda_stream
+    cuda_kernels._extension().dequantize(qweight, scales, zeros, w, bits, group, stream)
+    assert torch.equal(w, cuda_kernels.dequantize_ref(qweight, scales, zeros, bits, group, dtype))
 
 
 @needs_kernels
@@ -273,8 +274,8 @@ def test_int_matmul_takes_any_rows(rows, dtype):
     """Up to 16 rows the gemv (fp32 activations rounded to bf16 for it), past them dequantise + cuBLAS."""
     qweight, scales, zeros, _ = packed(1, 96, 256, 4, 64, "cuda")
     x = torch.randn(2, rows, 256, device="cuda").to(dtype)
-    y = kernels.int_matmul(x, qweight, scales, zeros, 4, 64)
-    W = kernels.dequantize_ref(qweight, scales, zeros, 4, 64)
+    y = cuda_kernels.int_matmul(x, qweight, scales, zeros, 4, 64)
+    W = cuda_kernels.dequantize_ref(qweight, scales, zeros, 4, 64)
     ref = x.float() @ W.t()
     assert y.shape == (2, rows, 96) and y.dtype == dtype
     torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-2 * ref.abs().max().item())
@@ -282,17 +283,17 @@ def test_int_matmul_takes_any_rows(rows, dtype):
 
 @needs_kernels
 def test_the_host_functions_check_again():
-    """Called directly, past kernels.py's checks, kernels.cu refuses what would read out of bounds."""
+    """Called directly, past cuda_kernels.py's checks, kernels.cu refuses what would read out of bounds."""
     qweight, scales, zeros, _ = packed(0, 8, 128, 4, 32, "cuda")
     x = torch.randn(2, 128, device="cuda").bfloat16()
     y = torch.empty(2, 8, device="cuda").bfloat16()
     stream = torch.cuda.current_stream().cuda_stream
     with pytest.raises(RuntimeError, match="kernels.cu: group size 48"):
-        kernels._extension().gemv(x, qweight, scales, zeros, y, 4, 48, stream)
+        cuda_kernels._extension().gemv(x, qweight, scales, zeros, y, 4, 48, stream)
     with pytest.raises(RuntimeError, match="kernels.cu: scales must be"):
-        kernels._extension().gemv(x, qweight, scales[:, :2].contiguous(), zeros, y, 4, 32, stream)
+        cuda_kernels._extension().gemv(x, qweight, scales[:, :2].contiguous(), zeros, y, 4, 32, stream)
     with pytest.raises(RuntimeError, match="kernels.cu: gemv takes 1 to 16 rows"):
-        kernels._extension().gemv(torch.randn(17, 128, device="cuda").bfloat16(), qweight, scales, zeros, y, 4, 32,
+        cuda_kernels._extension().gemv(torch.randn(17, 128, device="cuda").bfloat16(), qweight, scales, zeros, y, 4, 32,
                                   stream)
 
 
@@ -306,7 +307,7 @@ def test_quantlinear_on_cuda_equals_the_cpu_reference(bits, group):
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)  # the reference, fp32 on the CPU
         gpu = layer.to("cuda", torch.bfloat16)
-        assert gpu._cuda_kernels() is kernels
+        assert gpu._cuda_kernels() is cuda_kernels
         for rows in (1, 16, 21):  # the gemv at 1 and 16 rows; 21 rows dequantise + matmul
             y = gpu(x.view(21, 512)[:rows].cuda().bfloat16()).float().cpu()
             want = ref.view(21, 200)[:rows]
@@ -336,7 +337,7 @@ def test_a_quantised_model_decodes_the_same_greedy_tokens_through_the_kernels(mo
     model.to("cuda", torch.bfloat16).eval()
     with torch.no_grad():
         fast, _, _ = M.generate(model, prompts, 48, temperature=0, stop_ids=())
-        monkeypatch.setattr(kernels, "load", lambda: None)  # the reference path from here on
+        monkeypatch.setattr(cuda_kernels, "load", lambda: None)  # the reference path from here on
         ref, _, _ = M.generate(model, prompts, 48, temperature=0, stop_ids=())
         differ = (fast != ref).nonzero()
         if len(differ):

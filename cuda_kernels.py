@@ -1,11 +1,12 @@
 """
-kernels.py: kernels.cu from Python, the CUDA weight-only int4 / int8 matmul that quantize.py's QuantLinear runs on a
-GPU. Each kernel has a PyTorch twin with the same signature (`gemv_ref`, `dequantize_ref`): what the tests hold the
-kernels to, computed in fp32 from the packed bytes by a second, independent reading of quantize.py's layout.
+cuda_kernels.py: kernels.cu from Python, the CUDA weight-only int4 / int8 matmul that quantize.py's QuantLinear runs on
+a GPU (not named kernels.py: transformers imports Hugging Face's `kernels` package by that name). Each kernel has a
+PyTorch twin with the same signature (`gemv_ref`, `dequantize_ref`): what the tests hold the kernels to, computed in
+fp32 from the packed bytes by a second, independent reading of quantize.py's layout.
 
-    y = kernels.int_matmul(x, qweight, scales, zeros, bits=4, group_size=128)  # quantize.py's packed layout, CUDA
-    python kernels.py                   # build kernels.cu and load it, or say why it cannot be
-    python kernels.py --compile-only    # nvcc -c kernels.cu with PyTorch's flags, link, load: no GPU needed (CI)
+    y = cuda_kernels.int_matmul(x, qweight, scales, zeros, bits=4, group_size=128)  # quantize.py's packed layout, CUDA
+    python cuda_kernels.py                   # build kernels.cu and load it, or say why it cannot be
+    python cuda_kernels.py --compile-only    # nvcc -c kernels.cu with PyTorch's flags, link, load: no GPU needed (CI)
 
 The extension is built on first use by torch.utils.cpp_extension.load (about a minute, one line on stderr while it
 compiles; cached under ~/.cache/post-training/, rebuilt when kernels.cu changes). Where it cannot be built or run
@@ -131,7 +132,7 @@ def load():
             folder = build_directory()
             built = os.path.join(folder, NAME + ".so")
             if not os.path.exists(built) or os.path.getmtime(built) < os.path.getmtime(SOURCE):
-                print("kernels.py: compiling kernels.cu (about a minute, once)", file=sys.stderr)
+                print("cuda_kernels.py: compiling kernels.cu (about a minute, once)", file=sys.stderr)
             os.makedirs(folder, exist_ok=True)
             _ext = cpp_extension.load(NAME, [SOURCE], extra_cuda_cflags=["-O3"], build_directory=folder)
         except Exception as e:  # any failure to build or load means the fallback; the reason is kept for why_not()
