@@ -1,6 +1,7 @@
 // kernels_on_host.cpp: kernels.cu's kernels, the same source, compiled by g++ and run on CPU threads, so a machine
 // without a GPU tests their indexing, masking, shared-memory swizzle, barriers and warp reduction
-// (tests/test_kernels.py::test_the_kernels_run_on_host_threads_as_their_twins builds and loads this file).
+// (tests/test_kernels.py builds and loads this file: test_the_gemv_on_host_threads_equals_its_twin and the
+// dequantize one).
 //
 // CUDA's execution model, emulated: a block's threads are std::threads (128 for the gemv), __syncthreads a barrier
 // of all of them, __shfl_xor_sync an exchange through memory between two barriers of the warp's 32, __shared__
