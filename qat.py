@@ -315,7 +315,7 @@ def load_start(cfg, device):
         else:
             resumed = C.load_checkpoint(cfg.resume)
         state, step = resumed.get("train_state"), resumed.get("step")
-        sharded = isinstance(state, dict) and "dcp" in state  # its meta.pt names the quantised model; the shards hold it
+        sharded = isinstance(state, dict) and "dcp" in state  # meta.pt names the quantised model; the shards hold it
         ours = "quant" in resumed if sharded else isinstance(state, dict) and "qat" in state
         if not ours or not isinstance(step, int):
             raise M.UserError(f"{cfg.resume}: no QAT train_state to resume from (not written by qat.py?)")
