@@ -37,6 +37,7 @@ response is its content and `<|im_end|>` (common.render_response); TRL, templati
     python dpo.py --model out/sft.pt --loss kto --data data/toy/kto.jsonl --out out/kto.pt         # KTO
     python dpo.py --model out/sft.pt --loss simpo --beta 2.0 --simpo-gamma 0.5 --out out/simpo.pt  # SimPO
     python dpo.py --model out/sft.pt --lora-rank 16 --lr 1e-3 --out out/dpo_lora.pt                # LoRA
+    python dpo.py --model out/sft.pt --limit 768 --steps 12 --out out/dpo.pt                       # first 768 pairs
     python dpo.py --model out/sft.pt --out out/dpo.pt --device cuda                                # one GPU, bf16
     torchrun --nproc_per_node=2 dpo.py --model out/sft.pt --out out/dpo.pt                         # DDP
     torchrun --nproc_per_node=2 dpo.py --fsdp --model out/sft.pt --out out/dpo.pt   # FSDP2, shards in out/dpo.dcp/
@@ -62,6 +63,7 @@ import model as M
 class Config:
     model: str = "out/sft.pt"  # checkpoint to start from; also the reference policy
     data: str = ""  # {"prompt", "chosen", "rejected", optional "confidence"} JSONL (kto: "completion", "label")
+    limit: int = 0  # read only the first N records of --data, then hold out --eval-frac of them as usual (0 = all)
     out: str = "out/dpo.pt"  # output checkpoint
     loss: str = "sigmoid"  # sigmoid hinge ipo robust bco_pair sppo_hard nca_pair apo_zero apo_down simpo orpo kto
     beta: float = 0.1  # beta of the loss (IPO's tau; ORPO's lambda; SimPO wants ~2)
@@ -247,9 +249,12 @@ def fit(prompt_ids, responses, seq_len):
 def load_examples(cfg, enc):
     """-> (train, held, truncated). Pairs: {"prompt", "seqs": [chosen, rejected]}; kto: {"prompt", "seqs":
     [completion, mismatched completion], "label"}, the mismatched one being the previous example's completion in
-    the same split (TRL's KL pairs)."""
+    the same split (TRL's KL pairs). --limit N keeps the first N valid records before the split: the run is the
+    one on a file of those N records (the split hashes each prompt, so it does not depend on what follows)."""
     kto = cfg.loss == "kto"
     records = C.read_jsonl(cfg.data, "kto" if kto else "pref", cfg.skip_bad_lines)
+    if cfg.limit:
+        records = records[:cfg.limit]
     splits, truncated = ([], []), 0
     for rec in records:
         splits[C.held_out(rec["prompt"], cfg.eval_frac, cfg.seed)].append(rec)
@@ -471,6 +476,8 @@ def check_flags(cfg):
         raise M.UserError(f"--label-smoothing {cfg.label_smoothing} must be in [0, 0.5]")
     if not 0 <= cfg.eval_frac < 1:
         raise M.UserError(f"--eval-frac {cfg.eval_frac} must be in [0, 1)")
+    if cfg.limit < 0:
+        raise M.UserError(f"--limit {cfg.limit} must be >= 0 (0 = every record of --data)")
     if cfg.loss != "kto" and (cfg.desirable_weight != 1 or cfg.undesirable_weight != 1):
         raise M.UserError("--desirable-weight / --undesirable-weight are KTO's: use them with --loss kto")
     if not cfg.data:
@@ -499,9 +506,9 @@ def reference_cache(model, cfg, train, held, state, device, pad_id, rank, world)
         return None, None
     if state is not None:
         ref, ref_held = state.get("ref_logps"), state.get("ref_logps_held")
-        if ref is None or ref.shape[0] != len(train) or (ref_held is not None and ref_held.shape[0] != len(held)):
+        if ref is None or ref.shape[0] != len(train) or (0 if ref_held is None else ref_held.shape[0]) != len(held):
             raise M.UserError(f"{cfg.resume}: its reference cache does not match --data (resume with the same data, "
-                              f"--loss, --eval-frac and --seed)")
+                              f"--limit, --loss, --eval-frac and --seed)")
         return ref, ref_held
     t0 = time.perf_counter()
     with M.lora_disabled(model) if C.peft_kind(cfg) else contextlib.nullcontext():
@@ -560,7 +567,8 @@ def main(argv=None):
 
     train, held, n_truncated = load_examples(cfg, enc)
     if not train:
-        raise M.UserError(f"{cfg.data}: no training examples left after holding out --eval-frac")
+        raise M.UserError(f"{cfg.data}: no training examples left after holding out --eval-frac"
+                          + (f" of the first --limit {cfg.limit}" if cfg.limit else ""))
     if rank == 0:
         kind = "examples" if cfg.loss == "kto" else "pairs"
         n_good = sum(ex.get("label", 0) for ex in train)

@@ -1,5 +1,5 @@
 """dpo.py: every loss against a hand-written scalar re-derivation and finite differences, the reference cache,
-the concatenated forward, each --loss end to end, resume, gradient accumulation, DDP and bad input.
+the concatenated forward, each --loss end to end, resume, --limit, gradient accumulation, DDP and bad input.
 
     python -m pytest tests/test_dpo.py -q
 """
@@ -384,6 +384,48 @@ def test_resume_equals_straight_run(tmp_path, tiny_ckpt, prefs, kto_data, loss, 
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_limit_equals_a_file_of_the_first_n_records(tmp_path, tiny_ckpt, prefs, kto_data, toy_dir, loss):
+    """--limit 24 on the whole file is the run on a file of its first 24 lines (`prefs` / `kto_data`): the same
+    held-out split, every logged number (eval and kl_ref included) and the same weights, bit for bit; the
+    reference cache holds those 24 records' rows and no more."""
+    small = kto_data if loss == "kto" else prefs
+    whole = os.path.join(toy_dir, os.path.basename(small))
+    args = ["--steps", "2", "--loss", loss, "--lr", "1e-3"]
+    runs = {"limit": (whole, ["--limit", "24"]), "file": (small, [])}
+    for name, (data, extra) in runs.items():
+        dpo.main(common(tiny_ckpt, data, str(tmp_path / f"{name}.pt"), *args, *extra,
+                        "--log", str(tmp_path / f"{name}.jsonl")))
+    logs = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in runs}
+    for record in logs["limit"] + logs["file"]:
+        record.pop("examples_s")  # time
+    assert logs["limit"] == logs["file"] and "eval_loss" in logs["limit"][-1] and "kl_ref" in logs["limit"][-1]
+    a, b = (C.load_checkpoint(str(tmp_path / f"{name}.pt")) for name in runs)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ref, held = a["train_state"]["ref_logps"], a["train_state"]["ref_logps_held"]
+    assert len(ref) + len(held) == 24 and len(held) > 0  # eval-frac 0.2 held some of the 24 out
+    assert torch.equal(ref, b["train_state"]["ref_logps"]) and torch.equal(held, b["train_state"]["ref_logps_held"])
+
+
+def test_resume_with_limit_sees_the_same_data(tmp_path, tiny_ckpt, toy_dir):
+    """A run resumed with the same --limit continues the straight run bit for bit; another --limit is refused
+    (its reference cache no longer matches the data)."""
+    args = common(tiny_ckpt, os.path.join(toy_dir, "prefs.jsonl"), "", "--steps", "4", "--lr", "1e-3",
+                  "--kl-prompts", "0", "--limit", "24")
+    args = args[:4] + args[6:]  # --out is set per run below
+    dpo.main(args + ["--out", str(tmp_path / "straight.pt")])
+    dpo.main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
+    dpo.main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
+    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
+    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(M.UserError, match="--limit"):
+        dpo.main(args + ["--limit", "30", "--out", str(tmp_path / "other.pt"), "--resume", str(tmp_path / "part.pt")])
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
 def test_grad_accum_equals_one_big_batch(tmp_path, tiny_ckpt, prefs, kto_data, loss):
     data = kto_data if loss == "kto" else prefs
     base = ["--model", tiny_ckpt, "--data", data, "--seq-len", "128", "--steps", "2", "--eval-frac", "0",
@@ -451,6 +493,7 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_ckpt, kind, line, me
     (["--loss", "robust", "--label-smoothing", "0.5"], "0 <= --label-smoothing < 0.5"),
     (["--loss", "ipo", "--label-smoothing", "0.1"], "is read only by"),
     (["--beta", "0"], "must be > 0"),
+    (["--limit", "-1"], "--limit -1 must be >= 0"),
     (["--desirable-weight", "2"], "KTO's"),
     (["--model", "missing.pt"], "no such checkpoint"),
 ])
