@@ -449,6 +449,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._kernel = None  # torch's own layout of the weights, built on the first fast call (not saved)
         self._dense = None  # the dequantised weight, held only inside dequantized()
+        self._cuda_fits = None  # whether kernels.cu takes this layer (decided at the first call on CUDA)
 
     @classmethod
     def from_linear(cls, linear, bits, group_size, scheme="int", codes=None, scales=None, zeros=None, act_bits=0,
@@ -484,11 +485,17 @@ class QuantLinear(nn.Module):
     def _cuda_kernels(self):
         """cuda_kernels.py where this layer's weights are on CUDA in a layout kernels.cu takes and it is built, else
         None. Imported only here: quantize.py copied without cuda_kernels.py runs everywhere, without kernels.cu."""
-        if not (self.qweight.is_cuda and self.scheme == "int") or importlib.util.find_spec("cuda_kernels") is None:
+        if not (self.qweight.is_cuda and self.scheme == "int"):
+            return None
+        if self._cuda_fits is None:  # decided once per layer (a find_spec at every call would cost a decode step)
+            self._cuda_fits = importlib.util.find_spec("cuda_kernels") is not None
+            if self._cuda_fits:
+                import cuda_kernels
+                self._cuda_fits = cuda_kernels.layout_refusal(self.bits, self.group_size, self.in_features) is None
+        if not self._cuda_fits:
             return None
         import cuda_kernels
-        fits = cuda_kernels.layout_refusal(self.bits, self.group_size, self.in_features) is None
-        return cuda_kernels if fits and cuda_kernels.load() is not None else None
+        return cuda_kernels if cuda_kernels.load() is not None else None
 
     def _fast(self, x):
         """y from kernels.cu on CUDA, torch's weight-only CPU kernels on the CPU, or None where neither applies."""
