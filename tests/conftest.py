@@ -152,6 +152,19 @@ def assert_same_training(a, b, lr, steps, bulk=1e-2, frac=1e-3):
     assert moved <= frac, f"{moved:.2%} of weights differ by more than {bulk} * lr (allowed {frac:.2%})"
 
 
+def assert_resume_equals_straight(main, args, tmp_path, stop_at=2):
+    """main(args) straight to the end, and stopped at step `stop_at` then resumed: the same final weights, bit for
+    bit (on CPU the resumed run repeats the same computation). -> the straight run's state dict."""
+    main(args + ["--out", str(tmp_path / "straight.pt")])
+    main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", str(stop_at)])
+    main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
+    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
+    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return a
+
+
 def first_record(log_path):
     import json
     with open(log_path) as f:

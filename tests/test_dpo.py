@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dpo
 import common as C
 import model as M
-from conftest import (assert_one_line_error, assert_refused, save_tiny, assert_same_first_step, assert_same_training,
-                      ROOT, run_script)
+from conftest import (ROOT, assert_one_line_error, assert_refused, assert_resume_equals_straight, assert_same_first_step,
+                      assert_same_training, run_script, save_tiny)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 logp = st.floats(-40.0, -0.01)
@@ -414,13 +414,7 @@ def test_resume_with_limit_sees_the_same_data(tmp_path, tiny_ckpt, toy_dir):
     args = common(tiny_ckpt, os.path.join(toy_dir, "prefs.jsonl"), "", "--steps", "4", "--lr", "1e-3",
                   "--kl-prompts", "0", "--limit", "24")
     args = args[:4] + args[6:]  # --out is set per run below
-    dpo.main(args + ["--out", str(tmp_path / "straight.pt")])
-    dpo.main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
-    dpo.main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
-    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
-    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_equals_straight(dpo.main, args, tmp_path)
     with pytest.raises(M.UserError, match="--limit"):
         dpo.main(args + ["--limit", "30", "--out", str(tmp_path / "other.pt"), "--resume", str(tmp_path / "part.pt")])
 

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import common as C
 import model as M
 import reward
-from conftest import assert_one_line_error, assert_refused, assert_same_first_step, assert_same_training, run_script
+from conftest import (assert_one_line_error, assert_refused, assert_resume_equals_straight, assert_same_first_step,
+                      assert_same_training, run_script)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 score_values = st.floats(-20.0, 20.0)
@@ -170,13 +171,7 @@ def test_resume_equals_straight_run(tmp_path, tiny_ckpt, prefs, lora):
     args = base_args(tiny_ckpt, prefs, "--steps", "4", "--eval-every", "2", "--center-rewards-coef", "0.01")
     if lora:
         args += ["--lora-rank", "4", "--lora-dropout", "0.1"]
-    reward.main(args + ["--out", str(tmp_path / "straight.pt")])
-    reward.main(args + ["--out", str(tmp_path / "part.pt"), "--stop-at", "2"])
-    reward.main(args + ["--out", str(tmp_path / "resumed.pt"), "--resume", str(tmp_path / "part.pt")])
-    a = C.load_checkpoint(str(tmp_path / "straight.pt"))["model"]
-    b = C.load_checkpoint(str(tmp_path / "resumed.pt"))["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # bit-exact on CPU
+    a = assert_resume_equals_straight(reward.main, args, tmp_path)  # bit-exact on CPU
     assert a["score.weight"].abs().sum() > 0  # the head trained (in full, also under LoRA)
 
 
