@@ -28,12 +28,14 @@
 # make arena-browser: arena.py's rating page driven in headless Chromium (Debian's chromium package and pip's
 #                 playwright, test-only; playwright's own browser download is not used): votes by keyboard, a
 #                 screenshot in out/arena/screenshot.png
+# make gpu-check: on a CUDA GPU, everything the CPU cannot check (scripts/gpu_check.sh, ~9 minutes): kernels.cu built,
+#                 tested and benchmarked, FP8's _scaled_mm, flex attention, CUDA-graph decode, SFT MFU, FSDP2 on one GPU
 # make data   : the built-in world into data/toy/
 PY ?= python
 OUT ?= out
 DATA = data/toy
 
-.PHONY: install test test-all demo demo-real bench bench-trl bench-gguf real-model real-quantize real-prune real-spec real-qat real-judge self-world arena-browser data clean
+.PHONY: install test test-all demo demo-real bench bench-trl bench-gguf real-model real-quantize real-prune real-spec real-qat real-judge self-world arena-browser gpu-check data clean
 
 # idempotent: torch only if absent (keeps a CUDA build you already have), the rest from requirements files
 .deps: requirements.txt requirements-test.txt
@@ -105,6 +107,9 @@ real-judge: .deps data
 
 self-world: .deps data
 	bash scripts/self_world.sh $(OUT)/self
+
+gpu-check: .deps
+	bash scripts/gpu_check.sh
 
 arena-browser: .deps
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
