@@ -201,6 +201,15 @@ def cuda_ms(fn, reps=100):
     return sorted(times)[len(times) // 2]
 
 
+def write_bench(name, result):
+    """out/bench/{name}.json <- result, rewritten after each section of a GPU benchmark: one stopped by its time limit
+    (scripts/gpu_check.sh) still leaves what it measured."""
+    import json
+    os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "out", "bench", f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def decode_tok_s(model, batch, new_tokens=128):
     """Greedy decode speed on CUDA: `batch` 16-token prompts, `new_tokens` each, after an 8-token warm-up."""
     import time

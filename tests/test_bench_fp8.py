@@ -10,7 +10,6 @@
 Timings are medians of CUDA-event timings, measured, never asserted.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import common as C
 import model as M
 import quantize as Q
-from conftest import DECODE_SHAPE, ROOT, cuda_ms, decode_tok_s
+from conftest import DECODE_SHAPE, cuda_ms, decode_tok_s, write_bench
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +68,9 @@ def decode(enc):
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                     reason="needs a CUDA GPU of compute capability >= 8.9 (torch._scaled_mm's e4m3)")
 def test_bench_fp8():
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul": matmuls(),
-              "decode": decode(C.get_tokenizer("byte"))}
-    os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
-    with open(os.path.join(ROOT, "out", "bench", "fp8.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for section, run in (("matmul", matmuls), ("decode", lambda: decode(C.get_tokenizer("byte")))):
+        result[section] = run()
+        write_bench("fp8", result)
     print(json.dumps(result, indent=1))
     assert all(r["max_err_vs_ref_rel"] < 0.05 for r in result["matmul"])  # _scaled_mm computes the reference

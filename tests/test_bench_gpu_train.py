@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import common as C
 import model as M
-from conftest import ROOT
+from conftest import write_bench
 
 pytestmark = pytest.mark.slow
 DATASHEET_BF16 = 989e12  # H100 / H200 SXM dense bf16, FLOP/s
@@ -153,10 +153,10 @@ def test_bench_gpu_train():
         r = mfu(device, compile)
         r["mfu_vs_measured"], r["mfu_vs_datasheet"] = r["model_flops_s"] / rate, r["model_flops_s"] / DATASHEET_BF16
         result["sft_compiled" if compile else "sft_eager"] = r
+        write_bench("gpu_train", result)
     result["packed_attention"] = attention_paths(device)
+    write_bench("gpu_train", result)
     result["fsdp_one_gpu"] = fsdp_one_gpu(device)
-    os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
-    with open(os.path.join(ROOT, "out", "bench", "gpu_train.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_bench("gpu_train", result)
     print(json.dumps(result, indent=1))
     assert result["sft_compiled"]["tok_s"] > 0 and result["packed_attention"]["flex_ms"] > 0

@@ -18,17 +18,15 @@
 Timings are measured, never asserted.
 """
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common as C
 import cuda_kernels
 import model as M
 import quantize as Q
-from conftest import DECODE_SHAPE, ROOT, cuda_ms, decode_tok_s
+from conftest import DECODE_SHAPE, cuda_ms, decode_tok_s, write_bench
 
 pytestmark = pytest.mark.slow
 SHAPES = {"square": (4096, 4096), "up": (11008, 4096), "down": (4096, 11008)}  # (N outputs, K inputs)
@@ -138,11 +136,11 @@ def test_bench_kernels(enc):
     if cuda_kernels.load() is None:
         pytest.skip(f"kernels.cu cannot run here: {cuda_kernels.why_not()}")
     ceiling = copy_gbs()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": ceiling,
-              "matmul": matmuls(ceiling), "crossover": crossover(), "decode": decode(enc)}
-    os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
-    with open(os.path.join(ROOT, "out", "bench", "kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbs": ceiling}
+    sections = {"matmul": lambda: matmuls(ceiling), "crossover": crossover, "decode": lambda: decode(enc)}
+    for section, run in sections.items():
+        result[section] = run()
+        write_bench("kernels", result)
     print(f"\n{result['device']}, copy {ceiling:.0f} GB/s")
     for r in result["matmul"]:
         ints = [f"int{b} {r[f'int{b}_ms'] * 1e3:7.1f} us {r[f'int{b}_gbs']:6.0f} GB/s "
