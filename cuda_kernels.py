@@ -78,9 +78,10 @@ def layout_refusal(bits, group_size, in_features):
 def check(x, qweight, scales, zeros, bits, group_size, rows=MAX_ROWS):
     """ValueError naming the first rule kernels.cu's gemv / dequantize would refuse (x None: dequantize). The
     device comes last, so a CPU machine can test every other rule."""
-    if bits not in CODES or qweight.dim() != 2:
-        raise ValueError(f"kernels: bits must be 4 or 8, not {bits}" if bits not in CODES else
-                         f"kernels: qweight must be 2-D (N, K * bits / 8), got {tuple(qweight.shape)}")
+    if bits not in CODES:
+        raise ValueError(f"kernels: bits must be 4 or 8, not {bits}")
+    if qweight.dim() != 2:
+        raise ValueError(f"kernels: qweight must be 2-D (N, K * bits / 8), got {tuple(qweight.shape)}")
     N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
     why = layout_refusal(bits, group_size, K)
     if why:

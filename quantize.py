@@ -474,8 +474,9 @@ class QuantLinear(nn.Module):
 
     def dequantize(self):
         """The float weight (out, in), fp32 (on CUDA by kernels.cu where the layout fits it)."""
-        if self._cuda_kernels() is not None:
-            return self._cuda_kernels().dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
+        kernels = self._cuda_kernels()
+        if kernels is not None:
+            return kernels.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size)
         if self.scheme in FP8_SCHEMES:
             return dequantize_fp8(self.qweight, self.scales)
         if self.scheme == "nf4":

@@ -201,6 +201,18 @@ def cuda_ms(fn, reps=100):
     return sorted(times)[len(times) // 2]
 
 
+def packed_rows(vocab, B, T, seed=0, cuts=5):
+    """Random token rows as packed training sees them: (ids (B, T), doc_ids (B, T)), each row split into documents
+    at `cuts` random positions (tests/test_cuda_paths.py, tests/test_bench_gpu_train.py)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for c in torch.randint(1, T, (cuts,), generator=g).tolist():
+            doc[b, c:] += 1
+    return ids, doc
+
+
 def write_bench(name, result):
     """out/bench/{name}.json <- result, rewritten after each section of a GPU benchmark: one stopped by its time limit
     (scripts/gpu_check.sh) still leaves what it measured."""

@@ -3,9 +3,9 @@
     python -m pytest tests/test_bench_gpu_train.py -q -s -m slow      (or: make bench; on a GPU machine)
 
   - SFT model FLOPs utilisation, the `gpt2` preset (124 M) with the GPT-2 tokenizer, packed rows of 1,024 tokens
-    (documents of random lengths, flex_attention's document mask), batch 16, bf16 autocast, fused AdamW, eager and
-    torch.compile'd. MFU = 6 N tokens/s (N: the parameters, the tied embedding counted once; attention's own
-    FLOPs left out, as nanoGPT's estimate leaves most of them) over the bf16 matmul rate of an 8192^3 product
+    (each 6 documents cut at random places, flex_attention's document mask), batch 16, bf16 autocast, fused AdamW,
+    eager and torch.compile'd. MFU = 6 N tokens/s (N: the parameters, the tied embedding counted once; attention's
+    own FLOPs left out, as nanoGPT's estimate leaves most of them) over the bf16 matmul rate of an 8192^3 product
     measured in the same run, and over the datasheet's 989 TFLOP/s (H100 / H200 SXM, dense).
   - packed attention: the same packed batch's forward + backward through compiled flex_attention with the document
     BlockMask against SDPA with a dense (B, 1, T, T) boolean mask.
@@ -23,24 +23,10 @@ import torch.nn.functional as F
 
 import common as C
 import model as M
-from conftest import write_bench
+from conftest import packed_rows, write_bench
 
 pytestmark = pytest.mark.slow
 DATASHEET_BF16 = 989e12  # H100 / H200 SXM dense bf16, FLOP/s
-
-
-def packed_rows(vocab, B, T, seed=0):
-    """(ids, doc_ids): B rows of T random tokens, each row documents of 32-512 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
-        t, d = 0, 0
-        while t < T:
-            n = int(torch.randint(32, 513, (1,), generator=g))
-            doc[b, t:t + n] = d
-            t, d = t + n, d + 1
-    return ids, doc
 
 
 def step_times(model, opt, ids, doc, steps, device):

@@ -10,21 +10,9 @@ import torch
 
 import common as C
 import model as M
-from conftest import assert_same_training, run_script, save_tiny
+from conftest import assert_same_training, packed_rows, run_script, save_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def packed_batch(vocab, B=4, T=256, seed=0):
-    """Random ids in rows of several documents each: (ids (B, T), doc_ids (B, T))."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (B, T), generator=g)
-    doc = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
-        cuts = sorted(torch.randint(1, T, (5,), generator=g).tolist())
-        for c in cuts:
-            doc[b, c:] += 1
-    return ids, doc
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
@@ -34,7 +22,7 @@ def test_flex_packed_attention_equals_the_dense_mask(preset, enc, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = M.build_model(preset, enc).cuda().train()
-    ids, doc = (t.cuda() for t in packed_batch(model.cfg.vocab_size))
+    ids, doc = (t.cuda() for t in packed_rows(model.cfg.vocab_size, 4, 256))
     results = []
     for flex in (True, False):
         monkeypatch.setattr(M, "FLEX_DEVICES", {"cuda"} if flex else set())
@@ -69,7 +57,7 @@ def test_fused_adamw_steps_as_the_loop(enc):
     (a weight whose gradient is near zero may move by up to a step)."""
     torch.manual_seed(0)
     base = M.build_model("tiny", enc).cuda()
-    ids, doc = (t.cuda() for t in packed_batch(base.cfg.vocab_size, B=2, T=64))
+    ids, doc = (t.cuda() for t in packed_rows(base.cfg.vocab_size, 2, 64))
     states = []
     for fused in (True, False):
         model = M.build_model("tiny", enc).cuda()
